@@ -1,0 +1,134 @@
+"""The policy: model loading, the fp32 head, and the one definition of processed logprobs.
+
+Everything that needs "the logprob of a sampled token" — the trainer's objective, the reference
+engine's sampler, every parity check — calls `processed_logprobs` (or `sampling_logits`, from which
+it is derived). Nothing recomputes these quantities inline: a second definition is how mismatches
+get in.
+
+Semantics follow vLLM V1's sampler exactly: logits are cast to fp32, divided by the temperature,
+then top-k keeps logits >= the k-th largest (ties kept), then top-p sorts ascending and drops the
+tokens whose cumulative probability is <= 1 - p (the most likely token is always kept), and the
+survivors are renormalised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NEG_INF = float("-inf")
+
+
+def sampling_logits(logits: Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0) -> Tensor:
+    """fp32 logits of the distribution actually sampled from: scaled, with masked tokens at -inf.
+
+    logits: [..., vocab] in any dtype. Returns [..., vocab] float32.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for a sampling distribution, got {temperature}")
+    scaled = logits.float() / temperature
+    vocab = scaled.shape[-1]
+    use_top_k = 0 < top_k < vocab
+    use_top_p = top_p < 1.0
+    if not (use_top_k or use_top_p):
+        return scaled
+    flat = scaled.reshape(-1, vocab)
+    sorted_logits, sorted_index = flat.sort(dim=-1, descending=False)
+    if use_top_k:
+        kth_largest = sorted_logits[:, vocab - top_k].unsqueeze(-1)
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, NEG_INF)
+    if use_top_p:
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1.0 - top_p
+        drop[:, -1] = False  # the most likely token always survives
+        sorted_logits = sorted_logits.masked_fill(drop, NEG_INF)
+    masked = torch.empty_like(flat).scatter_(-1, sorted_index, sorted_logits)
+    return masked.reshape(scaled.shape)
+
+
+def processed_logprobs(
+    logits: Tensor, tokens: Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0
+) -> Tensor:
+    """Logprob of `tokens` under the distribution sampled from (vLLM `processed_logprobs`).
+
+    logits: [..., vocab]; tokens: [...] int64. Returns [...] float32; -inf for a token outside the
+    top-k/top-p support (callers decide what to do with those, see `trainer.outside_support`).
+    """
+    logprobs_all = sampling_logits(logits, temperature, top_k, top_p).log_softmax(dim=-1)
+    return logprobs_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def raw_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Logprob of `tokens` under log_softmax of the unscaled logits (vLLM `raw_logprobs`). [...] fp32."""
+    return logits.float().log_softmax(dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def processed_entropy(logits: Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0) -> Tensor:
+    """Entropy (nats) of the sampling distribution per position. logits [..., vocab] -> [...] fp32."""
+    logprobs_all = sampling_logits(logits, temperature, top_k, top_p).log_softmax(dim=-1)
+    probs = logprobs_all.exp()
+    # masked tokens have p = 0 and logp = -inf; 0 * -inf is NaN, so zero them explicitly
+    return -(probs * logprobs_all.masked_fill(probs == 0, 0.0)).sum(dim=-1)
+
+
+def sample_tokens(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> Tensor:
+    """Draw one token per row from the processed distribution. logits [batch, vocab] -> [batch]."""
+    probs = sampling_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Fp32LMHead(nn.Module):
+    """Final projection computed in fp32 whatever the model dtype (fix 4, trainer side).
+
+    The weight stays a parameter of the model dtype (so optimiser and checkpoints are unchanged);
+    only the matmul is done on fp32 copies of hidden states and weight.
+    """
+
+    def __init__(self, head: nn.Linear):
+        super().__init__()
+        self.weight = head.weight
+        self.bias = head.bias
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(hidden.float(), self.weight.float(), bias)
+
+
+def use_fp32_head(model: nn.Module) -> None:
+    """Swap the model's lm_head for an fp32 one in place (idempotent)."""
+    head = model.get_output_embeddings()
+    if isinstance(head, Fp32LMHead):
+        return
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"expected an nn.Linear lm_head, got {type(head).__name__}")
+    model.set_output_embeddings(Fp32LMHead(head))
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def load_policy(model_dir: str | Path, dtype: str, lm_head_fp32: bool) -> nn.Module:
+    """Load an HF causal LM from a local directory (never a hub) in `dtype`, optionally with fp32 head."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch_dtype(dtype), local_files_only=True, attn_implementation="eager"
+    )
+    if lm_head_fp32:
+        use_fp32_head(model)
+    return model
+
+
+def export_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """HF-named weights of `model` (detached, contiguous); what engines receive on an update."""
+    return {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+
+
+def sequence_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Logits for a right-padded batch. input_ids/attention_mask [batch, seq] -> [batch, seq, vocab]."""
+    position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
