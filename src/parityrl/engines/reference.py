@@ -1,0 +1,312 @@
+"""Reference engine: a batched, KV-cached torch sampler — the ground truth for every parity check.
+
+It samples from exactly the distribution `policy.processed_logprobs` describes, and applies weight
+updates between decode steps while keeping the KV cache of sequences in flight, as vLLM does with
+`pause_generation(mode="keep")`. A background thread runs the decode loop (torch releases the GIL),
+so generation continues while the trainer works.
+
+Scheduling is by waves: queued requests with the same sampling parameters are prefilled together and
+decoded until all are finished; requests that arrive meanwhile join the next wave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from parityrl.config import SamplingConfig
+from parityrl.engines.base import EngineHealth, Sample
+from parityrl.policy import load_policy, processed_logprobs, sample_tokens
+
+# pick(logits [batch, vocab] fp32) -> (tokens [batch], logprobs [batch])
+TokenPicker = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(input_ids, attention_mask) [batch, max_len], prompts aligned to the right edge."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention[row, width - len(prompt) :] = 1
+    return input_ids, attention
+
+
+@torch.no_grad()
+def decode_batch(
+    model: nn.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_id: int,
+    pick: TokenPicker,
+    before_step: Callable[[int], None] | None = None,
+) -> tuple[list[list[int]], list[list[float]], list[str]]:
+    """KV-cached batched decoding. `before_step(step)` runs before every decode step (used to apply
+    weight updates and pauses between steps). Returns per row: tokens, logprobs, finish reason."""
+    input_ids, attention = left_pad(prompts, pad_id=0)
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    batch = len(prompts)
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    logprobs: list[list[float]] = [[] for _ in range(batch)]
+    finish = ["length"] * batch
+    alive = torch.ones(batch, dtype=torch.bool)
+    past = None
+    step_input, step_positions = input_ids, position_ids
+    for step in range(max_new_tokens):
+        if before_step is not None:
+            before_step(step)
+        out = model(
+            input_ids=step_input, attention_mask=attention, position_ids=step_positions, past_key_values=past, use_cache=True
+        )
+        past = out.past_key_values
+        next_tokens, next_logprobs = pick(out.logits[:, -1].float())
+        for row in alive.nonzero().flatten().tolist():
+            tokens[row].append(int(next_tokens[row]))
+            logprobs[row].append(float(next_logprobs[row]))
+            if int(next_tokens[row]) == eos_id:
+                finish[row] = "stop"
+                alive[row] = False
+        if not alive.any():
+            break
+        step_input = next_tokens.unsqueeze(-1)
+        step_positions = step_positions[:, -1:] + 1
+        attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype)], dim=-1)
+    return tokens, logprobs, finish
+
+
+def greedy_picker(logits: Tensor) -> tuple[Tensor, Tensor]:
+    return logits.argmax(-1), torch.zeros(logits.shape[0])
+
+
+def sampling_picker(sampling: SamplingConfig, generator: torch.Generator) -> TokenPicker:
+    def pick(logits: Tensor) -> tuple[Tensor, Tensor]:
+        chosen = sample_tokens(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
+        return chosen, processed_logprobs(logits, chosen, sampling.temperature, sampling.top_k, sampling.top_p)
+
+    return pick
+
+
+@torch.no_grad()
+def score_with_kv_switch(
+    model_old: nn.Module,
+    model_new: nn.Module,
+    prompt_ids: list[int],
+    completion_ids: list[int],
+    switch_index: int,
+    sampling: SamplingConfig,
+) -> Tensor:
+    """Processed logprobs [len(completion)] of a completion whose tokens before `switch_index` were
+    produced by `model_old` and the rest by `model_new` *on the KV cache built by model_old* — what an
+    engine that updates weights inflight and keeps its cache computes. Compare with a full recompute
+    under `model_new` to measure the KV staleness."""
+    sequence = torch.tensor([prompt_ids + completion_ids], dtype=torch.long)
+    split = len(prompt_ids) + switch_index - 1  # position whose logits predict completion[switch_index]
+    out_old = model_old(input_ids=sequence[:, :split], use_cache=True)
+    logits_parts = [out_old.logits[0]]
+    if split < sequence.shape[1] - 1:
+        out_new = model_new(
+            input_ids=sequence[:, split:-1],
+            past_key_values=out_old.past_key_values,
+            position_ids=torch.arange(split, sequence.shape[1] - 1).unsqueeze(0),
+            use_cache=True,
+        )
+        logits_parts.append(out_new.logits[0])
+    logits = torch.cat(logits_parts)[len(prompt_ids) - 1 :]
+    targets = torch.tensor(completion_ids, dtype=torch.long)
+    return processed_logprobs(logits, targets, sampling.temperature, sampling.top_k, sampling.top_p)
+
+
+@dataclass
+class _Request:
+    prompt_token_ids: list[int]
+    sampling: SamplingConfig
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class _Update:
+    state_dict: Mapping[str, Tensor]
+    version: int
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class ReferenceEngine:
+    """Plain-torch `RolloutEngine`. Runs its decode loop in a background thread."""
+
+    name = "reference"
+
+    def __init__(self, model_dir: Path, model_dtype: str, lm_head_fp32: bool, seed: int, max_batch: int = 256, threads: int = 1):
+        self.model_dir = Path(model_dir)
+        self.model_dtype = model_dtype
+        self.lm_head_fp32 = lm_head_fp32
+        self.max_batch = max_batch
+        self.threads = threads
+        self.version = 0
+        self.generator = torch.Generator().manual_seed(seed)
+        self._queue: list[_Request] = []
+        self._update: _Update | None = None
+        self._paused = False
+        self._closed = False
+        self._inflight = 0
+        self._busy_seconds = 0.0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self.model: nn.Module | None = None
+        self.eos_id: int | None = None
+
+    async def start(self) -> None:
+        from transformers import GenerationConfig
+
+        self.model = load_policy(self.model_dir, self.model_dtype, self.lm_head_fp32).eval()
+        self.eos_id = int(GenerationConfig.from_pretrained(str(self.model_dir)).eos_token_id)
+        self._thread = threading.Thread(target=self._run, name="reference-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, prompt_token_ids: list[int], sampling: SamplingConfig, request_id: str) -> list[Sample]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        with self._cond:
+            self._queue.append(_Request(list(prompt_token_ids), sampling, future, loop))
+            self._cond.notify_all()
+        return await future
+
+    async def update_weights(self, state_dict: Mapping[str, Tensor], version: int) -> None:
+        update = _Update(state_dict, version)
+        with self._cond:
+            self._update = update
+            self._cond.notify_all()
+        await asyncio.to_thread(update.done.wait)
+
+    async def pause(self) -> None:
+        with self._cond:
+            self._paused = True
+
+    async def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    def health(self) -> EngineHealth:
+        alive = self._thread is not None and self._thread.is_alive()
+        return EngineHealth(ok=alive and not self._closed, version=self.version, inflight_requests=self._inflight)
+
+    def settings(self) -> dict:
+        return {
+            "engine": "reference",
+            "dtype": self.model_dtype,
+            "logprobs_mode": "processed_logprobs",
+            "lm_head_fp32": self.lm_head_fp32,
+            "torch": torch.__version__,
+        }
+
+    async def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    # --- background thread -------------------------------------------------------------------
+    def _apply_pending_update(self) -> None:
+        """Called with the condition held, between decode steps: the KV cache of the wave is kept."""
+        update = self._update
+        if update is None:
+            return
+        assert self.model is not None
+        with torch.no_grad():
+            params = self.model.state_dict()
+            for name, tensor in update.state_dict.items():
+                params[name].copy_(tensor)
+        self.version = update.version
+        self._update = None
+        update.done.set()
+
+    def _between_steps(self, _step: int) -> None:
+        with self._cond:
+            self._apply_pending_update()
+            while self._paused and not self._closed:
+                self._cond.wait(timeout=0.1)
+                self._apply_pending_update()
+
+    def _take_wave(self) -> list[_Request]:
+        first = self._queue[0]
+        wave, rest, rows = [], [], 0
+        for request in self._queue:
+            if request.sampling == first.sampling and rows + request.sampling.n <= max(self.max_batch, first.sampling.n):
+                wave.append(request)
+                rows += request.sampling.n
+            else:
+                rest.append(request)
+        self._queue = rest
+        return wave
+
+    def _run(self) -> None:
+        torch.set_num_threads(self.threads)
+        while True:
+            with self._cond:
+                self._apply_pending_update()
+                while not self._closed and (self._paused or not self._queue):
+                    self._cond.wait(timeout=0.1)
+                    self._apply_pending_update()
+                if self._closed:
+                    for request in self._queue:
+                        request.loop.call_soon_threadsafe(request.future.cancel)
+                    return
+                wave = self._take_wave()
+                self._inflight = len(wave)
+            try:
+                results = self._run_wave(wave)
+                for request, samples in zip(wave, results):
+                    request.loop.call_soon_threadsafe(_set_result, request.future, samples)
+            except Exception as error:  # surface engine failures to every waiting caller
+                for request in wave:
+                    request.loop.call_soon_threadsafe(_set_exception, request.future, error)
+            finally:
+                self._inflight = 0
+
+    def _run_wave(self, wave: list[_Request]) -> list[list[Sample]]:
+        assert self.model is not None and self.eos_id is not None
+        sampling = wave[0].sampling
+        prompts = [request.prompt_token_ids for request in wave for _ in range(request.sampling.n)]
+        versions_at_step: list[int] = []
+
+        def before_step(step: int) -> None:
+            self._between_steps(step)
+            versions_at_step.append(self.version)
+
+        tokens, logprobs, finish = decode_batch(
+            self.model,
+            prompts,
+            sampling.max_new_tokens,
+            self.eos_id,
+            sampling_picker(sampling, self.generator),
+            before_step,
+        )
+        samples = [
+            Sample(prompt, toks, lps, versions_at_step[: len(toks)], reason)
+            for prompt, toks, lps, reason in zip(prompts, tokens, logprobs, finish)
+        ]
+        grouped, cursor = [], 0
+        for request in wave:
+            grouped.append(samples[cursor : cursor + request.sampling.n])
+            cursor += request.sampling.n
+        return grouped
+
+
+def _set_result(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+

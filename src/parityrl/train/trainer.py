@@ -1,0 +1,211 @@
+"""The trainer: recompute logprobs of sampled tokens, take one optimiser step, measure the mismatch.
+
+The same forward pass that feeds the objective also gives the parity metrics: sequences generated
+entirely by the trainer's current version compare engine and trainer at identical weights
+(`parity/*`), and in sequences that span a weight update, tokens produced after it compare the
+engine's kept-KV computation with a full recompute (`pipeline/kv_staleness_kl`).
+
+Outside-support rule: an engine-sampled token can fall outside the trainer's top-k/top-p support
+(numerics differ by ~1 ulp at the cut-off). Its processed logprob is -inf on the trainer side; such
+tokens are masked out of the loss and of the KL/parity averages, and counted in
+`parity/outside_support_frac`. No -inf or NaN ever reaches the loss or its gradient.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from parityrl.config import RunConfig
+from parityrl.engines.base import Sample
+from parityrl.policy import export_state_dict, load_policy, processed_entropy, processed_logprobs, sequence_logits
+from parityrl.train.objectives import k3, policy_loss
+
+
+@dataclass
+class PackedBatch:
+    input_ids: Tensor  # [B, L] prompt + completion, right-padded
+    attention_mask: Tensor  # [B, L]
+    completion_start: Tensor  # [B] index of the first completion token in input_ids
+    completion_ids: Tensor  # [B, T]
+    completion_mask: Tensor  # [B, T] bool, generated (not padding)
+    logprobs_old: Tensor  # [B, T] engine logprobs, 0 at padding
+    version_per_token: Tensor  # [B, T] int64, -1 at padding
+
+
+def pack_samples(samples: list[Sample], pad_id: int) -> PackedBatch:
+    batch = len(samples)
+    width = max(len(s.prompt_token_ids) + len(s.completion_token_ids) for s in samples)
+    max_completion = max(1, max(len(s.completion_token_ids) for s in samples))
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((batch, width), dtype=torch.long)
+    start = torch.zeros(batch, dtype=torch.long)
+    completion_ids = torch.zeros((batch, max_completion), dtype=torch.long)
+    completion_mask = torch.zeros((batch, max_completion), dtype=torch.bool)
+    logprobs_old = torch.zeros((batch, max_completion), dtype=torch.float32)
+    versions = torch.full((batch, max_completion), -1, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        sequence = sample.prompt_token_ids + sample.completion_token_ids
+        count = len(sample.completion_token_ids)
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        attention[row, : len(sequence)] = 1
+        start[row] = len(sample.prompt_token_ids)
+        completion_ids[row, :count] = torch.tensor(sample.completion_token_ids, dtype=torch.long)
+        completion_mask[row, :count] = True
+        logprobs_old[row, :count] = torch.tensor(sample.logprobs_old, dtype=torch.float32)
+        versions[row, :count] = torch.tensor(sample.version_per_token, dtype=torch.long)
+    return PackedBatch(input_ids, attention, start, completion_ids, completion_mask, logprobs_old, versions)
+
+
+def completion_logits(logits: Tensor, completion_start: Tensor, width: int) -> Tensor:
+    """Gather the logits that predict each completion token. logits [B, L, V] -> [B, width, V]."""
+    positions = completion_start.unsqueeze(-1) - 1 + torch.arange(width).unsqueeze(0)  # [B, width]
+    positions = positions.clamp(max=logits.shape[1] - 1)
+    return logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+
+
+class MetricSums:
+    """Running sums for token/sequence averages across micro-batches."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.maxes: dict[str, float] = {}
+
+    def add(self, name: str, value: float | Tensor) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + float(value)
+
+    def max(self, name: str, value: float | Tensor) -> None:
+        self.maxes[name] = max(self.maxes.get(name, 0.0), float(value))
+
+    def ratio(self, numerator: str, denominator: str) -> float | None:
+        den = self.sums.get(denominator, 0.0)
+        return self.sums.get(numerator, 0.0) / den if den > 0 else None
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, model_dir: Path, pad_id: int):
+        self.config = config
+        self.pad_id = pad_id
+        torch.manual_seed(config.seed)
+        self.model = load_policy(model_dir, config.model.dtype, config.model.lm_head_fp32)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay
+        )
+        self.version = 0
+
+    def state_dict_for_engines(self) -> dict[str, Tensor]:
+        return export_state_dict(self.model)
+
+    def step(self, samples: list[Sample], advantages: Tensor) -> dict[str, float | None]:
+        """One optimiser step on `samples` (advantages [len(samples)]); returns metrics; version += 1."""
+        start = time.perf_counter()
+        sampling, train = self.config.sampling, self.config.train
+        order = list(range(len(samples)))
+        sums = MetricSums()
+        micro_batches = [order[i : i + train.micro_batch_size] for i in range(0, len(order), train.micro_batch_size)]
+        packed_all = [pack_samples([samples[i] for i in chunk], self.pad_id) for chunk in micro_batches]
+        # normalisers are global across micro-batches: count units first
+        total_sequences = sum(int(p.completion_mask.any(-1).sum()) for p in packed_all)
+        total_tokens = sum(int(p.completion_mask.sum()) for p in packed_all)
+        self.optimizer.zero_grad(set_to_none=True)
+        for chunk, packed in zip(micro_batches, packed_all):
+            width = packed.completion_ids.shape[1]
+            logits = sequence_logits(self.model, packed.input_ids, packed.attention_mask)
+            logits_completion = completion_logits(logits, packed.completion_start, width)
+            logprobs_new = processed_logprobs(
+                logits_completion, packed.completion_ids, sampling.temperature, sampling.top_k, sampling.top_p
+            )
+            in_support = torch.isfinite(logprobs_new)
+            mask = packed.completion_mask & in_support
+            logprobs_new_safe = torch.where(mask, logprobs_new, torch.zeros_like(logprobs_new))
+            out = policy_loss(logprobs_new_safe, packed.logprobs_old, advantages[chunk], mask, train)
+            normaliser = total_sequences if train.objective == "gspo" else total_tokens
+            (out.loss_sum / max(normaliser, 1)).backward()
+            with torch.no_grad():
+                entropy = processed_entropy(logits_completion.detach(), sampling.temperature, sampling.top_k, sampling.top_p)
+                self._accumulate(sums, packed, logprobs_new_safe.detach(), mask, entropy, out)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), train.grad_clip if train.grad_clip > 0 else float("inf")
+        )
+        self.optimizer.step()
+        self.version += 1
+        elapsed = time.perf_counter() - start
+        metrics = self._finalise(sums)
+        metrics |= {"train/grad_norm": float(grad_norm), "train/step_s": elapsed, "perf/train_tok_s": total_tokens / elapsed}
+        return metrics
+
+    def _accumulate(self, sums: MetricSums, packed: PackedBatch, logprobs_new: Tensor, mask: Tensor, entropy: Tensor, out) -> None:
+        generated = packed.completion_mask
+        log_ratio = (logprobs_new - packed.logprobs_old) * mask
+        sums.add("loss", out.loss_sum.detach())
+        sums.add("units", out.units)
+        sums.add("clipped", out.clipped)
+        sums.add("clip_units", out.clip_units)
+        sums.add("tokens", generated.sum())
+        sums.add("valid_tokens", mask.sum())
+        sums.add("outside_support", (generated & ~mask).sum())
+        sums.add("k3", k3(log_ratio)[mask].sum())
+        sums.add("entropy", entropy[generated].sum())
+        lag = (self.version - packed.version_per_token).clamp(min=0)
+        sums.add("lag", lag[generated].sum())
+        sums.max("lag_max", lag[generated].max() if generated.any() else 0)
+        versions = packed.version_per_token.masked_fill(~generated, self.version)
+        sequence_has_tokens = generated.any(-1)
+        mixed = (versions.max(-1).values != versions.masked_fill(~generated, 1 << 40).min(-1).values) & sequence_has_tokens
+        sums.add("sequences", sequence_has_tokens.sum())
+        sums.add("mixed", mixed.sum())
+        # parity: sequences generated entirely by the trainer's current version
+        current = (versions == self.version).all(-1) & sequence_has_tokens
+        parity_mask = mask & current.unsqueeze(-1)
+        abs_diff = (logprobs_new - packed.logprobs_old).abs()
+        sums.add("parity_tokens", parity_mask.sum())
+        sums.add("parity_k3", k3(log_ratio)[parity_mask].sum())
+        sums.add("parity_abs", abs_diff[parity_mask].sum())
+        sums.max("parity_abs_max", abs_diff[parity_mask].max() if parity_mask.any() else 0)
+        # KV staleness: tokens of mixed sequences produced by the current version on an older KV cache
+        stale_mask = mask & mixed.unsqueeze(-1) & (packed.version_per_token == self.version)
+        sums.add("stale_tokens", stale_mask.sum())
+        sums.add("stale_k3", k3(log_ratio)[stale_mask].sum())
+
+    def _finalise(self, sums: MetricSums) -> dict[str, float | None]:
+        return {
+            "train/loss": sums.ratio("loss", "units"),
+            "rl/clip_rate": sums.ratio("clipped", "clip_units"),
+            "rl/kl_new_old": sums.ratio("k3", "valid_tokens"),
+            "rl/entropy": sums.ratio("entropy", "tokens"),
+            "parity/kl": sums.ratio("parity_k3", "parity_tokens"),
+            "parity/abs_diff_mean": sums.ratio("parity_abs", "parity_tokens"),
+            "parity/abs_diff_max": sums.maxes.get("parity_abs_max", 0.0) if sums.sums.get("parity_tokens") else None,
+            "parity/coverage": sums.ratio("parity_tokens", "tokens"),
+            "parity/outside_support_frac": sums.ratio("outside_support", "tokens"),
+            "pipeline/kv_staleness_kl": sums.ratio("stale_k3", "stale_tokens"),
+            "pipeline/lag_mean": sums.ratio("lag", "tokens"),
+            "pipeline/lag_max": sums.maxes.get("lag_max", 0.0),
+            "pipeline/mixed_version_frac": sums.ratio("mixed", "sequences"),
+            "train/tokens": sums.sums.get("tokens", 0.0),
+        }
+
+    def save_checkpoint(self, out_dir: Path, tokenizer=None) -> Path:
+        """HF safetensors checkpoint written to a temp dir, then renamed into place (atomic)."""
+        out_dir = Path(out_dir)
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if out_dir.exists():
+            old = out_dir.with_name(out_dir.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+        return out_dir
