@@ -38,3 +38,12 @@ def test_one_sided_fp32_head_is_refused_unless_forced():
 def test_every_field_is_documented():
     undocumented = [key for key, _, doc in describe_fields(RunConfig) if not doc]
     assert undocumented == []
+
+
+def test_readme_config_reference_is_current():
+    from pathlib import Path
+
+    from parityrl.config import reference_markdown
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert reference_markdown() in readme, "README config reference is stale: run python scripts/update_readme.py"

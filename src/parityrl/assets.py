@@ -73,7 +73,7 @@ def build_model(config: RunConfig, tokenizer, out_dir: Path) -> None:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        dtype=config.model.dtype,
+        dtype="float32",  # built and warmed up in fp32; runs cast to model.dtype when they load it
     )
     model = Qwen2ForCausalLM(model_config)
     model.save_pretrained(str(out_dir), safe_serialization=True)
@@ -118,7 +118,7 @@ def sft_warmup(config: RunConfig, task: Task, model_dir: Path) -> dict:
 
     sft = config.assets.sft
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    model = load_policy(model_dir, config.model.dtype, lm_head_fp32=config.model.lm_head_fp32)
+    model = load_policy(model_dir, "float32", lm_head_fp32=True)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=sft.lr, weight_decay=0.0)
     rng = random.Random(config.assets.seed)
@@ -151,7 +151,7 @@ def sft_warmup(config: RunConfig, task: Task, model_dir: Path) -> dict:
 def asset_key(config: RunConfig) -> str:
     return config_hash(
         {
-            "model": config.model.model_dump(exclude={"path", "lm_head_fp32"}),
+            "model": config.model.model_dump(exclude={"path", "lm_head_fp32", "dtype"}),
             "task": config.task.model_dump(),
             "assets": config.assets.model_dump(exclude={"cache_dir"}),
             "tokenizer_version": 1,

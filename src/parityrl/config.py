@@ -318,3 +318,14 @@ def describe_fields(model_cls: type[BaseModel] = RunConfig, prefix: str = "") ->
         else:
             rows.append((key, repr(getattr(instance, name)), " ".join((field.description or "").split())))
     return rows
+
+
+def reference_markdown() -> str:
+    """The README's configuration reference table, generated from the models (a test keeps it in sync)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, doc in describe_fields(RunConfig):
+        if default == "(section)":
+            lines.append(f"| **`{key}`** | | {doc} |")
+        else:
+            lines.append(f"| `{key}` | `{default}` | {doc.replace('|', '/')} |")
+    return "\n".join(lines)

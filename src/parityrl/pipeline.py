@@ -24,6 +24,7 @@ from parityrl.engines import make_engine
 from parityrl.engines.base import RolloutEngine, Sample
 from parityrl.engines.reference import decode_batch, greedy_picker
 from parityrl.metrics import MetricsLogger, write_json_atomic
+from parityrl.policy import compute_context
 from parityrl.tasks import Problem, Task, load_task
 from parityrl.train.objectives import group_advantages
 from parityrl.train.trainer import Trainer
@@ -49,12 +50,13 @@ def completion_text(tokenizer, sample: Sample) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, task: Task, max_new_tokens: int) -> float:
+def evaluate(model, tokenizer, task: Task, max_new_tokens: int, dtype: str = "float32") -> float:
     """Greedy success rate on the held-out split."""
     was_training = model.training
     model.eval()
     prompts = [encode_prompt(tokenizer, p.prompt) for p in task.eval]
-    tokens, _, _ = decode_batch(model, prompts, max_new_tokens, tokenizer.eos_token_id, greedy_picker)
+    with compute_context(dtype):
+        tokens, _, _ = decode_batch(model, prompts, max_new_tokens, tokenizer.eos_token_id, greedy_picker)
     texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
     if was_training:
         model.train()
@@ -169,7 +171,7 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
     summary: dict = {"engine": config.engine.kind, "model_dir": str(model_dir)}
     producer: asyncio.Task | None = None
     try:
-        success_start = await asyncio.to_thread(evaluate, trainer.model, tokenizer, task, config.sampling.max_new_tokens)
+        success_start = await asyncio.to_thread(evaluate, trainer.model, tokenizer, task, config.sampling.max_new_tokens, config.model.dtype)
         logger.log(0, {"eval/success": success_start})
         summary["eval_success_start"] = success_start
         console.print(f"held-out success before RL: [bold]{success_start:.3f}[/bold]")
@@ -212,7 +214,7 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
                 last_time, last_tokens = now, rollouts.generated_tokens
                 if step % config.train.eval_every == 0 or step == config.train.steps:
                     eval_success = await asyncio.to_thread(
-                        evaluate, trainer.model, tokenizer, task, config.sampling.max_new_tokens
+                        evaluate, trainer.model, tokenizer, task, config.sampling.max_new_tokens, config.model.dtype
                     )
                     metrics["eval/success"] = eval_success
                 logger.log(step, metrics)

@@ -13,6 +13,7 @@ survivors are renormalised.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -94,7 +95,9 @@ class Fp32LMHead(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.float()
-        return F.linear(hidden.float(), self.weight.float(), bias)
+        # autocast would silently turn this matmul back into bf16
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return F.linear(hidden.float(), self.weight.float(), bias)
 
 
 def use_fp32_head(model: nn.Module) -> None:
@@ -109,6 +112,17 @@ def use_fp32_head(model: nn.Module) -> None:
 
 def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def compute_context(dtype: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
+    """Trainer-side precision: fp32 master weights, bf16 compute through autocast when dtype is bf16.
+
+    The trainer keeps fp32 weights (AdamW steps of 1e-4 vanish in bf16 weights); engines receive the
+    weights and run them in the configured dtype.
+    """
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=torch_dtype(dtype))
 
 
 def load_policy(model_dir: str | Path, dtype: str, lm_head_fp32: bool) -> nn.Module:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from parityrl.config import RunConfig
 from parityrl.engines.base import Sample
-from parityrl.policy import export_state_dict, load_policy, processed_entropy, processed_logprobs, sequence_logits
+from parityrl.policy import compute_context, export_state_dict, load_policy, processed_entropy, processed_logprobs, sequence_logits
 from parityrl.train.objectives import k3, policy_loss
 
 
@@ -93,7 +93,8 @@ class Trainer:
         self.config = config
         self.pad_id = pad_id
         torch.manual_seed(config.seed)
-        self.model = load_policy(model_dir, config.model.dtype, config.model.lm_head_fp32)
+        # fp32 master weights; bf16 models compute under autocast (see policy.compute_context)
+        self.model = load_policy(model_dir, "float32", config.model.lm_head_fp32)
         self.model.train()
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay
@@ -117,7 +118,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         for chunk, packed in zip(micro_batches, packed_all):
             width = packed.completion_ids.shape[1]
-            logits = sequence_logits(self.model, packed.input_ids, packed.attention_mask)
+            with compute_context(self.config.model.dtype):
+                logits = sequence_logits(self.model, packed.input_ids, packed.attention_mask)
             logits_completion = completion_logits(logits, packed.completion_start, width)
             logprobs_new = processed_logprobs(
                 logits_completion, packed.completion_ids, sampling.temperature, sampling.top_k, sampling.top_p
