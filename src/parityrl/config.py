@@ -40,12 +40,14 @@ class ModelConfig(Strict):
 
 
 class SFTConfig(Strict):
-    steps: int = 2000
+    steps: int = 3000
     """Supervised warm-up steps on the task's training split (0 disables the warm-up)."""
     batch_size: int = 64
     """Examples per SFT step."""
-    lr: float = 2e-3
-    """AdamW learning rate of the warm-up."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate of the warm-up (linear warm-up, then cosine decay to 0)."""
+    warmup_steps: int = 100
+    """Linear learning-rate warm-up steps."""
 
 
 class AssetsConfig(Strict):
@@ -72,6 +74,8 @@ class TaskConfig(Strict):
     """`exact`: stripped completion equals the answer; `math_verify`: math-verify equivalence."""
     eval_size: int = 256
     """Held-out prompts used for the success rate (never trained on)."""
+    prompt_prefix: str = ""
+    """Text put in front of every prompt (a shared template prefix; SFT sees it too)."""
 
 
 class SamplingConfig(Strict):

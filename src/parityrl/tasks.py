@@ -103,5 +103,7 @@ def load_task(config: TaskConfig) -> Task:
                     f"{config.path}: record {index} lacks {missing}; set task.prompt_field / task.answer_field"
                 )
             problems.append(Problem(str(record[config.prompt_field]), str(record[config.answer_field])))
+    if config.prompt_prefix:
+        problems = [Problem(config.prompt_prefix + p.prompt, p.answer) for p in problems]
     train, held_out = _split(problems, config.eval_size)
     return Task(name=config.kind, train=train, eval=held_out, reward_kind=config.reward)

@@ -105,6 +105,41 @@ def cpu_thread_binding(omp_threads: int) -> str:
     return ",".join(str(cpu) for cpu in allowed[-count:])
 
 
+def pack_tensors(weights: Mapping[str, Tensor]) -> dict:
+    """One contiguous byte buffer + metadata: survives vLLM's msgpack utility-call encoding.
+
+    (vLLM decodes collective_rpc args without type hints, so a torch.Tensor argument arrives in the
+    worker as a nested list; raw bytes arrive as bytes.)
+    """
+    names, dtypes, shapes, offsets = [], [], [], []
+    flat = [tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8) for tensor in weights.values()]
+    buffer = torch.empty(sum(t.numel() for t in flat), dtype=torch.uint8)
+    offset = 0
+    for (name, tensor), raw in zip(weights.items(), flat):
+        names.append(name)
+        dtypes.append(_dtype_name(tensor.dtype))
+        shapes.append(list(tensor.shape))
+        offsets.append(offset)
+        buffer[offset : offset + raw.numel()].copy_(raw)
+        offset += raw.numel()
+    return {"names": names, "dtypes": dtypes, "shapes": shapes, "offsets": offsets, "data": buffer.numpy().tobytes()}
+
+
+def unpack_tensors(packed: Mapping[str, Any]) -> list[tuple[str, Tensor]]:
+    """Inverse of `pack_tensors` (tensors are views of one writable buffer)."""
+    data = packed["data"]
+    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+    items = []
+    for name, dtype_name, shape, offset in zip(packed["names"], packed["dtypes"], packed["shapes"], packed["offsets"]):
+        dtype = getattr(torch, dtype_name)
+        numel = 1
+        for dim in shape:
+            numel *= int(dim)
+        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        items.append((name, buffer[offset : offset + nbytes].view(dtype).reshape(shape)))
+    return items
+
+
 # ---------------------------------------------------------------------------------------------------
 # Worker side (runs inside vLLM's worker process)
 # ---------------------------------------------------------------------------------------------------
@@ -116,10 +151,10 @@ class WeightUpdateExtension:
     Methods are called from the frontend with `await engine.collective_rpc("name", args=(...))`.
     """
 
-    def parityrl_load_weights(self, weights: Mapping[str, Tensor] | list[tuple[str, Tensor]]) -> dict:
-        """Load HF-named tensors shipped inside the RPC message; in-place reload incl. CPU repacking."""
+    def parityrl_load_weights(self, packed: Mapping[str, Any]) -> dict:
+        """Load HF-named tensors shipped inside the RPC message (`pack_tensors`); in-place reload."""
         start = time.perf_counter()
-        items = list(weights.items()) if isinstance(weights, Mapping) else list(weights)
+        items = unpack_tensors(packed)
         self.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)  # type: ignore[attr-defined]
         return {"load_s": time.perf_counter() - start, "tensors": len(items)}
 
@@ -144,8 +179,8 @@ class WeightUpdateExtension:
         head = dict(params).get("lm_head.weight")
         sampler = getattr(runner, "sampler", None)
         return {
-            "vllm_version": vllm.__version__,
-            "torch_version": torch.__version__,
+            "vllm_version": str(vllm.__version__),
+            "torch_version": str(torch.__version__),
             "param_dtypes": sorted({_dtype_name(p.dtype) for _, p in params}),
             "lm_head_weight_dtype": None if head is None else _dtype_name(head.dtype),
             "head_dtype": _dtype_name(config.model_config.head_dtype),
@@ -378,11 +413,12 @@ class VLLMEngine:
     # -- weights ------------------------------------------------------------------------------------
 
     async def _send_weights(self, state_dict: Mapping[str, Tensor]) -> dict:
-        weights = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}
         if self.weight_transport == "rpc":
-            results = await self.engine.collective_rpc("parityrl_load_weights", args=(weights,))
+            results = await self.engine.collective_rpc("parityrl_load_weights", args=(pack_tensors(state_dict),))
             return results[0]
         from safetensors.torch import save_file
+
+        weights = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}
 
         directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
         with tempfile.TemporaryDirectory(prefix="parityrl-weights-", dir=directory) as tmp:
@@ -479,8 +515,8 @@ class VLLMEngine:
         }
         return {
             "engine": "vllm",
-            "vllm_version": vllm.__version__,
-            "torch_version": torch.__version__,
+            "vllm_version": str(vllm.__version__),
+            "torch_version": str(torch.__version__),
             "device": "cpu" if on_cpu() else "cuda",
             **in_force,
             "overridden_by_vllm": {k: {"requested": requested[k], "in_force": v} for k, v in in_force.items() if requested[k] != v},
