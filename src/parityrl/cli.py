@@ -52,10 +52,19 @@ def train(
     run_dir: Path = typer.Option(Path("runs/demo"), "--run-dir", help="Where metrics, plots and checkpoints go."),
     sync: bool = typer.Option(False, "--sync", help="Generate then train, no overlap (pipeline.mode=sync)."),
     plot: bool = typer.Option(True, help="Write PNG panels at the end."),
+    force: bool = typer.Option(False, "--force", help="Train even if `parityrl lint` reports errors."),
 ) -> None:
     """RL-train a policy with the configured rollout engine; write metrics, plots and a checkpoint."""
     overrides = list(set_) + (["pipeline.mode=sync"] if sync else [])
     config = _load(config_path, overrides)
+    from parityrl.parity.lint import exit_code, lint_config, read_vocab_size, render_findings
+
+    findings = lint_config(config, model_vocab_size=read_vocab_size(config))
+    if findings:
+        render_findings(findings, console)
+    if exit_code(findings) == 1 and not force:
+        console.print("[red]lint found errors (above); fix them or pass --force to train anyway[/red]")
+        raise typer.Exit(1)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_resolved_config(config, run_dir)
     from parityrl.pipeline import run_training
@@ -81,6 +90,62 @@ def plot(run_dir: Path = typer.Argument(..., help="A run directory with metrics.
         raise typer.Exit(2) from None
     for path in paths:
         console.print(str(path))
+
+
+@app.command("lint")
+def lint_command(
+    config_path: Path = typer.Argument(..., help="YAML config to lint."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: key.path=value (repeatable)."),
+    parity_checked: bool = typer.Option(
+        False, "--parity-checked", help="`parityrl check` passed for this config (silences the TIS/MIS warning)."
+    ),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Model vocabulary size, if not readable from model.path."),
+) -> None:
+    """Check a config for the known engine/trainer parity pitfalls; exit 1 on errors, 2 if it cannot be loaded."""
+    from parityrl.parity.lint import lint_file, render_findings
+
+    findings, code = lint_file(config_path, overrides=list(set_), parity_checked=parity_checked, model_vocab_size=vocab_size)
+    render_findings(findings, console)
+    raise typer.Exit(code)
+
+
+@app.command("compare")
+def compare_command(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories, or folders holding them (e.g. runs/ablate)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Reference configuration (default: 'reference')."),
+    out_dir: Path = typer.Option(Path("runs/compare"), "--out", help="Where figure1.png, verdict.md/.json, compare.html go."),
+) -> None:
+    """Plot clip rate, KL, entropy and reward with seed bands and state which configurations leave the reference band."""
+    from parityrl.parity.compare import compare_runs, render_verdict
+
+    try:
+        result = compare_runs(run_dirs, reference, out_dir)
+    except (FileNotFoundError, ValueError) as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+    render_verdict(result, console)
+    console.print(f"written: {', '.join(str(p) for p in result.paths.values())}")
+
+
+@app.command("ablate")
+def ablate_command(
+    config_path: Optional[Path] = typer.Argument(None, help="Base YAML config (default: built-in defaults)."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds per configuration (the same seeds for all)."),
+    preset: str = typer.Option("demo", "--preset", help="demo (bf16, T=0.7/top-p 0.9, shared prefix) or smoke."),
+    out_dir: Path = typer.Option(Path("runs/ablate"), "--out", help="Run directories go to OUT/<config>/seed<N>/."),
+    only: list[str] = typer.Option([], "--only", help="Run only these configurations (repeatable)."),
+    compare: bool = typer.Option(True, help="Run `compare` on the results at the end."),
+) -> None:
+    """Short RL runs: reference, naive V1, each fix alone, fixed V1; resumable."""
+    from parityrl.parity.ablate import run_ablation
+
+    try:
+        run_ablation(config_path, out_dir, preset, seeds, list(only) or None, console)
+    except (ValueError, RuntimeError) as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from None
+    if compare:
+        compare_command([out_dir], None, out_dir / "compare")
 
 
 if __name__ == "__main__":
