@@ -92,6 +92,54 @@ def plot(run_dir: Path = typer.Argument(..., help="A run directory with metrics.
         console.print(str(path))
 
 
+CHECK_COLUMNS = [
+    ("parity/kl", "parity/kl"),
+    ("parity/abs_diff_mean", "mean |Δ|"),
+    ("parity/abs_diff_max", "max |Δ|"),
+    ("parity/frac_abs_diff_gt_1e-3", "frac |Δ|>1e-3"),
+    ("parity/outside_support_frac", "outside support"),
+    ("inflight_v1_kept_kv/abs_diff_max", "v+1 vs kept-KV ref max |Δ|"),
+    ("pipeline/kv_staleness_kl", "kv_staleness_kl"),
+    ("post_update/kl", "post-update kl"),
+    ("inflight/aborted_frac", "aborted"),
+]
+
+
+@app.command()
+def check(
+    config_path: Optional[Path] = typer.Argument(None, help="YAML config (default: the built-in defaults)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: key.path=value (repeatable)."),
+    attribute: bool = typer.Option(False, "--attribute", help="Also measure with each of the four fixes off in turn."),
+    prompts: int = typer.Option(16, "--prompts", help="Held-out prompts to sample (each × sampling.n)."),
+    inflight: bool = typer.Option(True, help="Also check an inflight weight update (pause, load perturbed weights, resume)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object (metric names of DESIGN.md)."),
+) -> None:
+    """Engine vs trainer logprobs on the same tokens at the same weights, per fix."""
+    config = _load(config_path, list(set_))
+    from parityrl.parity.check import run_check_matrix
+
+    rows = run_check_matrix(config, attribute, prompts, inflight)
+    if json_out:
+        print(json.dumps(rows, default=str))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"parity check ({config.engine.kind}, {config.model.dtype}, T={config.sampling.temperature}, "
+                  f"top-k={config.sampling.top_k}, top-p={config.sampling.top_p})")
+    table.add_column("metric")
+    for name in rows:
+        table.add_column(name, justify="right")
+    for key, title in CHECK_COLUMNS:
+        table.add_row(title, *(_fmt(row.get(key)) for row in rows.values()))
+    console.print(table)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 @app.command("lint")
 def lint_command(
     config_path: Path = typer.Argument(..., help="YAML config to lint."),

@@ -89,6 +89,8 @@ class SamplingConfig(Strict):
     """Maximum completion length."""
     n: int = 8
     """Samples per prompt (the group used for advantages)."""
+    ignore_eos: bool = False
+    """Keep generating past EOS up to max_new_tokens (used by checks and benchmarks for fixed lengths)."""
 
 
 class EngineConfig(Strict):

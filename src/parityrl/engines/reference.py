@@ -47,6 +47,7 @@ def decode_batch(
     eos_id: int,
     pick: TokenPicker,
     before_step: Callable[[int], None] | None = None,
+    ignore_eos: bool = False,
 ) -> tuple[list[list[int]], list[list[float]], list[str]]:
     """KV-cached batched decoding. `before_step(step)` runs before every decode step (used to apply
     weight updates and pauses between steps). Returns per row: tokens, logprobs, finish reason."""
@@ -70,7 +71,7 @@ def decode_batch(
         for row in alive.nonzero().flatten().tolist():
             tokens[row].append(int(next_tokens[row]))
             logprobs[row].append(float(next_logprobs[row]))
-            if int(next_tokens[row]) == eos_id:
+            if int(next_tokens[row]) == eos_id and not ignore_eos:
                 finish[row] = "stop"
                 alive[row] = False
         if not alive.any():
@@ -156,7 +157,7 @@ class ReferenceEngine:
         self._paused = False
         self._closed = False
         self._inflight = 0
-        self._busy_seconds = 0.0
+        self._generated_tokens = 0
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self.model: nn.Module | None = None
@@ -196,7 +197,12 @@ class ReferenceEngine:
 
     def health(self) -> EngineHealth:
         alive = self._thread is not None and self._thread.is_alive()
-        return EngineHealth(ok=alive and not self._closed, version=self.version, inflight_requests=self._inflight)
+        return EngineHealth(
+            ok=alive and not self._closed,
+            version=self.version,
+            inflight_requests=self._inflight,
+            detail={"generated_tokens": self._generated_tokens},
+        )
 
     def settings(self) -> dict:
         return {
@@ -281,6 +287,7 @@ class ReferenceEngine:
         def before_step(step: int) -> None:
             self._between_steps(step)
             versions_at_step.append(self.version)
+            self._generated_tokens += len(prompts) if step else 0
 
         tokens, logprobs, finish = decode_batch(
             self.model,
@@ -289,6 +296,7 @@ class ReferenceEngine:
             self.eos_id,
             sampling_picker(sampling, self.generator),
             before_step,
+            ignore_eos=sampling.ignore_eos,
         )
         samples = [
             Sample(prompt, toks, lps, versions_at_step[: len(toks)], reason)

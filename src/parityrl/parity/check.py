@@ -1,0 +1,192 @@
+"""`parityrl check`: does the engine's logprob mean what the trainer computes, on this model?
+
+Three measurements, all against `parityrl.policy` at the same weights (trainer precision: fp32
+master weights, autocast for bf16 models, fp32 head as configured):
+
+1. static parity: sample completions, recompute every sampled token's processed logprob;
+2. inflight update: pause mid-generation, load perturbed weights, resume; tokens of version v are
+   compared with a full recompute at v, tokens of v+1 with the reference computation that applied the
+   same update at the same position keeping the KV cache (`score_with_kv_switch`), and the v+1
+   tokens' distance to a full v+1 recompute is the KV staleness;
+3. post-update prompts: new requests for the same prompts after the update must match a full v+1
+   recompute; with prefix caching on they reuse prompt KV built by v and do not.
+
+`--attribute` repeats the measurements with each of the four fixes switched off in turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from parityrl.assets import encode_prompt, load_tokenizer, prepare_model
+from parityrl.config import RunConfig, SamplingConfig, deep_merge, parse_overrides
+from parityrl.engines import make_engine
+from parityrl.engines.base import RolloutEngine, Sample
+from parityrl.engines.reference import score_with_kv_switch
+from parityrl.policy import compute_context, load_policy, processed_logprobs, sequence_logits
+from parityrl.tasks import load_task
+from parityrl.train.objectives import k3
+from parityrl.train.trainer import completion_logits, pack_samples
+
+# each fix switched off alone (what `--attribute` measures)
+FIX_OFF: dict[str, list[str]] = {
+    "fix1 off (raw logprobs)": ["engine.logprobs_mode=raw_logprobs"],
+    "fix2 off (prefix caching + async scheduling at vLLM defaults)": [
+        "engine.enable_prefix_caching=null",
+        "engine.async_scheduling=null",
+    ],
+    "fix3 off (pause aborts + clears caches)": ["engine.update_mode=abort"],
+    "fix4 off (bf16/model-dtype head, both sides)": ["engine.lm_head_fp32=false", "model.lm_head_fp32=false"],
+    "fix4 one-sided (fp32 head on engine only)": ["model.lm_head_fp32=false", "engine.force_one_sided_head=true"],
+}
+
+
+@dataclass
+class TokenComparison:
+    """Engine vs trainer logprobs on the same tokens, flattened over sequences."""
+
+    engine: Tensor  # [tokens]
+    trainer: Tensor  # [tokens]
+
+    def summary(self, prefix: str = "parity") -> dict[str, float | None]:
+        finite = torch.isfinite(self.trainer)
+        if self.engine.numel() == 0:
+            return {f"{prefix}/kl": None, f"{prefix}/tokens": 0}
+        diff = (self.trainer - self.engine)[finite]
+        return {
+            f"{prefix}/kl": float(k3(diff).mean()) if diff.numel() else None,
+            f"{prefix}/abs_diff_mean": float(diff.abs().mean()) if diff.numel() else None,
+            f"{prefix}/abs_diff_max": float(diff.abs().max()) if diff.numel() else None,
+            f"{prefix}/frac_abs_diff_gt_1e-3": float((diff.abs() > 1e-3).float().mean()) if diff.numel() else None,
+            f"{prefix}/outside_support_frac": float((~finite).float().mean()),
+            f"{prefix}/tokens": int(self.engine.numel()),
+        }
+
+
+@torch.no_grad()
+def trainer_logprobs(model: nn.Module, samples: list[Sample], sampling: SamplingConfig, dtype: str) -> list[Tensor]:
+    """Full-recompute processed logprobs of each sample's completion, [len(completion)] each."""
+    packed = pack_samples(samples, pad_id=0)
+    with compute_context(dtype):
+        logits = sequence_logits(model, packed.input_ids, packed.attention_mask)
+    width = packed.completion_ids.shape[1]
+    logprobs = processed_logprobs(
+        completion_logits(logits, packed.completion_start, width), packed.completion_ids,
+        sampling.temperature, sampling.top_k, sampling.top_p,
+    )
+    return [logprobs[row, : len(s.completion_token_ids)] for row, s in enumerate(samples)]
+
+
+def compare(samples: list[Sample], recomputed: list[Tensor], select=None) -> TokenComparison:
+    engine, trainer = [], []
+    for sample, new in zip(samples, recomputed):
+        old = torch.tensor(sample.logprobs_old, dtype=torch.float32)
+        keep = torch.ones_like(old, dtype=torch.bool) if select is None else select(sample)
+        engine.append(old[keep])
+        trainer.append(new[keep])
+    return TokenComparison(torch.cat(engine) if engine else torch.zeros(0), torch.cat(trainer) if trainer else torch.zeros(0))
+
+
+def perturbed_weights(model: nn.Module, scale: float, seed: int) -> dict[str, Tensor]:
+    """Weights + gaussian noise of `scale` × each tensor's std: a stand-in for one optimiser step."""
+    generator = torch.Generator().manual_seed(seed)
+    perturbed = {}
+    for name, tensor in model.state_dict().items():
+        std = tensor.float().std().nan_to_num(0.0) if tensor.numel() > 1 else torch.tensor(0.0)
+        perturbed[name] = (tensor.float() + scale * std * torch.randn(tensor.shape, generator=generator)).to(tensor.dtype)
+    return perturbed
+
+
+async def generate_all(engine: RolloutEngine, prompts: list[list[int]], sampling: SamplingConfig, tag: str) -> list[Sample]:
+    groups = await asyncio.gather(*(engine.generate(p, sampling, f"{tag}-{i}") for i, p in enumerate(prompts)))
+    return [s for group in groups for s in group]
+
+
+async def run_check(config: RunConfig, num_prompts: int = 16, inflight: bool = True, perturb_scale: float = 0.05) -> dict:
+    """All measurements for one configuration; returns metric-name → value."""
+    task = load_task(config.task)
+    model_dir = prepare_model(config, task)
+    tokenizer = load_tokenizer(model_dir)
+    prompts = [encode_prompt(tokenizer, p.prompt) for p in task.eval[:num_prompts]]
+    sampling = config.sampling
+    trainer_sampling = config.trainer_sampling()
+    dtype = config.model.dtype
+    model_v0 = load_policy(model_dir, "float32", config.model.lm_head_fp32).eval()
+    engine = make_engine(config, model_dir)
+    await engine.start()
+    result: dict = {"settings": engine.settings()}
+    try:
+        samples = await generate_all(engine, prompts, sampling, "static")
+        result |= compare(samples, trainer_logprobs(model_v0, samples, trainer_sampling, dtype)).summary("parity")
+        if inflight:
+            result |= await _inflight(engine, model_v0, prompts, sampling, trainer_sampling, dtype, perturb_scale)
+    finally:
+        await engine.close()
+    return result
+
+
+async def _inflight(engine, model_v0, prompts, sampling, trainer_sampling, dtype, perturb_scale) -> dict:
+    long_sampling = sampling.model_copy(update={"max_new_tokens": max(sampling.max_new_tokens, 48), "ignore_eos": True})
+    new_weights = perturbed_weights(model_v0, perturb_scale, seed=17)
+    model_v1 = load_policy_like(model_v0, new_weights)
+    tokens_before = engine.health().detail.get("generated_tokens", 0)
+    generation = asyncio.create_task(generate_all(engine, prompts, long_sampling, "inflight"))
+    await _wait_for_progress(engine, generation, tokens_before)
+    await engine.update_weights(new_weights, version=engine.version + 1)
+    samples = await generation
+    v1 = engine.version
+    spanning = [s for s in samples if s.mixed_version]
+    result: dict = {
+        "inflight/sequences": len(samples),
+        "inflight/spanning_frac": len(spanning) / max(1, len(samples)),
+        "inflight/aborted_frac": sum(s.finish_reason == "abort" for s in samples) / max(1, len(samples)),
+    }
+    before = compare(samples, trainer_logprobs(model_v0, samples, trainer_sampling, dtype),
+                     select=lambda s: torch.tensor(s.version_per_token) < v1)
+    result |= before.summary("inflight_v")
+    kept_kv = []
+    with torch.no_grad(), compute_context(dtype):
+        for sample in spanning:
+            switch = sample.version_per_token.index(v1)
+            kept_kv.append(score_with_kv_switch(model_v0, model_v1, sample.prompt_token_ids, sample.completion_token_ids, switch, trainer_sampling))
+    after_select = lambda s: torch.tensor(s.version_per_token) == v1  # noqa: E731
+    result |= compare(spanning, kept_kv, select=after_select).summary("inflight_v1_kept_kv")
+    full_v1 = trainer_logprobs(model_v1, spanning, trainer_sampling, dtype) if spanning else []
+    result["pipeline/kv_staleness_kl"] = compare(spanning, full_v1, select=after_select).summary("x")["x/kl"]
+    # new requests after the update: must be pure v+1 (prefix caching would reuse v-built prompt KV)
+    fresh = await generate_all(engine, prompts, sampling, "post-update")
+    result |= compare(fresh, trainer_logprobs(model_v1, fresh, trainer_sampling, dtype)).summary("post_update")
+    return result
+
+
+def load_policy_like(model: nn.Module, state_dict: dict[str, Tensor]) -> nn.Module:
+    import copy
+
+    clone = copy.deepcopy(model)
+    clone.load_state_dict(state_dict)
+    return clone.eval()
+
+
+async def _wait_for_progress(engine: RolloutEngine, generation: asyncio.Task, tokens_before: int, timeout_s: float = 60.0) -> None:
+    """Wait until the engine is decoding these requests, so the update lands mid-generation."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline and not generation.done():
+        if engine.health().detail.get("generated_tokens", 0) > tokens_before:
+            return
+        await asyncio.sleep(0.005)
+
+
+def run_check_matrix(config: RunConfig, attribute: bool, num_prompts: int, inflight: bool) -> dict[str, dict]:
+    """The configured settings, and with `attribute` each fix off in turn (one engine at a time)."""
+    rows = {"configured": asyncio.run(run_check(config, num_prompts, inflight))}
+    if attribute:
+        base = config.model_dump(mode="json")
+        for name, overrides in FIX_OFF.items():
+            variant = RunConfig.model_validate(deep_merge(base, parse_overrides(overrides)))
+            rows[name] = asyncio.run(run_check(variant, num_prompts, inflight))
+    return rows

