@@ -107,3 +107,19 @@ def test_rl_loop_end_to_end_through_pipeline(tiny_model_dir, tmp_path):
         assert record["parity/kl"] <= 1e-9
         assert record["parity/abs_diff_max"] <= 1e-5
         assert record["pipeline/lag_max"] == 0
+
+
+def test_check_on_reference_engine_reports_exact_parity_and_kv_staleness(tiny_model_dir):
+    from parityrl.parity.check import run_check
+
+    config = load_config(
+        None,
+        [f"model.path={tiny_model_dir}", "engine.kind=reference", "sampling.temperature=0.7", "sampling.top_p=0.9", "sampling.n=4"],
+    )
+    result = asyncio.run(run_check(config, num_prompts=4))
+    assert result["parity/tokens"] > 0 and result["parity/kl"] <= 1e-9
+    assert result["inflight/spanning_frac"] > 0 and result["inflight/aborted_frac"] == 0
+    assert result["inflight_v/kl"] <= 1e-9
+    assert result["inflight_v1_kept_kv/kl"] <= 1e-9  # same update, same position, KV kept
+    assert result["pipeline/kv_staleness_kl"] > 1e-8  # ...which a full recompute does not reproduce
+    assert result["post_update/kl"] <= 1e-9

@@ -130,6 +130,9 @@ def sft_warmup(config: RunConfig, task: Task, model_dir: Path) -> dict:
     torch.manual_seed(config.assets.seed)
     start = time.time()
     loss_value = float("nan")
+    probe = task.train[:: max(1, len(task.train) // 256)][:256]
+    success = None
+    steps_done = 0
     with progress_bar() as progress:
         bar = progress.add_task("SFT warm-up", total=sft.steps, info="")
         for step in range(sft.steps):
@@ -148,10 +151,35 @@ def sft_warmup(config: RunConfig, task: Task, model_dir: Path) -> dict:
             optimizer.step()
             schedule.step()
             loss_value = 0.9 * loss_value + 0.1 * loss.item() if step else loss.item()
-            progress.update(bar, advance=1, info=f"loss {loss_value:.3f}")
+            steps_done = step + 1
+            if sft.target_success is not None and steps_done % 100 == 0:
+                success = greedy_success(model, tokenizer, task, probe)
+                model.train()
+                if success >= sft.target_success:
+                    progress.update(bar, completed=steps_done, info=f"loss {loss_value:.3f} · success {success:.2f} (target reached)")
+                    break
+            progress.update(bar, completed=steps_done, info=f"loss {loss_value:.3f} · success {success if success is not None else float('nan'):.2f}")
     model.eval()
     model.save_pretrained(str(model_dir), safe_serialization=True)
-    return {"sft_steps": sft.steps, "final_loss": loss_value, "seconds": round(time.time() - start, 1)}
+    return {
+        "sft_steps": steps_done,
+        "final_loss": loss_value,
+        "train_probe_success": success,
+        "seconds": round(time.time() - start, 1),
+    }
+
+
+@torch.no_grad()
+def greedy_success(model, tokenizer, task: Task, problems) -> float:
+    """Greedy exact-answer rate on `problems` (KV-cached batched decoding)."""
+    from parityrl.engines.reference import decode_batch, greedy_picker
+
+    model.eval()
+    prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
+    max_new = max(len(tokenizer(p.answer, add_special_tokens=False)["input_ids"]) for p in problems) + 2
+    tokens, _, _ = decode_batch(model, prompts, max_new, tokenizer.eos_token_id, greedy_picker)
+    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    return sum(task.reward(text, p.answer) for text, p in zip(texts, problems)) / len(problems)
 
 
 def asset_key(config: RunConfig) -> str:

@@ -48,6 +48,9 @@ class SFTConfig(Strict):
     """Peak AdamW learning rate of the warm-up (linear warm-up, then cosine decay to 0)."""
     warmup_steps: int = 100
     """Linear learning-rate warm-up steps."""
+    target_success: float | None = 0.35
+    """Stop the warm-up once greedy success on 256 training prompts reaches this (checked every 100
+    steps), so RL starts from a policy that is sometimes right but far from perfect. None: run all steps."""
 
 
 class AssetsConfig(Strict):

@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from parityrl.assets import encode_prompt, load_tokenizer, prepare_model, progress_bar
+from parityrl.assets import encode_prompt, greedy_success, load_tokenizer, prepare_model, progress_bar
 from parityrl.config import RunConfig
 from parityrl.engines import make_engine
 from parityrl.engines.base import RolloutEngine, Sample
-from parityrl.engines.reference import decode_batch, greedy_picker
 from parityrl.metrics import MetricsLogger, write_json_atomic
 from parityrl.policy import compute_context
 from parityrl.tasks import Problem, Task, load_task
@@ -49,18 +48,14 @@ def completion_text(tokenizer, sample: Sample) -> str:
     return tokenizer.decode(sample.completion_token_ids, skip_special_tokens=True)
 
 
-@torch.no_grad()
 def evaluate(model, tokenizer, task: Task, max_new_tokens: int, dtype: str = "float32") -> float:
     """Greedy success rate on the held-out split."""
     was_training = model.training
-    model.eval()
-    prompts = [encode_prompt(tokenizer, p.prompt) for p in task.eval]
     with compute_context(dtype):
-        tokens, _, _ = decode_batch(model, prompts, max_new_tokens, tokenizer.eos_token_id, greedy_picker)
-    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        success = greedy_success(model, tokenizer, task, task.eval)
     if was_training:
         model.train()
-    return sum(task.reward(text, p.answer) for text, p in zip(texts, task.eval)) / len(task.eval)
+    return success
 
 
 class Rollouts:

@@ -217,6 +217,7 @@ class VLLMEngine:
         seed: int,
         *,
         weight_transport: str = "file",
+        stream: bool = True,
         extra_engine_args: Mapping[str, Any] | None = None,
     ):
         """model_dir: local HF directory; model_dtype: "float32"/"bfloat16" (never "auto").
@@ -224,6 +225,9 @@ class VLLMEngine:
         weight_transport: "file" (default: safetensors file in /dev/shm, only its path travels in the
         collective_rpc message; ~3x faster here) or "rpc" (all tensors packed into one byte buffer inside
         the message: msgpack -> ZMQ -> EngineCore -> pickle -> shm queue -> worker).
+        stream: True = DELTA outputs every step (progress visible in `health()`, stream-time version
+        tags as a cross-check); False = FINAL_ONLY (one output per request; versions come only from
+        vLLM's engine-stamped spans; less frontend overhead).
         extra_engine_args: extra `AsyncEngineArgs` fields (e.g. enforce_eager=True for fast tests);
         applied last, recorded in `settings()`.
         """
@@ -236,6 +240,7 @@ class VLLMEngine:
         self.config = engine_config
         self.seed = int(seed)
         self.weight_transport = weight_transport
+        self.stream = bool(stream)
         self.extra_engine_args = dict(extra_engine_args or {})
         self.version = 0
         self.engine: Any = None
@@ -346,7 +351,7 @@ class VLLMEngine:
             stop_token_ids=stop,
             ignore_eos=ignore_eos,
             detokenize=False,
-            output_kind=RequestOutputKind.DELTA,
+            output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
         )
 
     async def _generate_one(self, prompt_token_ids: list[int], params, request_id: str) -> Sample:
@@ -377,6 +382,8 @@ class VLLMEngine:
         finally:
             self._inflight -= 1
         versions = stream_versions
+        if not spans and not self.stream and tokens:
+            raise RuntimeError(f"{request_id}: vLLM returned no weight-version spans (needed with stream=False)")
         if spans:
             versions = [0] * len(tokens)
             for span in spans:
@@ -399,10 +406,13 @@ class VLLMEngine:
     ) -> list[Sample]:
         """`sampling.n` samples of one prompt, as n requests `{request_id}/{i}` with derived seeds.
 
-        ignore_eos: keep sampling past EOS up to max_new_tokens (benchmarks, long inflight tests).
+        Each request streams DELTA outputs; per token we keep the id, the engine-reported logprob of the
+        sampled token (`logprobs=0`) and the policy version (engine-stamped spans, see module doc).
+        ignore_eos (or `sampling.ignore_eos`): keep sampling past EOS up to max_new_tokens.
         """
         if self.engine is None:
             raise RuntimeError("VLLMEngine.generate before start()")
+        ignore_eos = bool(ignore_eos or getattr(sampling, "ignore_eos", False))
         jobs = [
             self._generate_one(
                 prompt_token_ids,
@@ -534,6 +544,7 @@ class VLLMEngine:
             "enforce_eager": bool(mc.enforce_eager),
             "compilation_mode": str(vcfg.compilation_config.mode),
             "weight_transport": self.weight_transport,
+            "stream": self.stream,
             "env": dict(self.env),
             "extra_engine_args": {k: repr(v) for k, v in self.extra_engine_args.items()},
             "worker": dict(self._worker_report),
