@@ -149,9 +149,10 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
     console = console or Console()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(config.train.threads)
     task = load_task(config.task)
-    model_dir = prepare_model(config, task)
+    model_dir = prepare_model(config, task)  # SFT warm-up (if not cached) uses every core
+    # from here on the engine and the trainer share the cores: the split is explicit
+    torch.set_num_threads(config.train.threads)
     tokenizer = load_tokenizer(model_dir)
     trainer = Trainer(config, model_dir, pad_id=tokenizer.pad_token_id or 0)
     engine = make_engine(config, model_dir)

@@ -389,7 +389,8 @@ class VLLMEngine:
             for span in spans:
                 for index in range(span.start, min(span.end, len(tokens))):
                     versions[index] = int(span.version)
-            self._retagged_tokens += sum(a != b for a, b in zip(versions, stream_versions))
+            if self.stream:  # how often the stream-time tag would have been wrong
+                self._retagged_tokens += sum(a != b for a, b in zip(versions, stream_versions))
         self._generated_tokens += len(tokens)
         if finish_reason not in ("stop", "length"):
             finish_reason = "abort"
