@@ -22,6 +22,9 @@ from parityrl.config import EngineConfig, SamplingConfig, load_config  # noqa: E
 from parityrl.engines.base import RolloutEngine, Sample  # noqa: E402
 from parityrl.policy import export_state_dict, load_policy, processed_logprobs  # noqa: E402
 from parityrl.tasks import load_task  # noqa: E402
+from parityrl.engines.reference import score_with_kv_switch  # noqa: E402
+from parityrl.parity.check import trainer_logprobs  # noqa: E402
+from parityrl.train.objectives import k3 as k3_estimator  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -35,56 +38,14 @@ PROMPTS = ["12+34=", "7+58=", "90+9=", "45+45="]
 
 
 def k3(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """exp(r) - r - 1 per token, r = new - old (float64)."""
-    r = new.double() - old.double()
-    return torch.exp(r) - r - 1
+    """Per-token k3 of r = new - old, in float64 (the library's estimator)."""
+    return k3_estimator(new.double() - old.double())
 
 
-# --------------------------------------------------------------------------------------------------
-# HF reference scoring
-# --------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
 def score_full(model, prompt_ids: list[int], completion_ids: list[int], sampling: SamplingConfig) -> torch.Tensor:
-    """Processed logprobs of the completion under `model` (one full forward over prompt+completion)."""
-    ids = torch.tensor([prompt_ids + completion_ids])
-    logits = model(input_ids=ids, use_cache=False).logits[0]
-    start = len(prompt_ids)
-    return processed_logprobs(
-        logits[start - 1 : -1], ids[0, start:], sampling.temperature, sampling.top_k, sampling.top_p
-    )
-
-
-@torch.no_grad()
-def score_with_kv_switch(
-    model_v, model_v1, prompt_ids: list[int], completion_ids: list[int], switch_index: int, sampling: SamplingConfig
-) -> torch.Tensor:
-    """Processed logprobs of a completion whose tokens from `switch_index` on were sampled after an
-    inflight weight update that kept the KV cache, as vLLM does it (reference for the engine).
-
-    Completion token j is sampled from the logits of the step whose input is the token before it.
-    When generation pauses after token k-1 = switch_index-1 was sampled, the KV cache holds the prompt
-    and completion[:k-1], computed by the old weights; completion[k-1] has been sampled but not yet
-    fed. So: run prompt + completion[:k-1] through `model_v` (its last logits give token k-1), then
-    feed completion[k-1:] through `model_v1` on top of that cache (KV of completion[k-1] and later
-    computed by the new weights). switch_index == 0 (request not prefilled before the update) means
-    everything is computed by `model_v1`. Returns [len(completion_ids)] float32.
-    """
-    k = switch_index
-    if k <= 0:
-        return score_full(model_v1, prompt_ids, completion_ids, sampling)
-    if k >= len(completion_ids):
-        return score_full(model_v, prompt_ids, completion_ids, sampling)
-    prefix = torch.tensor([prompt_ids + completion_ids[: k - 1]])
-    rest = torch.tensor([completion_ids[k - 1 :]])
-    first = model_v(input_ids=prefix, use_cache=True)
-    second = model_v1(input_ids=rest, past_key_values=first.past_key_values, use_cache=True)
-    # logits predicting completion[0 .. k-1] come from the prefix pass, completion[k ..] from the rest
-    start = len(prompt_ids)
-    logits = torch.cat([first.logits[0, start - 1 :], second.logits[0, :-1]], dim=0)
-    targets = torch.tensor(completion_ids)
-    return processed_logprobs(logits, targets, sampling.temperature, sampling.top_k, sampling.top_p)
+    """Processed logprobs of the completion under `model`: the trainer's full recompute."""
+    sample = Sample(prompt_ids, completion_ids, [0.0] * len(completion_ids), [0] * len(completion_ids))
+    return trainer_logprobs(model, [sample], sampling, "float32")[0]
 
 
 @torch.no_grad()

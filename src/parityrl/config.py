@@ -171,6 +171,10 @@ class PipelineConfig(Strict):
     max_lag: int | None = 1
     """Samples whose oldest token is more than this many versions behind the trainer are dropped.
     0 = synchronous on-policy loop; None = unbounded (lint error: staleness grows without limit)."""
+    parity_probe_prompts: int = 1
+    """Async mode: prompt groups generated right after each weight update and scored by the trainer
+    before its next step (not trained on), so `parity/*` has lag-0 tokens even when every training
+    sequence is one version behind. 0 disables; sync mode never needs it."""
     max_inflight_groups: int | None = None
     """Prompt groups being generated at once; None = prompts_per_step * max(1, max_lag)."""
 

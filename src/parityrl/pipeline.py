@@ -127,6 +127,18 @@ class Rollouts:
             groups.append(group)
         return groups, dropped
 
+    async def probe(self, count: int) -> list[Sample]:
+        """Samples for the parity probe (not trained on, not counted in rollout throughput)."""
+        problems = self.task.sample_train(self.rng, count)
+        self._counter += 1
+        groups = await asyncio.gather(
+            *(
+                self.engine.generate(encode_prompt(self.tokenizer, p.prompt), self.config.sampling, f"probe{self._counter}-{i}")
+                for i, p in enumerate(problems)
+            )
+        )
+        return [s for group in groups for s in group]
+
     async def sync_batch(self, count: int) -> list[Group]:
         problems = self.task.sample_train(self.rng, count)
         return list(await asyncio.gather(*(self.one_group(p) for p in problems)))
@@ -166,6 +178,7 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
     rollouts = Rollouts(engine, config, task, tokenizer)
     summary: dict = {"engine": config.engine.kind, "model_dir": str(model_dir)}
     producer: asyncio.Task | None = None
+    probe_task: asyncio.Task | None = None
     try:
         success_start = await asyncio.to_thread(evaluate, trainer.model, tokenizer, task, config.sampling.max_new_tokens, config.model.dtype)
         logger.log(0, {"eval/success": success_start})
@@ -177,6 +190,8 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
             producer = asyncio.create_task(rollouts.produce_forever())
         rl_start = last_time = time.perf_counter()
         last_tokens, trainer_wait_s, eval_success = 0, 0.0, success_start
+        probe_count = config.pipeline.parity_probe_prompts if producer is not None else 0
+        probe_task = asyncio.create_task(rollouts.probe(probe_count)) if probe_count else None
         with progress_bar() as progress:
             bar = progress.add_task("RL", total=config.train.steps, info="")
             for step in range(1, config.train.steps + 1):
@@ -192,10 +207,13 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
                 waited = time.perf_counter() - wait_start
                 trainer_wait_s += waited
                 samples, advantages, rewards = batch_tensors(groups, config.train.advantage)
-                metrics = await asyncio.to_thread(trainer.step, samples, advantages)
+                probe = await probe_task if probe_task is not None else None
+                metrics = await asyncio.to_thread(trainer.step, samples, advantages, probe)
                 sync_start = time.perf_counter()
                 await engine.update_weights(trainer.state_dict_for_engines(), trainer.version)
                 metrics["perf/weight_sync_s"] = time.perf_counter() - sync_start
+                if probe_count:
+                    probe_task = asyncio.create_task(rollouts.probe(probe_count))
                 now = time.perf_counter()
                 metrics |= {
                     "rl/reward": float(rewards.mean()),
@@ -228,9 +246,10 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
         }
         await asyncio.to_thread(trainer.save_checkpoint, run_dir / "checkpoint", tokenizer)
     finally:
-        if producer is not None:
-            producer.cancel()
-            await asyncio.gather(producer, return_exceptions=True)
+        for background in (producer, probe_task):
+            if background is not None:
+                background.cancel()
+                await asyncio.gather(background, return_exceptions=True)
         await rollouts.stop()
         await engine.close()
         logger.close()

@@ -103,24 +103,27 @@ def score_with_kv_switch(
     switch_index: int,
     sampling: SamplingConfig,
 ) -> Tensor:
-    """Processed logprobs [len(completion)] of a completion whose tokens before `switch_index` were
-    produced by `model_old` and the rest by `model_new` *on the KV cache built by model_old* — what an
-    engine that updates weights inflight and keeps its cache computes. Compare with a full recompute
-    under `model_new` to measure the KV staleness."""
-    sequence = torch.tensor([prompt_ids + completion_ids], dtype=torch.long)
-    split = len(prompt_ids) + switch_index - 1  # position whose logits predict completion[switch_index]
-    out_old = model_old(input_ids=sequence[:, :split], use_cache=True)
-    logits_parts = [out_old.logits[0]]
-    if split < sequence.shape[1] - 1:
-        out_new = model_new(
-            input_ids=sequence[:, split:-1],
-            past_key_values=out_old.past_key_values,
-            position_ids=torch.arange(split, sequence.shape[1] - 1).unsqueeze(0),
-            use_cache=True,
-        )
-        logits_parts.append(out_new.logits[0])
-    logits = torch.cat(logits_parts)[len(prompt_ids) - 1 :]
+    """Processed logprobs [len(completion)] of a completion sampled across an inflight weight update
+    that kept the KV cache — what vLLM (`pause(mode="keep")`) and this engine compute.
+
+    `switch_index` = k is the first completion token sampled by the new weights. When the update
+    lands, the cache holds the prompt and completion[:k-1] computed by the old weights; completion[k-1]
+    was sampled but not yet fed, so its KV (and everything after) is computed by the new weights.
+    k == 0 (not prefilled before the update) means all new weights. Compare with a full recompute
+    under `model_new` to measure the KV staleness.
+    """
     targets = torch.tensor(completion_ids, dtype=torch.long)
+    if switch_index <= 0 or switch_index >= len(completion_ids):
+        model = model_new if switch_index <= 0 else model_old
+        ids = torch.tensor([prompt_ids + completion_ids])
+        logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt_ids) - 1 : -1]
+    else:
+        prefix = torch.tensor([prompt_ids + completion_ids[: switch_index - 1]])
+        rest = torch.tensor([completion_ids[switch_index - 1 : -1]])
+        out_old = model_old(input_ids=prefix, use_cache=True)
+        positions = torch.arange(prefix.shape[1], prefix.shape[1] + rest.shape[1]).unsqueeze(0)
+        out_new = model_new(input_ids=rest, past_key_values=out_old.past_key_values, position_ids=positions, use_cache=True)
+        logits = torch.cat([out_old.logits[0, len(prompt_ids) - 1 :], out_new.logits[0]])
     return processed_logprobs(logits, targets, sampling.temperature, sampling.top_k, sampling.top_p)
 
 

@@ -104,12 +104,16 @@ class Trainer:
     def state_dict_for_engines(self) -> dict[str, Tensor]:
         return export_state_dict(self.model)
 
-    def step(self, samples: list[Sample], advantages: Tensor) -> dict[str, float | None]:
-        """One optimiser step on `samples` (advantages [len(samples)]); returns metrics; version += 1."""
+    def step(self, samples: list[Sample], advantages: Tensor, probe: list[Sample] | None = None) -> dict[str, float | None]:
+        """One optimiser step on `samples` (advantages [len(samples)]); returns metrics; version += 1.
+
+        `probe`: samples generated entirely at the current version, only scored for `parity/*`."""
         start = time.perf_counter()
         sampling, train = self.config.trainer_sampling(), self.config.train
         order = list(range(len(samples)))
         sums = MetricSums()
+        if probe:
+            self._accumulate_probe(sums, probe)
         micro_batches = [order[i : i + train.micro_batch_size] for i in range(0, len(order), train.micro_batch_size)]
         packed_all = [pack_samples([samples[i] for i in chunk], self.pad_id) for chunk in micro_batches]
         # normalisers are global across micro-batches: count units first
@@ -158,16 +162,23 @@ class Trainer:
         lag = (self.version - packed.version_per_token).clamp(min=0)
         sums.add("lag", lag[generated].sum())
         sums.max("lag_max", lag[generated].max() if generated.any() else 0)
-        versions = packed.version_per_token.masked_fill(~generated, self.version)
-        sequence_has_tokens = generated.any(-1)
-        mixed = (versions.max(-1).values != versions.masked_fill(~generated, 1 << 40).min(-1).values) & sequence_has_tokens
-        sums.add("sequences", sequence_has_tokens.sum())
-        sums.add("mixed", mixed.sum())
-        # parity: sequences generated entirely by the trainer's current version
-        current = (versions == self.version).all(-1) & sequence_has_tokens
-        parity_mask = mask & current.unsqueeze(-1)
+        self._accumulate_versions(sums, packed, logprobs_new, mask, prefix="")
+
+    def _accumulate_versions(self, sums: MetricSums, packed: PackedBatch, logprobs_new: Tensor, mask: Tensor, prefix: str) -> None:
+        """Parity (sequences entirely at the trainer's version) and KV-staleness sums."""
+        generated = packed.completion_mask
+        has_tokens = generated.any(-1)
+        version_max = packed.version_per_token.masked_fill(~generated, -1).amax(-1)
+        version_min = packed.version_per_token.masked_fill(~generated, 1 << 40).amin(-1)
+        mixed = (version_max != version_min) & has_tokens
+        current = (version_min == self.version) & (version_max == self.version) & has_tokens
+        log_ratio = (logprobs_new - packed.logprobs_old) * mask
         abs_diff = (logprobs_new - packed.logprobs_old).abs()
-        sums.add("parity_tokens", parity_mask.sum())
+        parity_mask = mask & current.unsqueeze(-1)
+        sums.add(f"{prefix}sequences", has_tokens.sum())
+        sums.add(f"{prefix}mixed", mixed.sum())
+        sums.add(f"{prefix}parity_tokens", parity_mask.sum())
+        sums.add("parity_all_tokens", parity_mask.sum())
         sums.add("parity_k3", k3(log_ratio)[parity_mask].sum())
         sums.add("parity_abs", abs_diff[parity_mask].sum())
         sums.max("parity_abs_max", abs_diff[parity_mask].max() if parity_mask.any() else 0)
@@ -176,15 +187,34 @@ class Trainer:
         sums.add("stale_tokens", stale_mask.sum())
         sums.add("stale_k3", k3(log_ratio)[stale_mask].sum())
 
+    @torch.no_grad()
+    def _accumulate_probe(self, sums: MetricSums, probe: list[Sample]) -> None:
+        """Parity probe: samples the engine generated right after the last update, scored before the
+        next optimiser step, so engine and trainer hold identical weights (lag 0 even in async mode)."""
+        sampling = self.config.trainer_sampling()
+        packed = pack_samples(probe, self.pad_id)
+        with compute_context(self.config.model.dtype):
+            logits = sequence_logits(self.model, packed.input_ids, packed.attention_mask)
+        logits_completion = completion_logits(logits, packed.completion_start, packed.completion_ids.shape[1])
+        logprobs_new = processed_logprobs(
+            logits_completion, packed.completion_ids, sampling.temperature, sampling.top_k, sampling.top_p
+        )
+        mask = packed.completion_mask & torch.isfinite(logprobs_new)
+        logprobs_new = torch.where(mask, logprobs_new, torch.zeros_like(logprobs_new))
+        sums.add("probe_tokens", packed.completion_mask.sum())
+        sums.add("probe_outside_support", (packed.completion_mask & ~mask).sum())
+        self._accumulate_versions(sums, packed, logprobs_new, mask, prefix="probe_")
+
     def _finalise(self, sums: MetricSums) -> dict[str, float | None]:
         return {
             "train/loss": sums.ratio("loss", "units"),
             "rl/clip_rate": sums.ratio("clipped", "clip_units"),
             "rl/kl_new_old": sums.ratio("k3", "valid_tokens"),
             "rl/entropy": sums.ratio("entropy", "tokens"),
-            "parity/kl": sums.ratio("parity_k3", "parity_tokens"),
-            "parity/abs_diff_mean": sums.ratio("parity_abs", "parity_tokens"),
-            "parity/abs_diff_max": sums.maxes.get("parity_abs_max", 0.0) if sums.sums.get("parity_tokens") else None,
+            "parity/kl": sums.ratio("parity_k3", "parity_all_tokens"),
+            "parity/abs_diff_mean": sums.ratio("parity_abs", "parity_all_tokens"),
+            "parity/abs_diff_max": sums.maxes.get("parity_abs_max", 0.0) if sums.sums.get("parity_all_tokens") else None,
+            "parity/probe_tokens": sums.sums.get("probe_parity_tokens", 0.0),
             "parity/coverage": sums.ratio("parity_tokens", "tokens"),
             "parity/outside_support_frac": sums.ratio("outside_support", "tokens"),
             "pipeline/kv_staleness_kl": sums.ratio("stale_k3", "stale_tokens"),
