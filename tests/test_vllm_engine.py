@@ -77,10 +77,8 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def model_dir(one_torch_thread) -> Path:
-    cache = os.environ.get("PARITYRL_TEST_ASSETS", str(REPO / "runs" / "test-assets"))
-    config = load_config(None, ["assets.sft.steps=300", f"assets.cache_dir={cache}"])
-    return prepare_model(config, load_task(config.task))
+def model_dir(one_torch_thread, tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -118,6 +118,9 @@ class EngineConfig(Strict):
     """VLLM_CPU_KVCACHE_SPACE on CPU: KV cache size in GiB."""
     omp_threads: int = 1
     """CPU only: OpenMP threads for the vLLM worker; the trainer gets the remaining cores."""
+    block_size: int | None = None
+    """KV-cache block size; None = the vLLM default (128 on CPU, 16 on GPU). Prefix caching reuses whole
+    blocks only, so a shared prompt prefix shorter than a block is never reused."""
     max_num_seqs: int = 256
     """Maximum sequences the engine batches at once."""
     force_one_sided_head: bool = False

@@ -291,6 +291,8 @@ class VLLMEngine:
             worker_extension_cls=EXTENSION_PATH,
             disable_log_stats=True,
         )
+        if cfg.block_size is not None:
+            args["block_size"] = cfg.block_size
         if on_cpu():
             args["kv_cache_memory_bytes"] = int(cfg.kv_cache_space_gib * GiB)
         args.update(self.extra_engine_args)
@@ -539,6 +541,7 @@ class VLLMEngine:
             "update_mode": self.config.update_mode,
             "seed": self.seed,
             "max_num_seqs": sc.max_num_seqs,
+            "block_size": vcfg.cache_config.block_size,
             "max_model_len": mc.max_model_len,
             "gpu_memory_utilization": cc.gpu_memory_utilization,
             "kv_cache_memory_bytes": cc.kv_cache_memory_bytes,

@@ -48,7 +48,9 @@ PRESETS: dict[str, list[str]] = {
         "model.dtype=bfloat16",
         "sampling.temperature=0.7",
         "sampling.top_p=0.9",
-        "task.prompt_prefix='Add: '",
+        # a shared template prefix longer than one KV block, so prefix caching has something to reuse
+        "task.prompt_prefix='Add the two numbers and answer with digits only. '",
+        "engine.block_size=32",
         "train.steps=40",
         "train.eval_every=20",
         "task.eval_size=128",
