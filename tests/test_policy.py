@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from parityrl.policy import Fp32LMHead, processed_entropy, processed_logprobs, raw_logprobs, use_fp32_head
+from parityrl.policy import (
+    Fp32LMHead,
+    processed_entropy,
+    processed_logprobs,
+    raw_logprobs,
+    use_fp32_head,
+)
 
 pytestmark = pytest.mark.unit
 

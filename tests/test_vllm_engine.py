@@ -8,7 +8,6 @@ Engines are created inside fixtures, never at import time (vLLM spawns its worke
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 
@@ -17,13 +16,12 @@ import torch
 
 pytest.importorskip("vllm")
 
-from parityrl.assets import encode_prompt, load_tokenizer, prepare_model  # noqa: E402
-from parityrl.config import EngineConfig, SamplingConfig, load_config  # noqa: E402
+from parityrl.assets import encode_prompt, load_tokenizer  # noqa: E402
+from parityrl.config import EngineConfig, SamplingConfig  # noqa: E402
 from parityrl.engines.base import RolloutEngine, Sample  # noqa: E402
-from parityrl.policy import export_state_dict, load_policy, processed_logprobs  # noqa: E402
-from parityrl.tasks import load_task  # noqa: E402
 from parityrl.engines.reference import score_with_kv_switch  # noqa: E402
 from parityrl.parity.check import trainer_logprobs  # noqa: E402
+from parityrl.policy import export_state_dict, load_policy, processed_logprobs  # noqa: E402
 from parityrl.train.objectives import k3 as k3_estimator  # noqa: E402
 
 pytestmark = pytest.mark.integration

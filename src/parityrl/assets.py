@@ -16,7 +16,13 @@ import time
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from parityrl.config import RunConfig, config_hash
 from parityrl.policy import load_policy, sequence_logits

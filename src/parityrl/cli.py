@@ -57,7 +57,12 @@ def train(
     """RL-train a policy with the configured rollout engine; write metrics, plots and a checkpoint."""
     overrides = list(set_) + (["pipeline.mode=sync"] if sync else [])
     config = _load(config_path, overrides)
-    from parityrl.parity.lint import exit_code, lint_config, read_vocab_size, render_findings
+    from parityrl.parity.lint import (
+        exit_code,
+        lint_config,
+        read_vocab_size,
+        render_findings,
+    )
 
     findings = lint_config(config, model_vocab_size=read_vocab_size(config))
     if findings:

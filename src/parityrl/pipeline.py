@@ -18,7 +18,13 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from parityrl.assets import encode_prompt, greedy_success, load_tokenizer, prepare_model, progress_bar
+from parityrl.assets import (
+    encode_prompt,
+    greedy_success,
+    load_tokenizer,
+    prepare_model,
+    progress_bar,
+)
 from parityrl.config import RunConfig
 from parityrl.engines import make_engine
 from parityrl.engines.base import RolloutEngine, Sample

@@ -23,6 +23,8 @@ def make_engine(config: RunConfig, model_dir: Path) -> RolloutEngine:
             max_batch=config.engine.max_num_seqs,
             threads=config.engine.omp_threads,
         )
-    from parityrl.engines.vllm import VLLMEngine  # imported lazily: vLLM is heavy and optional for unit use
+    from parityrl.engines.vllm import (
+        VLLMEngine,  # imported lazily: vLLM is heavy and optional for unit use
+    )
 
     return VLLMEngine(model_dir, config.model.dtype, config.engine, seed=config.seed)

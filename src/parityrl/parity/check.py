@@ -27,7 +27,12 @@ from parityrl.config import RunConfig, SamplingConfig, deep_merge, parse_overrid
 from parityrl.engines import make_engine
 from parityrl.engines.base import RolloutEngine, Sample
 from parityrl.engines.reference import score_with_kv_switch
-from parityrl.policy import compute_context, load_policy, processed_logprobs, sequence_logits
+from parityrl.policy import (
+    compute_context,
+    load_policy,
+    processed_logprobs,
+    sequence_logits,
+)
 from parityrl.tasks import load_task
 from parityrl.train.objectives import k3
 from parityrl.train.trainer import completion_logits, pack_samples

@@ -47,25 +47,6 @@ Attribution: when a configuration named `naive-v1` exists, every other non-refer
 also gets the share of the naive->reference gap it closes on rl/kl_new_old and rl/clip_rate:
 (mean_naive - mean_C) / (mean_naive - mean_ref), on the means over common steps (1 = at the reference,
 0 = no better than naive).
-
-CLI (to paste into parityrl/cli.py):
-
-    @app.command("compare")
-    def compare_command(
-        run_dirs: list[Path] = typer.Argument(..., help="Run directories, or folders holding them (e.g. ablate_out)."),
-        reference: Optional[str] = typer.Option(None, "--reference", help="Reference configuration (default: 'reference')."),
-        out_dir: Path = typer.Option(Path("compare_out"), "--out", help="Where figure1.png, verdict.md/.json, compare.html go."),
-    ) -> None:
-        '''Plot clip rate, KL, entropy and reward with seed bands and state which configurations leave the reference band.'''
-        from parityrl.parity.compare import compare_runs, render_verdict
-
-        try:
-            result = compare_runs(run_dirs, reference, out_dir)
-        except (FileNotFoundError, ValueError) as error:
-            console.print(f"[red]{error}[/red]")
-            raise typer.Exit(2) from None
-        render_verdict(result, console)
-        console.print(f"written: {', '.join(str(p) for p in result.paths.values())}")
 """
 
 from __future__ import annotations

@@ -25,24 +25,6 @@ Exit codes of `lint_file` (and the CLI): 0 = clean or warnings only, 1 = at leas
 vLLM-only knobs (logprobs_mode, prefix caching, async scheduling, update_mode) are not checked when
 `engine.kind` is `reference`: the reference engine ignores them (it is processed, cache-free and
 keeps KV across updates by construction).
-
-CLI (to paste into parityrl/cli.py):
-
-    @app.command("lint")
-    def lint_command(
-        config_path: Path = typer.Argument(..., help="YAML config to lint."),
-        set_: list[str] = typer.Option([], "--set", help="Override a field: key.path=value (repeatable)."),
-        parity_checked: bool = typer.Option(
-            False, "--parity-checked", help="`parityrl check` passed for this config (silences the TIS/MIS warning)."
-        ),
-        vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Model vocabulary size, if not readable from model.path."),
-    ) -> None:
-        '''Check a config for the known engine/trainer parity pitfalls; exit 1 on errors, 2 if it cannot be loaded.'''
-        from parityrl.parity.lint import lint_file, render_findings
-
-        findings, code = lint_file(config_path, overrides=list(set_), parity_checked=parity_checked, model_vocab_size=vocab_size)
-        render_findings(findings, console)
-        raise typer.Exit(code)
 """
 
 from __future__ import annotations

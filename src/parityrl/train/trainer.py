@@ -24,7 +24,14 @@ from torch import Tensor
 
 from parityrl.config import RunConfig
 from parityrl.engines.base import Sample
-from parityrl.policy import compute_context, export_state_dict, load_policy, processed_entropy, processed_logprobs, sequence_logits
+from parityrl.policy import (
+    compute_context,
+    export_state_dict,
+    load_policy,
+    processed_entropy,
+    processed_logprobs,
+    sequence_logits,
+)
 from parityrl.train.objectives import k3, policy_loss
 
 
