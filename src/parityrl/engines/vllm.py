@@ -315,10 +315,13 @@ class VLLMEngine:
         """Start EngineCore + worker processes (spawned) and load weights at version 0."""
         if self.engine is not None:
             return
+        # vLLM logs every pause/reload at INFO (and a benign "RotaryEmbedding: Failed to load weights"
+        # warning per update); keep the terminal for parityrl's progress. Export VLLM_LOGGING_LEVEL to override.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        self._configure_environment()
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self._configure_environment()
         self.eos_token_id = self._read_eos()
         self.engine_args = self._build_engine_args()
         began = time.perf_counter()
