@@ -206,7 +206,11 @@ def child_raw_llm(workload: Workload) -> BackendResult:
     assert generated == workload.useful_tokens, (generated, workload.useful_tokens)
     return BackendResult(
         "raw_llm", workload.useful_tokens, generated, [s for s, _ in passes], start_s,
-        settings={"engine_args": {k: repr(v) for k, v in engine_args.items()}, "api": "vllm.LLM.generate"},
+        settings={
+            "api": "vllm.LLM.generate",
+            "engine_args": {k: repr(v) for k, v in engine_args.items()},
+            "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")},
+        },
     )
 
 

@@ -173,8 +173,8 @@ def print_report(result: dict[str, Any]) -> None:
         f"copy bandwidth {bound['bandwidth_gb_s']:.1f} GB/s -> memcpy bound {bound['bound_s'] * 1e3:.2f} ms "
         f"(direct copy of the state dict: {bound['state_copy_s'] * 1e3:.2f} ms)"
     )
-    table = Table(title=f"update_weights, median of {result['repeats']} (idle engine)")
-    for column in ("transport", "sync ms", "pause ms", "send+load ms", "worker load ms", "resume ms", "sync/memcpy"):
+    table = Table(title=f"update_weights in ms, median of {result['repeats']} (idle engine)")
+    for column in ("transport", "sync", "pause", "send+load", "worker load", "resume", "sync / memcpy"):
         table.add_column(column, justify="left" if column == "transport" else "right", no_wrap=column == "transport")
     for transport, data in result["updates"]["transports"].items():
         med = data["median"]
@@ -234,8 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     for transport, data in updates["transports"].items():
         ratios[f"{transport}_sync_over_memcpy"] = data["median"]["weight_sync_s"] / memcpy["bound_s"]
         ratios[f"{transport}_worker_load_over_memcpy"] = data["median"]["worker_load_s"] / memcpy["bound_s"]
-    if "file" in ratios and "rpc" in ratios:
-        ratios["rpc_sync_over_file_sync"] = updates["transports"]["rpc"]["median"]["weight_sync_s"] / updates["transports"]["file"]["median"]["weight_sync_s"]
+    measured = updates["transports"]
+    if "file" in measured and "rpc" in measured:
+        ratios["rpc_sync_over_file_sync"] = measured["rpc"]["median"]["weight_sync_s"] / measured["file"]["median"]["weight_sync_s"]
     env["loadavg_at_end"] = list(os.getloadavg())
     result = {
         "benchmark": "weight_sync",

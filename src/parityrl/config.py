@@ -123,6 +123,9 @@ class EngineConfig(Strict):
     blocks only, so a shared prompt prefix shorter than a block is never reused."""
     max_num_seqs: int = 256
     """Maximum sequences the engine batches at once."""
+    enforce_eager: bool = False
+    """Skip torch.compile / graph capture: the engine starts in ~20-30 s instead of ~40-70 s on CPU, at some
+    cost per step. Worth it for short runs (ablations, checks)."""
     force_one_sided_head: bool = False
     """Allow fp32 lm_head on one side only (engine xor trainer). Refused otherwise: it worsens the mismatch."""
 

@@ -293,6 +293,8 @@ class VLLMEngine:
         )
         if cfg.block_size is not None:
             args["block_size"] = cfg.block_size
+        if cfg.enforce_eager:
+            args["enforce_eager"] = True
         if on_cpu():
             args["kv_cache_memory_bytes"] = int(cfg.kv_cache_space_gib * GiB)
         args.update(self.extra_engine_args)
