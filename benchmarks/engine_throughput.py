@@ -388,14 +388,14 @@ def print_report(results: dict[str, BackendResult], summary: dict[str, float | N
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(Console().width, 100))  # never squeeze columns when piped to a file
     table = Table(
         title=f"{len(workload.prompts)} requests, {min(workload.lengths)}-{max(workload.lengths)} new tokens "
         f"({workload.useful_tokens} useful), {workload.dtype}, fp32 head, processed logprobs; "
         f"pass s = median of {workload.repeats} timed passes"
     )
-    for column in ("backend", "start s", "gen tok", "wasted", "pass s", "useful tok/s", "per pass"):
-        table.add_column(column, justify="left" if column == "backend" else "right", no_wrap=column == "backend")
+    for column in ("backend", "start s", "gen tok", "wasted", "pass s", "useful tok/s", "passes min-max"):
+        table.add_column(column, justify="left" if column == "backend" else "right", no_wrap=True)
     for result in results.values():
         data = result.to_json()
         table.add_row(
@@ -405,7 +405,7 @@ def print_report(results: dict[str, BackendResult], summary: dict[str, float | N
             f"{data['wasted_frac']:.0%}",
             f"{result.median_s:.2f}",
             f"{result.tok_s:,.0f}",
-            " ".join(f"{x:,.0f}" for x in data["useful_tok_s_per_pass"]),
+            f"{min(data['useful_tok_s_per_pass']):,.0f}-{max(data['useful_tok_s_per_pass']):,.0f}",
         )
     console.print(table)
     ratio_table = Table(title="ratios (useful tok/s, median passes)")

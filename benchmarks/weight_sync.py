@@ -167,7 +167,7 @@ def print_report(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     bound = result["memcpy"]
-    console = Console()
+    console = Console(width=max(Console().width, 100))  # never squeeze columns when piped to a file
     console.print(
         f"state dict: {result['state_bytes'] / 1e6:.1f} MB in {result['state_tensors']} tensors ({result['dtype']}); "
         f"copy bandwidth {bound['bandwidth_gb_s']:.1f} GB/s -> memcpy bound {bound['bound_s'] * 1e3:.2f} ms "
