@@ -51,9 +51,9 @@ PRESETS: dict[str, list[str]] = {
         # a shared template prefix longer than one KV block, so prefix caching has something to reuse
         "task.prompt_prefix='Add two numbers: '",
         "engine.block_size=16",
-        "engine.enforce_eager=true",  # 40-step runs: a fast engine start beats compiled steps
-        "train.steps=40",
-        "train.eval_every=20",
+        "engine.enforce_eager=true",  # 30-step runs: a fast engine start beats compiled steps
+        "train.steps=30",
+        "train.eval_every=15",
         "task.eval_size=128",
         "logging.tensorboard=false",
     ],
