@@ -27,7 +27,13 @@ def one_torch_thread():
 def test_check_fixed_v1_on_fp32_model(tiny_model_dir):
     config = load_config(
         None,
-        [f"model.path={tiny_model_dir}", "sampling.temperature=0.7", "sampling.top_p=0.9", "sampling.n=4"],
+        [
+            f"model.path={tiny_model_dir}",
+            "engine.enforce_eager=true",
+            "sampling.temperature=0.7",
+            "sampling.top_p=0.9",
+            "sampling.n=4",
+        ],
     )
     result = asyncio.run(run_check(config, num_prompts=6))
     assert result["settings"]["logprobs_mode"] == "processed_logprobs"
@@ -60,8 +66,8 @@ def test_check_on_a_llama_bf16_model_it_was_not_developed_on(tiny_model_dir, tmp
     assert json.loads((model_dir / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     config = load_config(
         None,
-        [f"model.path={model_dir}", "model.dtype=bfloat16", "sampling.temperature=0.7", "sampling.top_p=0.9",
-         "sampling.n=4", "sampling.max_new_tokens=12"],
+        [f"model.path={model_dir}", "model.dtype=bfloat16", "engine.enforce_eager=true", "sampling.temperature=0.7",
+         "sampling.top_p=0.9", "sampling.n=4", "sampling.max_new_tokens=12"],
     )
     result = asyncio.run(run_check(config, num_prompts=4, inflight=False))
     assert result["settings"]["dtype"] == "bfloat16" and result["settings"]["head_dtype"] == "float32"

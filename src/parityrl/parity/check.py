@@ -135,10 +135,10 @@ async def run_check(config: RunConfig, num_prompts: int = 16, inflight: bool = T
 
 
 async def _inflight(engine, model_v0, prompts, sampling, trainer_sampling, dtype, perturb_scale) -> dict:
-    long_sampling = sampling.model_copy(update={"max_new_tokens": max(sampling.max_new_tokens, 48), "ignore_eos": True})
+    long_sampling = sampling.model_copy(update={"max_new_tokens": max(sampling.max_new_tokens, 96), "ignore_eos": True})
     new_weights = perturbed_weights(model_v0, perturb_scale, seed=17)
     model_v1 = load_policy_like(model_v0, new_weights)
-    tokens_before = engine.health().detail.get("generated_tokens", 0)
+    tokens_before = _tokens_out(engine)
     generation = asyncio.create_task(generate_all(engine, prompts, long_sampling, "inflight"))
     await _wait_for_progress(engine, generation, tokens_before)
     await engine.update_weights(new_weights, version=engine.version + 1)
@@ -176,12 +176,18 @@ def load_policy_like(model: nn.Module, state_dict: dict[str, Tensor]) -> nn.Modu
     return clone.eval()
 
 
+def _tokens_out(engine: RolloutEngine) -> int:
+    """Tokens the engine has produced so far, counted as they stream (not when requests finish)."""
+    detail = engine.health().detail
+    return int(detail.get("streamed_tokens", detail.get("generated_tokens", 0)))
+
+
 async def _wait_for_progress(engine: RolloutEngine, generation: asyncio.Task, tokens_before: int, timeout_s: float = 60.0) -> None:
     """Wait until the engine is decoding these requests, so the update lands mid-generation."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while loop.time() < deadline and not generation.done():
-        if engine.health().detail.get("generated_tokens", 0) > tokens_before:
+        if _tokens_out(engine) > tokens_before:
             return
         await asyncio.sleep(0.005)
 
