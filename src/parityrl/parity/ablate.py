@@ -8,9 +8,10 @@ Configurations (same seeds for all):
 - `fix1-only` … `fix4-only`: naive-v1 with one fix switched on;
 - `fixed-v1`: every fix on (parityrl's defaults).
 
-The `demo` preset makes every fix observable: temperature 0.7 / top-p 0.9 (at T=1 without truncation
+The `demo` preset makes the fixes observable: temperature 0.7 / top-p 0.9 (at T=1 without truncation
 raw and processed logprobs coincide), a bf16 model (so the fp32 head matters), and a shared prompt
-prefix (so prefix caching across weight updates has something to reuse).
+prefix (so prefix caching across weight updates has something to reuse — on GPU; on CPU vLLM's
+smallest KV block, 32 tokens, is longer than these prompts, so no block is ever reused).
 
 Each run is a separate `parityrl train` process writing OUT/<config>/seed<N>/; a run whose
 summary.json exists is skipped, so an interrupted ablation resumes where it stopped.
@@ -48,9 +49,11 @@ PRESETS: dict[str, list[str]] = {
         "model.dtype=bfloat16",
         "sampling.temperature=0.7",
         "sampling.top_p=0.9",
-        # a shared template prefix longer than one KV block, so prefix caching has something to reuse
+        # a shared template prefix; prefix caching reuses whole KV blocks only, and on CPU the smallest
+        # block is 32 tokens, longer than these prompts (~25 tokens): fix 2 has nothing to act on here
+        # on CPU (GPU blocks are 16 tokens)
         "task.prompt_prefix='Add two numbers: '",
-        "engine.block_size=16",
+        "engine.block_size=32",  # the smallest the CPU attention backend accepts (multiples of 32)
         "engine.enforce_eager=true",  # 30-step runs: a fast engine start beats compiled steps
         "train.steps=30",
         "train.eval_every=15",
