@@ -43,7 +43,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
                 if key in LOG_SCALE and all(v > 0 for v in values):
                     ax.set_yscale("log")
             else:
-                ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
+                ax.text(0.5, 0.5, "no qualifying tokens in this run", ha="center", va="center", transform=ax.transAxes, color="grey")
             ax.set_title(key)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
