@@ -8,7 +8,8 @@ Configurations (same seeds for all):
 - `fix1-only` … `fix4-only`: naive-v1 with one fix switched on;
 - `fixed-v1`: every fix on (parityrl's defaults).
 
-The `demo` preset makes the fixes observable: temperature 0.7 / top-p 0.9 (at T=1 without truncation
+The `demo` preset makes the fixes observable: token-level PPO-clip (GRPO, so that clip rate
+measures the engine's bias rather than GSPO's tight trust region), temperature 0.7 / top-p 0.9 (at T=1 without truncation
 raw and processed logprobs coincide), a bf16 model (so the fp32 head matters), and a shared prompt
 prefix (so prefix caching across weight updates has something to reuse — on GPU; on CPU vLLM's
 smallest KV block, 32 tokens, is longer than these prompts, so no block is ever reused).
@@ -55,6 +56,10 @@ PRESETS: dict[str, list[str]] = {
         "task.prompt_prefix='Add two numbers: '",
         "engine.block_size=32",  # the smallest the CPU attention backend accepts (multiples of 32)
         "engine.enforce_eager=true",  # 30-step runs: a fast engine start beats compiled steps
+        # token-level PPO-clip (eps 0.2): the policy's own step clips ~1% of tokens, so a biased
+        # logprobs_old shows as extra clipping; GSPO's 3e-4 trust region clips ~25% of sequences in
+        # every configuration and hides it
+        "train.objective=grpo",
         "train.steps=30",
         "train.eval_every=15",
         "task.eval_size=128",
