@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from parityrl.policy import (
+    EmulatedLowPrecision,
     Fp32LMHead,
     processed_entropy,
     processed_logprobs,
@@ -121,3 +122,26 @@ def test_fp32_head_outputs_fp32_and_is_closer_to_fp32_reference():
     err_fp32 = (fp32_logits.double() - exact).abs().max().item()
     err_bf16 = (bf16_logits.double() - exact).abs().max().item()
     assert err_fp32 < 1e-4 < err_bf16
+
+
+def test_emulated_bf16_matches_autocast_and_keeps_fp32_head_exact():
+    """The CPU bf16 emulation must round like autocast (same dtype flow, ≤ 1 bf16 ulp apart), let
+    gradients through, and leave the fp32 head untouched."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96)
+    head = Fp32LMHead(torch.nn.Linear(96, 500, bias=False))
+    x = torch.randn(8, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_hidden = layer(x)
+    with EmulatedLowPrecision(torch.bfloat16):
+        hidden = layer(x)
+        scores = torch.matmul(hidden, hidden.transpose(0, 1))
+        logits = head(hidden)
+    assert hidden.dtype == ref_hidden.dtype == torch.bfloat16
+    ulp = ref_hidden.float().abs().clamp(min=1e-3) * 2.0**-7
+    assert ((hidden.float() - ref_hidden.float()).abs() <= ulp).all()
+    assert scores.dtype == torch.bfloat16
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, hidden.float() @ head.weight.T, rtol=0, atol=0)
+    logits.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

@@ -14,11 +14,13 @@ survivors are renormalised.
 from __future__ import annotations
 
 import contextlib
+import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 NEG_INF = float("-inf")
 
@@ -95,8 +97,7 @@ class Fp32LMHead(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.float()
-        # autocast would silently turn this matmul back into bf16
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
+        with full_precision(hidden.device.type):
             return F.linear(hidden.float(), self.weight.float(), bias)
 
 
@@ -114,14 +115,76 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+# The ops autocast runs in low precision on CPU (torch's CPU lower-precision list, minus convs/RNNs).
+_LOW_PRECISION_FUNCS = {
+    F.linear, F.scaled_dot_product_attention,
+    torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, Tensor.mm, torch.bmm, Tensor.bmm,
+    torch.addmm, Tensor.addmm, torch.baddbmm, Tensor.baddbmm,
+}
+_precision = threading.local()
+
+
+@contextlib.contextmanager
+def full_precision(device_type: str = "cpu"):
+    """Compute the enclosed ops in fp32 even inside `compute_context` (autocast or emulated bf16)."""
+    before = getattr(_precision, "full", False)
+    _precision.full = True
+    try:
+        with torch.autocast(device_type=device_type, enabled=False):
+            yield
+    finally:
+        _precision.full = before
+
+
+def _round_to(x, dtype: torch.dtype):
+    """fp32 tensor holding `x` rounded to `dtype`; gradients pass straight through the rounding."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        return x
+    if x.dtype != torch.float32:
+        return x.float()
+    return x + (x.to(dtype).float() - x).detach()
+
+
+class EmulatedLowPrecision(TorchFunctionMode):
+    """bf16 compute for CPUs without bf16 matmul units: what autocast does, 20x faster.
+
+    On such CPUs torch's bf16 GEMM is a scalar fallback (measured here: 2.7 s vs 0.15 s fp32 for one
+    forward+backward of the tiny model). Every op autocast would run in bf16 here gets its operands
+    rounded to bf16, multiplies them with fp32 accumulation (what bf16 GEMMs do on every
+    accelerator) and returns a bf16 tensor, exactly autocast's dtype flow. Only the order of the
+    fp32 accumulation differs from a native bf16 kernel.
+    """
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in _LOW_PRECISION_FUNCS or getattr(_precision, "full", False):
+            return func(*args, **kwargs)
+        args = tuple(_round_to(a, self.dtype) for a in args)
+        kwargs = {k: _round_to(v, self.dtype) for k, v in kwargs.items()}
+        return func(*args, **kwargs).to(self.dtype)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where torch's CPU bf16 matmul runs on hardware (AVX512-BF16 or AMX)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def compute_context(dtype: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
-    """Trainer-side precision: fp32 master weights, bf16 compute through autocast when dtype is bf16.
+    """Trainer-side precision: fp32 master weights, bf16 compute when dtype is bf16.
 
     The trainer keeps fp32 weights (AdamW steps of 1e-4 vanish in bf16 weights); engines receive the
-    weights and run them in the configured dtype.
+    weights and run them in the configured dtype. bf16 compute is torch autocast, except on CPUs
+    without bf16 hardware, where `EmulatedLowPrecision` gives the same rounding 20x faster.
+    Thread-local: enter it in the thread that runs the model.
     """
     if dtype == "float32":
         return contextlib.nullcontext()
+    if device_type == "cpu" and not cpu_has_fast_bf16():
+        return EmulatedLowPrecision(torch_dtype(dtype))
     return torch.autocast(device_type=device_type, dtype=torch_dtype(dtype))
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from parityrl.config import SamplingConfig
 from parityrl.engines.base import EngineHealth, Sample
-from parityrl.policy import load_policy, processed_logprobs, sample_tokens
+from parityrl.policy import compute_context, load_policy, processed_logprobs, sample_tokens
 
 # pick(logits [batch, vocab] fp32) -> (tokens [batch], logprobs [batch])
 TokenPicker = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -259,6 +259,11 @@ class ReferenceEngine:
 
     def _run(self) -> None:
         torch.set_num_threads(self.threads)
+        # bf16 weights compute like the trainer's bf16 (fast emulation on CPUs without bf16 units)
+        with compute_context(self.model_dtype):
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
                 self._apply_pending_update()
