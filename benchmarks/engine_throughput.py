@@ -163,41 +163,48 @@ def child_raw_llm(workload: Workload) -> BackendResult:
     )
 
 
+async def timed_engine_passes(engine, workload: Workload) -> tuple[float, list[float], dict]:
+    """Start a `RolloutEngine`, run a warm-up pass and `repeats` timed passes of the workload, close it.
+
+    Returns (start-up seconds, seconds per timed pass, engine settings). Every pass must produce all
+    requested tokens, each with a logprob and a version tag.
+    """
+    from parityrl.config import SamplingConfig
+
+    began = time.perf_counter()
+    await engine.start()
+    start_s = time.perf_counter() - began
+
+    async def one_pass(tag: str) -> float:
+        jobs = [
+            engine.generate(prompt, SamplingConfig(temperature=1.0, max_new_tokens=length, n=1, ignore_eos=True), f"{tag}-{i}")
+            for i, (prompt, length) in enumerate(zip(workload.prompts, workload.lengths))
+        ]
+        began = time.perf_counter()
+        samples = [group[0] for group in await asyncio.gather(*jobs)]
+        seconds = time.perf_counter() - began
+        for sample in samples:
+            assert len(sample.logprobs_old) == len(sample.version_per_token) == len(sample.completion_token_ids)
+        generated = sum(len(s.completion_token_ids) for s in samples)
+        assert generated == workload.useful_tokens, (generated, workload.useful_tokens)
+        return seconds
+
+    try:
+        await one_pass("warmup")
+        passes = [await one_pass(f"pass{k}") for k in range(workload.repeats)]
+        settings = engine.settings()
+    finally:
+        await engine.close()
+    return start_s, passes, settings
+
+
 def child_vllm_engine(workload: Workload) -> BackendResult:
-    from parityrl.config import EngineConfig, SamplingConfig
+    from parityrl.config import EngineConfig
     from parityrl.engines.vllm import VLLMEngine
 
     engine = VLLMEngine(workload.model_dir, workload.dtype, EngineConfig(), seed=workload.seed, stream=True)
-
-    async def run() -> BackendResult:
-        began = time.perf_counter()
-        await engine.start()
-        start_s = time.perf_counter() - began
-
-        async def one_pass(tag: str) -> tuple[float, int]:
-            jobs = [
-                engine.generate(prompt, SamplingConfig(temperature=1.0, max_new_tokens=length, n=1, ignore_eos=True), f"{tag}-{i}")
-                for i, (prompt, length) in enumerate(zip(workload.prompts, workload.lengths))
-            ]
-            began = time.perf_counter()
-            groups = await asyncio.gather(*jobs)
-            seconds = time.perf_counter() - began
-            samples = [group[0] for group in groups]
-            for sample in samples:  # logprobs and a version tag for every token
-                assert len(sample.logprobs_old) == len(sample.version_per_token) == len(sample.completion_token_ids)
-            return seconds, sum(len(s.completion_token_ids) for s in samples)
-
-        try:
-            await one_pass("warmup")
-            passes = [await one_pass(f"pass{k}") for k in range(workload.repeats)]
-            settings = engine.settings()
-        finally:
-            await engine.close()
-        generated = passes[0][1]
-        assert generated == workload.useful_tokens, (generated, workload.useful_tokens)
-        return BackendResult("vllm_engine", workload.useful_tokens, generated, [s for s, _ in passes], start_s, settings=settings)
-
-    return asyncio.run(run())
+    start_s, passes, settings = asyncio.run(timed_engine_passes(engine, workload))
+    return BackendResult("vllm_engine", workload.useful_tokens, workload.useful_tokens, passes, start_s, settings=settings)
 
 
 CHILDREN = {"raw_llm": child_raw_llm, "vllm_engine": child_vllm_engine}
@@ -282,38 +289,15 @@ def bench_hf_generate(workload: Workload, threads: int, batch_size: int) -> Back
 
 
 def bench_reference(workload: Workload, threads: int) -> BackendResult:
-    from parityrl.config import SamplingConfig
     from parityrl.engines.reference import ReferenceEngine
 
     engine = ReferenceEngine(Path(workload.model_dir), workload.dtype, lm_head_fp32=True, seed=workload.seed, threads=threads)
-
-    async def run() -> BackendResult:
-        loadavg_before = list(os.getloadavg())
-        began = time.perf_counter()
-        await engine.start()
-        start_s = time.perf_counter() - began
-
-        async def one_pass(tag: str) -> tuple[float, int]:
-            jobs = [
-                engine.generate(prompt, SamplingConfig(temperature=1.0, max_new_tokens=length, n=1, ignore_eos=True), f"{tag}-{i}")
-                for i, (prompt, length) in enumerate(zip(workload.prompts, workload.lengths))
-            ]
-            began = time.perf_counter()
-            groups = await asyncio.gather(*jobs)
-            return time.perf_counter() - began, sum(len(g[0].completion_token_ids) for g in groups)
-
-        try:
-            await one_pass("warmup")
-            passes = [await one_pass(f"pass{k}") for k in range(workload.repeats)]
-        finally:
-            await engine.close()
-        assert passes[0][1] == workload.useful_tokens
-        return BackendResult(
-            "reference", workload.useful_tokens, passes[0][1], [s for s, _ in passes], start_s, loadavg_before, list(os.getloadavg()),
-            settings={**engine.settings(), "torch_threads": threads, "max_batch": engine.max_batch},
-        )
-
-    return asyncio.run(run())
+    loadavg_before = list(os.getloadavg())
+    start_s, passes, settings = asyncio.run(timed_engine_passes(engine, workload))
+    return BackendResult(
+        "reference", workload.useful_tokens, workload.useful_tokens, passes, start_s, loadavg_before, list(os.getloadavg()),
+        settings={**settings, "torch_threads": threads, "max_batch": engine.max_batch},
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
