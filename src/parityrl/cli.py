@@ -97,16 +97,18 @@ def plot(run_dir: Path = typer.Argument(..., help="A run directory with metrics.
         console.print(str(path))
 
 
+# (metric key, short column title, meaning printed under the table)
 CHECK_COLUMNS = [
-    ("parity/kl", "parity/kl"),
-    ("parity/abs_diff_mean", "mean |Δ|"),
-    ("parity/abs_diff_max", "max |Δ|"),
-    ("parity/frac_abs_diff_gt_1e-3", "frac |Δ|>1e-3"),
-    ("parity/outside_support_frac", "outside support"),
-    ("inflight_v1_kept_kv/abs_diff_max", "v+1 vs kept-KV ref max |Δ|"),
-    ("pipeline/kv_staleness_kl", "kv_staleness_kl"),
-    ("post_update/kl", "post-update kl"),
-    ("inflight/aborted_frac", "aborted"),
+    ("parity/kl", "kl", "parity/kl, k3 per token; × = ratio to the configured row"),
+    ("parity/abs_diff_mean", "mean|Δ|", "mean |engine − trainer logprob|"),
+    ("parity/abs_diff_max", "max|Δ|", "max |engine − trainer logprob|"),
+    ("parity/frac_abs_diff_gt_1e-3", ">1e-3", "fraction of tokens with |Δ| > 1e-3"),
+    ("parity/outside_support_frac", "outside", "parity/outside_support_frac"),
+    ("inflight_v1_kept_kv/abs_diff_max", "v+1 max|Δ|",
+     "v+1 tokens vs a reference that applied the update at the same position keeping its KV"),
+    ("pipeline/kv_staleness_kl", "kv stale", "pipeline/kv_staleness_kl"),
+    ("post_update/kl", "post kl", "parity/kl of requests started after the update"),
+    ("inflight/aborted_frac", "aborted", "fraction of in-flight requests the update aborted"),
 ]
 
 
@@ -127,16 +129,30 @@ def check(
     if json_out:
         print(json.dumps(rows, default=str))
         return
+    _print_check_table(config, rows)
+
+
+def _print_check_table(config: RunConfig, rows: dict[str, dict]) -> None:
+    """One row per configuration (short label; spelled out below), parity/kl also as a ratio to the
+    first (configured) row; metric columns that no configuration measured are left out."""
     from rich.table import Table
 
     table = Table(title=f"parity check ({config.engine.kind}, {config.model.dtype}, T={config.sampling.temperature}, "
                   f"top-k={config.sampling.top_k}, top-p={config.sampling.top_p})")
-    table.add_column("metric")
-    for name in rows:
-        table.add_column(name, justify="right")
-    for key, title in CHECK_COLUMNS:
-        table.add_row(title, *(_fmt(row.get(key)) for row in rows.values()))
+    columns = [column for column in CHECK_COLUMNS if any(row.get(column[0]) is not None for row in rows.values())]
+    table.add_column("config", no_wrap=True)
+    table.add_column(columns[0][1], justify="right", no_wrap=True)
+    table.add_column("×", justify="right", no_wrap=True)
+    for _, title, _ in columns[1:]:
+        table.add_column(title, justify="right", no_wrap=True)
+    baseline = next(iter(rows.values())).get(columns[0][0])
+    for name, row in rows.items():
+        value = row.get(columns[0][0])
+        ratio = f"{value / baseline:.3g}" if value is not None and baseline else "–"
+        table.add_row(name.split(" (")[0], _fmt(value), ratio, *(_fmt(row.get(key)) for key, _, _ in columns[1:]))
     console.print(table)
+    for line in [name for name in rows if " (" in name] + [f"{title}: {meaning}" for _, title, meaning in columns]:
+        console.print(line, style="dim")
 
 
 def _fmt(value) -> str:
