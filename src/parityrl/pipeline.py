@@ -168,7 +168,7 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     task = load_task(config.task)
-    model_dir = prepare_model(config, task)  # SFT warm-up (if not cached) uses every core
+    model_dir = prepare_model(config, task)  # SFT warm-up if not cached (one thread, deterministic)
     # from here on the engine and the trainer share the cores: the split is explicit
     torch.set_num_threads(config.train.threads)
     tokenizer = load_tokenizer(model_dir)
@@ -245,10 +245,16 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
                     advance=1,
                     info=f"reward {metrics['rl/reward']:.2f} · eval {eval_success:.2f} · clip {metrics['rl/clip_rate'] or 0:.3f}",
                 )
+        rl_seconds = time.perf_counter() - rl_start
+        busy_seconds = max(rl_seconds - rollouts.idle_seconds(), 1e-9)
         summary |= {
             "eval_success_end": eval_success,
-            "rl_seconds": round(time.perf_counter() - rl_start, 1),
+            "rl_seconds": round(rl_seconds, 1),
             "steps": config.train.steps,
+            "rollout_tokens": rollouts.generated_tokens,
+            # wall-clock rate, and the rate while the engine had work (the trainer can be the bottleneck)
+            "rollout_tok_s": round(rollouts.generated_tokens / rl_seconds, 1),
+            "rollout_busy_tok_s": round(rollouts.generated_tokens / busy_seconds, 1),
         }
         await asyncio.to_thread(trainer.save_checkpoint, run_dir / "checkpoint", tokenizer)
     finally:
