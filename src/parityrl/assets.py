@@ -61,7 +61,7 @@ class LoggedProgress(Progress):
         self.console.print(line, highlight=False)
 
 
-def progress_bar(transient: bool = False) -> Progress:
+def progress_bar(transient: bool = False, console=None) -> Progress:
     return LoggedProgress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -70,6 +70,7 @@ def progress_bar(transient: bool = False) -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         transient=transient,
+        console=console,
     )
 
 
