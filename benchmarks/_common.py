@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import importlib.metadata
 import os
 import platform
@@ -62,3 +63,11 @@ def environment(**extra: Any) -> dict[str, Any]:
         "loadavg_at_start": list(os.getloadavg()),
         **extra,
     }
+
+
+def write_results(path: Path, payload: Any) -> None:
+    """Write a results JSON with paths inside the repository made repo-relative, so committed
+    results do not carry the paths of the machine that measured them."""
+    text = json.dumps(payload, indent=2, default=str).replace(str(REPO) + "/", "")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")

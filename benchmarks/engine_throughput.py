@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, default_model_dir, environment  # noqa: E402
+from _common import REPO, default_model_dir, environment, write_results  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "engine_throughput.json"
 LOG_DIR = REPO / "runs" / "benchmarks"
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
         "wrapper_target": WRAPPER_TARGET,
         "wrapper_target_met": None if summary["vllm_engine_over_raw_llm"] is None else summary["vllm_engine_over_raw_llm"] >= WRAPPER_TARGET,
     }
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_results(args.out, payload)
     print(f"[engine_throughput] wrote {args.out}")
 
 

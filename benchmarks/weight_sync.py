@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, default_model_dir, environment  # noqa: E402
+from _common import REPO, default_model_dir, environment, write_results  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "weight_sync.json"
 BANDWIDTH_PROBE_BYTES = 256 << 20
@@ -210,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     print_report(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_results(args.out, result)
     print(f"[weight_sync] wrote {args.out}")
 
 

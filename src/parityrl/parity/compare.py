@@ -109,7 +109,10 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
             raise FileNotFoundError(f"{path}: not a run directory (no metrics.jsonl) nor a folder holding runs")
     if not found:
         raise FileNotFoundError(f"no metrics.jsonl under {', '.join(map(str, paths))}")
-    return list(dict.fromkeys(p.resolve() for p in found))
+    unique: dict[Path, Path] = {}  # deduplicated by real path, reported as given (no machine paths in reports)
+    for path in found:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 def configuration_name(run_dir: Path) -> str:
