@@ -123,3 +123,33 @@ def test_check_on_reference_engine_reports_exact_parity_and_kv_staleness(tiny_mo
     assert result["inflight_v1_kept_kv/kl"] <= 1e-9  # same update, same position, KV kept
     assert result["pipeline/kv_staleness_kl"] > 1e-8  # ...which a full recompute does not reproduce
     assert result["post_update/kl"] <= 1e-9
+
+
+def test_pipeline_inflight_updates_change_versions_within_sequences(tiny_model_dir, tmp_path):
+    """Through the whole pipeline: long generations keep the engine busy, so trainer updates land
+    mid-sequence. Versions must then change inside sequences, and the trainer, which holds the
+    weights of the newest version, must report the KV staleness of that version's tokens."""
+    from parityrl.pipeline import run_training
+
+    config = load_config(
+        None,
+        [
+            "engine.kind=reference",
+            f"model.path={tiny_model_dir}",
+            "train.steps=6",
+            "train.prompts_per_step=2",
+            "train.eval_every=6",
+            "sampling.n=4",
+            "sampling.max_new_tokens=48",
+            "sampling.ignore_eos=true",
+            "pipeline.max_lag=1",
+            "task.eval_size=16",
+            "logging.tensorboard=false",
+        ],
+    )
+    asyncio.run(run_training(config, tmp_path / "run"))
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["step"] > 0]
+    assert max(r["pipeline/mixed_version_frac"] for r in steps) > 0, [r["pipeline/mixed_version_frac"] for r in steps]
+    staleness = [r["pipeline/kv_staleness_kl"] for r in steps if r["pipeline/kv_staleness_kl"] is not None]
+    assert staleness and all(value >= 0 for value in staleness) and max(staleness) > 0
