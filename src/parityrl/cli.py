@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import platform
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Optional
@@ -16,7 +18,8 @@ from rich.console import Console
 from parityrl.config import ConfigError, RunConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Online RL with vLLM V1 rollouts you can trust.")
-console = Console()
+# Logs (CI, `ablate`'s run logs, `| tee`) are not terminals: rich would wrap tables at 80 columns there.
+console = Console() if sys.stdout.isatty() or "COLUMNS" in os.environ else Console(width=160)
 
 
 def package_versions() -> dict[str, str]:
