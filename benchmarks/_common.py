@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import datetime
-import json
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess

@@ -278,7 +278,7 @@ def test_inflight_update_keep_mode(slot, tokenizer, hf_model):
                 max_v1 = max(max_v1, (ref[k:].double() - old[k:].double()).abs().max().item())
                 full_v1 = score_full(model_v1, prompt, sample.completion_token_ids, sampling)
                 stale.append(k3(full_v1[k:], old[k:]))
-                if 0 < k:
+                if k > 0:
                     late = score_with_kv_switch_late(hf_model, model_v1, prompt, sample.completion_token_ids, k, sampling)
                     late_gap = max(late_gap, (late[k:].double() - old[k:].double()).abs().max().item())
         mixed = sum(0 < k < sampling.max_new_tokens for k in switch_points)

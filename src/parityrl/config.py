@@ -225,7 +225,7 @@ class RunConfig(Strict):
         )
 
     @model_validator(mode="after")
-    def _refuse_one_sided_fp32_head(self) -> "RunConfig":
+    def _refuse_one_sided_fp32_head(self) -> RunConfig:
         if self.model.lm_head_fp32 != self.engine.lm_head_fp32 and not self.engine.force_one_sided_head:
             raise ValueError(
                 "fp32 lm_head is on for one side only (model.lm_head_fp32="
