@@ -49,7 +49,7 @@ class SFTConfig(Strict):
     warmup_steps: int = 100
     """Linear learning-rate warm-up steps."""
     target_success: float | None = 0.35
-    """Stop the warm-up once greedy success on 256 training prompts reaches this (checked every 100
+    """Stop the warm-up once greedy success on 256 training prompts reaches this (checked every 50
     steps), so RL starts from a policy that is sometimes right but far from perfect. None: run all steps."""
 
 

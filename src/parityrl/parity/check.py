@@ -1,7 +1,7 @@
 """`parityrl check`: does the engine's logprob mean what the trainer computes, on this model?
 
 Three measurements, all against `parityrl.policy` at the same weights (trainer precision: fp32
-master weights, autocast for bf16 models, fp32 head as configured):
+master weights, bf16 compute via `policy.compute_context` for bf16 models, fp32 head as configured):
 
 1. static parity: sample completions, recompute every sampled token's processed logprob;
 2. inflight update: pause mid-generation, load perturbed weights, resume; tokens of version v are

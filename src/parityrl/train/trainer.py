@@ -100,7 +100,7 @@ class Trainer:
         self.config = config
         self.pad_id = pad_id
         torch.manual_seed(config.seed)
-        # fp32 master weights; bf16 models compute under autocast (see policy.compute_context)
+        # fp32 master weights; bf16 models compute in bf16 via policy.compute_context
         self.model = load_policy(model_dir, "float32", config.model.lm_head_fp32)
         self.model.train()
         self.optimizer = torch.optim.AdamW(
