@@ -7,6 +7,7 @@ Nothing is downloaded: `model.path` replaces the built model with any local HF d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -147,6 +148,17 @@ def sft_batch(tokenizer, problems, eos_id: int, pad_id: int) -> tuple[torch.Tens
     return input_ids, attention, loss_mask
 
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Run the enclosed code on `count` torch intra-op threads; the caller's count is restored, also on error."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 SUCCESS_CHECK_EVERY = 50
 """SFT steps between greedy-success probes: finer checks land the start closer to `target_success`."""
 
@@ -166,17 +178,15 @@ def sft_warmup(config: RunConfig, task: Task, model_dir: Path) -> dict:
     )
     rng = random.Random(config.assets.seed)
     torch.manual_seed(config.assets.seed)
-    # Float reduction order depends on torch's thread count, and 500 chaotic SFT steps turn a
-    # last-bit difference into a 10-point difference in start success. One thread makes the
-    # asset bit-identical across core counts and load (same CPU type and torch build).
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)
     start = time.time()
     loss_value = float("nan")
     probe = task.train[:: max(1, len(task.train) // 256)][:256]
     success = None
     steps_done = 0
-    with progress_bar() as progress:
+    # Float reduction order depends on torch's thread count, and 500 chaotic SFT steps turn a
+    # last-bit difference into a 10-point difference in start success. One thread makes the
+    # asset bit-identical across core counts and load (same CPU type and torch build).
+    with torch_threads(1), progress_bar() as progress:
         bar = progress.add_task("SFT warm-up", total=sft.steps, info="")
         for step in range(sft.steps):
             input_ids, attention, loss_mask = sft_batch(
@@ -202,7 +212,6 @@ def sft_warmup(config: RunConfig, task: Task, model_dir: Path) -> dict:
                     progress.update(bar, completed=steps_done, info=f"loss {loss_value:.3f} · success {success:.2f} (target reached)")
                     break
             progress.update(bar, completed=steps_done, info=f"loss {loss_value:.3f} · success {success if success is not None else float('nan'):.2f}")
-    torch.set_num_threads(threads_before)
     model.eval()
     model.save_pretrained(str(model_dir), safe_serialization=True)
     return {
