@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from parityrl.errors import UserError
 
 
 class Strict(BaseModel):
@@ -25,30 +27,42 @@ class Strict(BaseModel):
 class ModelConfig(Strict):
     path: str | None = None
     """Local HF causal-LM directory (Qwen2/Llama). None builds the tiny embedded model."""
-    hidden_size: int = 256
+    hidden_size: int = Field(256, ge=1)
     """Hidden width of the built tiny model (ignored when `path` is set)."""
-    num_layers: int = 4
+    num_layers: int = Field(4, ge=1)
     """Transformer layers of the built tiny model."""
-    num_heads: int = 4
+    num_heads: int = Field(4, ge=1)
     """Attention heads of the built tiny model."""
-    intermediate_size: int = 512
+    intermediate_size: int = Field(512, ge=1)
     """MLP width of the built tiny model."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype on both trainer and engine. Always explicit: vLLM's `auto` downcasts fp32 to bf16 on CPU."""
     lm_head_fp32: bool = True
     """Trainer side of fix 4: compute the final projection (hidden -> logits) in fp32."""
 
+    @model_validator(mode="after")
+    def _heads_divide_hidden_size(self) -> ModelConfig:
+        # Only the built tiny model uses these sizes (a model.path directory brings its own), and its
+        # attention splits hidden_size evenly across the heads.
+        if self.path is None and self.hidden_size % self.num_heads:
+            nearest = max(1, round(self.hidden_size / self.num_heads)) * self.num_heads
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
+                f"set model.hidden_size to a multiple of num_heads (e.g. {nearest}) or change model.num_heads"
+            )
+        return self
+
 
 class SFTConfig(Strict):
-    steps: int = 3000
+    steps: int = Field(3000, ge=0)
     """Supervised warm-up steps on the task's training split (0 disables the warm-up)."""
-    batch_size: int = 64
+    batch_size: int = Field(64, ge=1)
     """Examples per SFT step."""
-    lr: float = 1e-3
+    lr: float = Field(1e-3, gt=0)
     """Peak AdamW learning rate of the warm-up (linear warm-up, then cosine decay to 0)."""
-    warmup_steps: int = 100
+    warmup_steps: int = Field(100, ge=1)
     """Linear learning-rate warm-up steps."""
-    target_success: float | None = 0.35
+    target_success: float | None = Field(0.35, ge=0, le=1)
     """Stop the warm-up once greedy success on 256 training prompts reaches this (checked every 50
     steps), so RL starts from a policy that is sometimes right but far from perfect. None: run all steps."""
 
@@ -65,35 +79,49 @@ class AssetsConfig(Strict):
 class TaskConfig(Strict):
     kind: Literal["addition", "jsonl", "hf_dataset"] = "addition"
     """`addition`: embedded a+b= task; `jsonl`: {"prompt","answer"} lines; `hf_dataset`: `datasets.load_from_disk`."""
-    max_operand: int = 100
+    max_operand: int = Field(100, ge=2)
     """Addition: operands are drawn from [0, max_operand)."""
     path: str | None = None
     """File (jsonl) or directory (hf_dataset) holding prompts and answers."""
-    prompt_field: str = "prompt"
+    prompt_field: str = Field("prompt", min_length=1)
     """Column/key holding the prompt text."""
-    answer_field: str = "answer"
+    answer_field: str = Field("answer", min_length=1)
     """Column/key holding the reference answer."""
     reward: Literal["exact", "math_verify"] = "exact"
     """`exact`: stripped completion equals the answer; `math_verify`: math-verify equivalence."""
-    eval_size: int = 256
+    eval_size: int = Field(256, ge=1)
     """Held-out prompts used for the success rate (never trained on)."""
     prompt_prefix: str = ""
     """Text put in front of every prompt (a shared template prefix; SFT sees it too)."""
 
 
+def _check_top_k(value: int | None) -> int | None:
+    """top-k is -1 (off) or a positive count. 0 also means off to the engines, but one spelling of 'off'
+    keeps the engine-vs-trainer setting comparisons (lint, trainer_sampling) exact."""
+    if value == 0:
+        raise ValueError("must be -1 (top-k off) or >= 1")
+    return value
+
+
 class SamplingConfig(Strict):
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature. The trainer computes logprobs under the same temperature."""
-    top_k: int = -1
+    top_k: int = Field(-1, ge=-1)
     """Keep logits >= the k-th largest; -1 disables."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling mass; 1.0 disables."""
-    max_new_tokens: int = 8
+    max_new_tokens: int = Field(8, ge=1)
     """Maximum completion length."""
-    n: int = 8
+    n: int = Field(8, ge=2)
     """Samples per prompt (the group used for advantages)."""
     ignore_eos: bool = False
     """Keep generating past EOS up to max_new_tokens (used by checks and benchmarks for fixed lengths)."""
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_is_off_or_positive(cls, value: int) -> int:
+        return _check_top_k(value)
+
 
 
 class EngineConfig(Strict):
@@ -112,16 +140,16 @@ class EngineConfig(Strict):
     `abort` (naive default of pause_generation): in-flight requests are aborted and caches cleared."""
     lm_head_fp32: bool = True
     """Fix 4, engine side: run the lm_head in fp32 (vLLM `hf_overrides.head_dtype`)."""
-    gpu_memory_utilization: float = 0.2
+    gpu_memory_utilization: float = Field(0.2, gt=0, le=1)
     """Fraction of device memory vLLM reserves (on CPU: of one NUMA node). 0.92 (vLLM default) fails here."""
-    kv_cache_space_gib: float = 1.0
+    kv_cache_space_gib: float = Field(1.0, gt=0)
     """VLLM_CPU_KVCACHE_SPACE on CPU: KV cache size in GiB."""
-    omp_threads: int = 1
+    omp_threads: int = Field(1, ge=1)
     """CPU only: OpenMP threads for the vLLM worker; the trainer gets the remaining cores."""
-    block_size: int | None = None
+    block_size: int | None = Field(None, ge=1)
     """KV-cache block size; None = the vLLM default (128 on CPU, 16 on GPU). Prefix caching reuses whole
     blocks only, so a shared prompt prefix shorter than a block is never reused."""
-    max_num_seqs: int = 256
+    max_num_seqs: int = Field(256, ge=1)
     """Maximum sequences the engine batches at once."""
     enforce_eager: bool = False
     """Skip torch.compile / graph capture: the engine starts in ~20-30 s instead of ~40-70 s on CPU, at some
@@ -131,57 +159,63 @@ class EngineConfig(Strict):
 
 
 class TrainConfig(Strict):
-    steps: int = 120
+    steps: int = Field(120, ge=1)
     """Optimiser steps of RL (one step = one batch of `prompts_per_step` groups)."""
-    prompts_per_step: int = 8
+    prompts_per_step: int = Field(8, ge=1)
     """Prompt groups per optimiser step."""
-    lr: float = 1e-4
+    lr: float = Field(1e-4, gt=0)
     """AdamW learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (<= 0 disables)."""
-    micro_batch_size: int = 64
+    micro_batch_size: int = Field(64, ge=1)
     """Sequences per forward/backward; gradients are accumulated over micro-batches."""
     objective: Literal["gspo", "grpo", "reinforce"] = "gspo"
     """`gspo`: sequence ratio exp(mean token log-ratio), clipped; `grpo`: token-level PPO-clip; `reinforce`."""
     advantage: Literal["group_norm", "leave_one_out"] = "group_norm"
     """`group_norm`: (r - mean) / (std + eps) per group; `leave_one_out`: r - mean of the others."""
-    clip_low: float | None = None
+    clip_low: float | None = Field(None, gt=0)
     """Lower clip epsilon; None picks the objective's usual value (GSPO 3e-4, GRPO 0.2)."""
-    clip_high: float | None = None
+    clip_high: float | None = Field(None, gt=0)
     """Upper clip epsilon; None picks the objective's usual value (GSPO 4e-4, GRPO 0.2)."""
     is_correction: Literal["none", "tis", "mis"] = "none"
     """Objective-side correction for engine/trainer mismatch: truncated or masked importance sampling.
     Off by default: fix the backend first."""
-    is_cap: float = 2.0
+    is_cap: float = Field(2.0, gt=1)
     """TIS: cap of the truncated ratio; MIS: tokens whose ratio exceeds it are masked."""
-    eval_every: int = 20
+    eval_every: int = Field(20, ge=1)
     """Evaluate held-out success every this many steps (and at start and end)."""
-    checkpoint_every: int = 0
-    """Write an HF checkpoint every this many steps (0: only at the end)."""
-    threads: int = 1
+    checkpoint_every: int = Field(20, ge=0)
+    """Write a resumable checkpoint (model, optimizer, step, version, RNG, sampler position) every this many steps,
+    and at the end; 0: only at the end."""
+    threads: int = Field(1, ge=1)
     """torch threads of the trainer (the engine gets the rest of the cores)."""
-    logprob_temperature: float | None = None
+    logprob_temperature: float | None = Field(None, gt=0)
     """Temperature the trainer uses to recompute logprobs; None = sampling.temperature (the only consistent
     choice; other values exist to reproduce the pitfall, lint flags them)."""
-    logprob_top_k: int | None = None
+    logprob_top_k: int | None = Field(None, ge=-1)
     """Trainer-side top-k; None = sampling.top_k."""
-    logprob_top_p: float | None = None
+    logprob_top_p: float | None = Field(None, gt=0, le=1)
     """Trainer-side top-p; None = sampling.top_p."""
+
+    @field_validator("logprob_top_k")
+    @classmethod
+    def _top_k_is_off_or_positive(cls, value: int | None) -> int | None:
+        return _check_top_k(value)
 
 
 class PipelineConfig(Strict):
     mode: Literal["async", "sync"] = "async"
     """`async`: PipelineRL-style overlap with inflight weight updates; `sync`: generate, then train."""
-    max_lag: int | None = 1
+    max_lag: int | None = Field(1, ge=0)
     """Samples whose oldest token is more than this many versions behind the trainer are dropped.
     0 = synchronous on-policy loop; None = unbounded (lint error: staleness grows without limit)."""
-    parity_probe_prompts: int = 1
+    parity_probe_prompts: int = Field(1, ge=0)
     """Async mode: prompt groups generated right after each weight update and scored by the trainer
     before its next step (not trained on), so `parity/*` has lag-0 tokens even when every training
     sequence is one version behind. 0 disables; sync mode never needs it."""
-    max_inflight_groups: int | None = None
+    max_inflight_groups: int | None = Field(None, ge=1)
     """Prompt groups being generated at once; None = prompts_per_step * max(1, max_lag)."""
 
 
@@ -236,8 +270,9 @@ class RunConfig(Strict):
         return self
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used, with a message that says where and how to fix it."""
+class ConfigError(UserError, ValueError):
+    """A config that cannot be used, with a message that says where and how to fix it.
+    Also a ValueError: that is what it was before the UserError hierarchy, and callers catch it."""
 
 
 def _section_fields(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -251,24 +286,198 @@ def _section_fields(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> list[st
     return list(cls.model_fields)
 
 
-def format_validation_error(error: ValidationError, model_cls: type[BaseModel], source: str) -> str:
+# pydantic error type -> comparison it enforces (the bound itself is in the error's ctx)
+BOUND_ERRORS = {
+    "greater_than": ("gt", ">"),
+    "greater_than_equal": ("ge", ">="),
+    "less_than": ("lt", "<"),
+    "less_than_equal": ("le", "<="),
+}
+TYPE_ERRORS = {
+    "int_parsing": "must be a whole number",
+    "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "model_type": "must be a section (keys indented below it), not a single value",
+    "model_attributes_type": "must be a section (keys indented below it), not a single value",
+    "dict_type": "must be a section (keys indented below it), not a single value",
+    "missing": "is required",
+}
+
+
+def _number_text(value: Any) -> str:
+    return format(value, "g") if isinstance(value, float) else str(value)
+
+
+def _problem_text(item: Any) -> str:
+    """What one pydantic error asks for, in config terms: 'must be >= 1', 'must be one of ...'."""
+    kind, ctx = item["type"], item.get("ctx") or {}
+    if kind in BOUND_ERRORS:
+        key, operator = BOUND_ERRORS[kind]
+        return f"must be {operator} {_number_text(ctx[key])}"
+    if kind == "literal_error":
+        return f"must be one of {ctx['expected']}"
+    if kind in TYPE_ERRORS:
+        return TYPE_ERRORS[kind]
+    # our own validators raise ValueError/AssertionError: pydantic prefixes their text
+    return item["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
+def _origin_text(loc: tuple[Any, ...], key_lines: dict[tuple[str, ...], int], overridden: set[tuple[str, ...]]) -> str:
+    """' (from --set)' or ' (line N)': where the offending key was written, when we know."""
+    keys = tuple(str(part) for part in loc)
+    if any(keys[: len(path)] == path for path in overridden):
+        return " (from --set)"
+    return f" (line {key_lines[keys]})" if keys in key_lines else ""
+
+
+def format_validation_error(
+    error: ValidationError,
+    model_cls: type[BaseModel],
+    source: str,
+    key_lines: dict[tuple[str, ...], int] | None = None,
+    overridden: set[tuple[str, ...]] | None = None,
+) -> str:
+    """A header naming the source, then one line per problem: 'train.steps: must be >= 1 (got -3) (line 4)'."""
+    key_lines, overridden = key_lines or {}, overridden or set()
     lines = [f"invalid config ({source}):"]
     for item in error.errors():
         loc = tuple(item["loc"])
-        path = ".".join(str(p) for p in loc) or "<root>"
+        path = ".".join(str(p) for p in loc)
+        origin = _origin_text(loc, key_lines, overridden)
         if item["type"] == "extra_forbidden":
             candidates = _section_fields(model_cls, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), candidates, n=1, cutoff=0.5)
             hint = f" Did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
             valid = ", ".join(candidates)
-            lines.append(f"  unknown key '{path}'.{hint} Valid keys here: {valid}")
-        else:
-            lines.append(f"  {path}: {item['msg']} (got {item.get('input')!r})")
+            lines.append(f"  unknown key '{path}'{origin}.{hint} Valid keys here: {valid}")
+            continue
+        value = item.get("input")
+        # a section-level check (e.g. hidden_size vs num_heads) gets the whole section as input: not worth echoing
+        got = "" if isinstance(value, dict | BaseModel) or item["type"] == "missing" else f" (got {value!r})"
+        prefix = f"{path}: " if path else ""
+        lines.append(f"  {prefix}{_problem_text(item)}{got}{origin}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- reading a config file
+
+YAML_TOP_LEVEL_NAMES = {
+    list: "a list (lines starting with '- ')",
+    str: "a single string",
+    int: "a single number",
+    float: "a single number",
+    bool: "a single true/false",
+}
+
+
+def read_config_text(path: Path) -> str:
+    """The text of a YAML config file; ConfigError for a missing path, a directory or a binary file."""
+    if path.is_dir():
+        examples = sorted(path.glob("*.yaml")) + sorted(path.glob("*.yml"))
+        hint = f", e.g. {examples[0]}" if examples else ""
+        raise ConfigError(f"config path {path} is a directory; pass a YAML file{hint}.")
+    if not path.is_file():
+        raise ConfigError(
+            f"config file not found: {path} (relative paths start at the current directory, {Path.cwd()}); "
+            "pass an existing YAML file, or omit the config argument to use the defaults."
+        )
+    try:
+        content = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}.") from None
+    if b"\0" in content:
+        raise ConfigError(
+            f"config file {path} is a binary file (it contains NUL bytes), not YAML text; "
+            "pass a YAML config such as configs/demo.yaml."
+        )
+    try:
+        return content.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = content[: error.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte 0x{content[error.start]:02x} at line {line} cannot be "
+            "decoded): is it a binary file? A config is YAML text saved as UTF-8, such as configs/demo.yaml."
+        ) from None
+
+
+def _yaml_syntax_message(error: yaml.MarkedYAMLError, text: str, source: str) -> str:
+    mark = error.problem_mark or error.context_mark
+    problem = error.problem or error.context or "syntax error"
+    if mark is None:
+        return f"{source}: not valid YAML: {problem}."
+    line_no = mark.line + 1
+    lines = text.splitlines()
+    shown = lines[mark.line].rstrip() if mark.line < len(lines) else "(end of file)"
+    context = ""
+    if error.context and error.context_mark is not None and error.problem:
+        context = f", {error.context} at line {error.context_mark.line + 1}"
+    if "'\\t'" in problem:
+        fix = "YAML indents with spaces, never tabs: replace the tabs on that line with spaces."
+    else:
+        fix = "Check that line's indentation and that each key is followed by ': ' (quote values that contain ': ' or '#')."
+    return f"{source}:{line_no}:{mark.column + 1}: not valid YAML: {problem}{context}. Line {line_no} reads {shown!r}. {fix}"
+
+
+def parse_config_text(text: str, source: str) -> dict[str, Any]:
+    """The YAML mapping of a config file's text; ConfigError for a syntax error, an empty file, a non-mapping."""
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        raise ConfigError(_yaml_syntax_message(error, text, source)) from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML: {error}.") from None
+    if loaded is None:
+        raise ConfigError(
+            f"config file {source} is empty (no settings, only blank lines or comments); omit the config argument "
+            "to use the defaults, or write the settings to change, e.g. 'train:' with '  steps: 60' below it."
+        )
+    if not isinstance(loaded, dict):
+        holds = YAML_TOP_LEVEL_NAMES.get(type(loaded), type(loaded).__name__)
+        raise ConfigError(
+            f"config file {source}: the top level must be a mapping of sections (e.g. 'train:' with '  steps: 60' "
+            f"below it), but the file holds {holds}. See configs/demo.yaml for the layout."
+        )
+    return loaded
+
+
+def read_config_mapping(path: Path) -> dict[str, Any]:
+    """A config file's raw YAML mapping (not validated), with the same errors as `load_config`."""
+    return parse_config_text(read_config_text(path), str(path))
+
+
+def yaml_key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """1-based line of every key of a YAML document, by key path: ('train', 'steps') -> 4."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node | None, prefix: tuple[str, ...]) -> None:
+        if not isinstance(node, yaml.MappingNode):
+            return
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                path = (*prefix, str(key_node.value))
+                lines[path] = key_node.start_mark.line + 1
+                walk(value_node, path)
+
+    walk(root, ())
+    return lines
+
+
+# --------------------------------------------------------------------------- overrides and loading
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {dotted}: empty key name; write key.path=value, e.g. --set train.steps=60")
     node = tree
     for key in keys[:-1]:
         node = node.setdefault(key, {})
@@ -284,8 +493,22 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set expects key.path=value, got '{item}'")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or str(error)
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({problem}); quote it, e.g. --set \"{key}='{raw}'\"") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
+
+
+def _leaf_paths(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """Key paths of a nested override dict: {'train': {'lr': 1}} -> {('train', 'lr')}."""
+    paths: set[tuple[str, ...]] = set()
+    for key, value in tree.items():
+        path = (*prefix, str(key))
+        paths |= _leaf_paths(value, path) if isinstance(value, dict) and value else {path}
+    return paths
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -299,23 +522,24 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML config (None = all defaults) and apply `key.path=value` overrides."""
+    """Load a YAML config (None = all defaults) and apply `key.path=value` overrides.
+
+    Every problem is a ConfigError whose message names the file, and the key and line where known."""
     data: dict[str, Any] = {}
-    source = "defaults"
+    text, source = "", "defaults"
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
-        data, source = loaded, str(path)
-    if overrides:
-        data = deep_merge(data, parse_overrides(overrides))
+        text = read_config_text(path)
+        data, source = parse_config_text(text, str(path)), str(path)
+    override_tree = parse_overrides(overrides) if overrides else {}
+    if override_tree:
+        data = deep_merge(data, override_tree)
+        source += " with --set overrides"
     try:
         return RunConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(error, RunConfig, source)) from None
+        message = format_validation_error(error, RunConfig, source, yaml_key_lines(text), _leaf_paths(override_tree))
+        raise ConfigError(message) from None
 
 
 def config_hash(payload: Any) -> str:

@@ -1,0 +1,29 @@
+"""Errors a user can fix: the message is the whole report they see.
+
+The CLI prints a `UserError`'s message as one paragraph and exits with its `exit_code`, without a
+traceback (unless `--debug`). Raise one only when the message names what is wrong (file, key, line)
+and how to fix it; anything else is a bug and should stay an ordinary exception.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with what the user gave us (config, data, model); `str(error)` is the paragraph shown."""
+
+    exit_code: int = 2
+    """Process exit status the CLI uses for this error (2: bad input, as for a usage error)."""
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class InputError(UserError, ValueError):
+    """Task data or a model directory that cannot be used. Also a ValueError, which is what these
+    problems raised before, so callers that catch ValueError keep working."""
