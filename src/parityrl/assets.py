@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,13 +26,19 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from parityrl.config import RunConfig, config_hash
+from parityrl.config import RunConfig, TaskConfig, config_hash
+from parityrl.errors import InputError
 from parityrl.policy import load_policy, sequence_logits
+from parityrl.rewards import RewardItem, RewardResult, score_in_process
 from parityrl.tasks import Task
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
-# BOS in every prompt, SFT and RL alike: the tiny model needs an anchor for position 0.
-CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
+# BOS in every prompt, SFT and RL alike: the tiny model needs an anchor for position 0. A system
+# message ends with a newline, so the ids equal those of chat_template=none (system + "\n" + prompt).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['content'] }}"
+    "{% if message['role'] == 'system' %}{{ '\\n' }}{% endif %}{% endfor %}"
+)
 MODEL_VOCAB = 128  # 4 specials + 96 printable characters, padded to a multiple of 64
 
 
@@ -118,22 +125,57 @@ def build_model(config: RunConfig, tokenizer, out_dir: Path) -> None:
     ).save_pretrained(str(out_dir))
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a prompt with the template applied (BOS, chat markup); used by SFT, RL and eval."""
-    if tokenizer.chat_template:
-        return list(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True, return_dict=False
-            )
-        )
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+def encode_prompt(tokenizer, prompt: str, *, chat_template: str = "auto", system_prompt: str | None = None) -> list[int]:
+    """Token ids of a prompt as the model sees it; SFT, RL, evaluation and checks all use this.
+
+    `chat_template="auto"` with a tokenizer that has a chat template: the prompt as a user message,
+    after a system message when `system_prompt` is set, with the generation prompt. Otherwise
+    (`"none"`, or no template): the plain text, `system_prompt + "\\n" + prompt` when there is a
+    system prompt, tokenized with the tokenizer's special tokens; the tokenizer's BOS goes in front
+    when it defines one and did not add it itself (most plain tokenizers add none, and models
+    expect it at position 0). Pass a Task's settings: `chat_template=task.chat_template,
+    system_prompt=task.system_prompt`.
+    """
+    if chat_template not in ("auto", "none"):
+        raise ValueError(f"chat_template must be 'auto' or 'none', got {chat_template!r}")
+    if chat_template == "auto" and tokenizer.chat_template:
+        return _apply_chat_template(tokenizer, prompt, system_prompt)
+    text = f"{system_prompt}\n{prompt}" if system_prompt is not None else prompt
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:1] != [bos]:
+        ids.insert(0, bos)
+    return ids
 
 
-def sft_batch(tokenizer, problems, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _apply_chat_template(tokenizer, prompt: str, system_prompt: str | None) -> list[int]:
+    from jinja2 import TemplateError
+
+    messages = [{"role": "user", "content": prompt}]
+    if system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    try:
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
+    except TemplateError as error:  # e.g. templates that refuse a system role
+        raise InputError(
+            f"the tokenizer's chat template rejected the prompt ({error}); "
+            + ("set task.system_prompt to null or " if system_prompt is not None else "")
+            + "set task.chat_template to none"
+        ) from None
+
+
+def task_prompt_ids(tokenizer, task: Task, prompt: str) -> list[int]:
+    """`encode_prompt` with the task's chat template and system prompt settings."""
+    return encode_prompt(tokenizer, prompt, chat_template=task.chat_template, system_prompt=task.system_prompt)
+
+
+def sft_batch(
+    tokenizer, problems, eos_id: int, pad_id: int, *, chat_template: str = "auto", system_prompt: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, attention_mask, loss_mask) [batch, seq]; loss on answer + EOS only."""
     rows, masks = [], []
     for problem in problems:
-        prompt_ids = encode_prompt(tokenizer, problem.prompt)
+        prompt_ids = encode_prompt(tokenizer, problem.prompt, chat_template=chat_template, system_prompt=system_prompt)
         answer_ids = tokenizer(problem.answer, add_special_tokens=False)["input_ids"] + [eos_id]
         rows.append(prompt_ids + answer_ids)
         masks.append([0] * len(prompt_ids) + [1] * len(answer_ids))
@@ -190,7 +232,12 @@ def sft_warmup(config: RunConfig, task: Task, model_dir: Path) -> dict:
         bar = progress.add_task("SFT warm-up", total=sft.steps, info="")
         for step in range(sft.steps):
             input_ids, attention, loss_mask = sft_batch(
-                tokenizer, task.sample_train(rng, sft.batch_size), tokenizer.eos_token_id, tokenizer.pad_token_id
+                tokenizer,
+                task.sample_train(rng, sft.batch_size),
+                tokenizer.eos_token_id,
+                tokenizer.pad_token_id,
+                chat_template=task.chat_template,
+                system_prompt=task.system_prompt,
             )
             logits = sequence_logits(model, input_ids, attention)[:, :-1]
             targets = input_ids[:, 1:]
@@ -222,24 +269,42 @@ def sft_warmup(config: RunConfig, task: Task, model_dir: Path) -> dict:
     }
 
 
+Scorer = Callable[[list[RewardItem]], list[RewardResult]]
+"""Scores completions in order, e.g. `RewardPool.score_sync` or `score_in_process` bound to a reward."""
+
+
 @torch.no_grad()
-def greedy_success(model, tokenizer, task: Task, problems) -> float:
-    """Greedy exact-answer rate on `problems` (KV-cached batched decoding)."""
+def greedy_success(model, tokenizer, task: Task, problems, score: Scorer | None = None) -> float:
+    """Fraction of `problems` whose greedy completion scores a reward >= 1 (KV-cached batched decoding).
+
+    `score` computes the rewards; None scores in this thread without a timeout (`score_in_process`,
+    fine for the built-in rewards in any thread). Pass `RewardPool.score_sync` for user rewards or a
+    timeout. A reward that fails counts as not solved."""
     from parityrl.engines.reference import decode_batch, greedy_picker
 
     model.eval()
-    prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
+    prompts = [task_prompt_ids(tokenizer, task, p.prompt) for p in problems]
     max_new = max(len(tokenizer(p.answer, add_special_tokens=False)["input_ids"]) for p in problems) + 2
     tokens, _, _ = decode_batch(model, prompts, max_new, tokenizer.eos_token_id, greedy_picker)
     texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-    return sum(task.reward(text, p.answer) for text, p in zip(texts, problems)) / len(problems)
+    items = [RewardItem(text, p.answer, p.prompt) for text, p in zip(texts, problems)]
+    results = score(items) if score is not None else score_in_process(task.reward_kind, items)
+    return sum(result.value >= 1.0 for result in results) / len(problems)
+
+
+def _task_fields_that_shape_the_asset(config: RunConfig) -> dict:
+    """The task settings SFT sees. The reward pool's timeout/workers never change the model, and the
+    prompt-template fields count only when set, so caches built before they existed stay valid."""
+    exclude = {"reward_timeout_s", "reward_workers"}
+    exclude |= {name for name in ("chat_template", "system_prompt") if getattr(config.task, name) == TaskConfig.model_fields[name].default}
+    return config.task.model_dump(exclude=exclude)
 
 
 def asset_key(config: RunConfig) -> str:
     return config_hash(
         {
             "model": config.model.model_dump(exclude={"path", "lm_head_fp32", "dtype"}),
-            "task": config.task.model_dump(),
+            "task": _task_fields_that_shape_the_asset(config),
             "assets": config.assets.model_dump(exclude={"cache_dir"}),
             "tokenizer_version": 1,
             "sft_version": 2,  # bump when the SFT procedure changes: old caches must not be reused

@@ -16,6 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from parityrl.errors import UserError
+from parityrl.rewards import is_reward_spec
+
+
 
 
 class Strict(BaseModel):
@@ -87,12 +90,37 @@ class TaskConfig(Strict):
     """Column/key holding the prompt text."""
     answer_field: str = Field("answer", min_length=1)
     """Column/key holding the reference answer."""
-    reward: Literal["exact", "math_verify"] = "exact"
-    """`exact`: stripped completion equals the answer; `math_verify`: math-verify equivalence."""
+    reward: str = "exact"
+    """`exact`: stripped completion equals the answer; `math_verify`: the completion's final answer (last
+    \\boxed{}, "Answer: X" line, else last line) is math-verify-equivalent to the answer; or
+    `package.module:function`, a function `fn(completion: str, answer: str, prompt: str) -> float` importable
+    by the trainer (rewards run in worker processes, see `parityrl.rewards`)."""
     eval_size: int = Field(256, ge=1)
     """Held-out prompts used for the success rate (never trained on)."""
     prompt_prefix: str = ""
     """Text put in front of every prompt (a shared template prefix; SFT sees it too)."""
+    chat_template: Literal["auto", "none"] = "auto"
+    """`auto`: wrap prompts in the tokenizer's chat template when it has one (as a user message);
+    `none`: plain prompt text, with the tokenizer's BOS token in front when it defines one."""
+    system_prompt: str | None = None
+    """System message put before every prompt: a system turn of the chat template, or with no template
+    the text followed by a newline. SFT, RL and evaluation all see it."""
+    reward_timeout_s: float = Field(10.0, gt=0)
+    """Seconds one reward call may take; an overrunning call scores 0 with an error and its worker is
+    restarted."""
+    reward_workers: int = Field(2, ge=1)
+    """Reward worker processes (rewards never run in the trainer process)."""
+
+    @field_validator("reward")
+    @classmethod
+    def _reward_is_known_or_import_path(cls, value: str) -> str:
+        # only the form here: importing a user's module is done once, by RewardPool, with its own error
+        if not is_reward_spec(value):
+            raise ValueError(
+                "must be 'exact', 'math_verify' or an import path 'package.module:function' "
+                "(a function fn(completion: str, answer: str, prompt: str) -> float)"
+            )
+        return value
 
 
 def _check_top_k(value: int | None) -> int | None:

@@ -1,8 +1,9 @@
-"""Verifiable tasks: a prompt source with a held-out split and an exact reward.
+"""Verifiable tasks: a prompt source with a held-out split, how prompts are templated, and which reward.
 
 `addition` is the embedded task a 2.6M-parameter model learns by RL on 2 CPU cores in minutes.
 `jsonl` / `hf_dataset` are the real-world path: prompts and answers from a file, rewards by exact
-match or by math-verify equivalence for free-form math answers.
+match, by math-verify equivalence for free-form math answers, or by a user function
+(`parityrl.rewards`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from parityrl.config import TaskConfig
+from parityrl.rewards import resolve_reward
 
 
 @dataclass(frozen=True)
@@ -29,25 +31,19 @@ class Task:
     train: list[Problem]
     eval: list[Problem]
     reward_kind: str
+    """`task.reward`: a built-in reward name or `package.module:function` (see `parityrl.rewards`)."""
+    chat_template: str = "auto"
+    """`task.chat_template`: `auto` or `none` (see `parityrl.assets.encode_prompt`)."""
+    system_prompt: str | None = None
+    """`task.system_prompt`: system message put before every prompt, or None."""
 
-    def reward(self, completion: str, answer: str) -> float:
-        """1.0 if the completion is a correct answer, else 0.0."""
-        if self.reward_kind == "math_verify":
-            return math_verify_reward(completion, answer)
-        return float(completion.strip() == answer.strip())
+    def reward(self, completion: str, answer: str, prompt: str = "") -> float:
+        """The reward of one completion, computed in this thread without a timeout (a reward that
+        raises propagates). Rollouts and evaluation score through a `parityrl.rewards.RewardPool`."""
+        return resolve_reward(self.reward_kind)(completion, answer, prompt)
 
     def sample_train(self, rng: random.Random, count: int) -> list[Problem]:
         return [self.train[rng.randrange(len(self.train))] for _ in range(count)]
-
-
-def math_verify_reward(completion: str, answer: str) -> float:
-    from math_verify import parse, verify
-
-    gold = parse(answer)
-    predicted = parse(completion)
-    if not gold or not predicted:
-        return 0.0
-    return float(verify(gold, predicted))
 
 
 def addition_problems(max_operand: int) -> list[Problem]:
@@ -106,4 +102,11 @@ def load_task(config: TaskConfig) -> Task:
     if config.prompt_prefix:
         problems = [Problem(config.prompt_prefix + p.prompt, p.answer) for p in problems]
     train, held_out = _split(problems, config.eval_size)
-    return Task(name=config.kind, train=train, eval=held_out, reward_kind=config.reward)
+    return Task(
+        name=config.kind,
+        train=train,
+        eval=held_out,
+        reward_kind=config.reward,
+        chat_template=config.chat_template,
+        system_prompt=config.system_prompt,
+    )

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from parityrl.assets import encode_prompt, load_tokenizer, prepare_model
+from parityrl.assets import load_tokenizer, prepare_model, task_prompt_ids
 from parityrl.config import RunConfig, SamplingConfig, deep_merge, parse_overrides
 from parityrl.engines import make_engine
 from parityrl.engines.base import RolloutEngine, Sample
@@ -116,7 +116,7 @@ async def run_check(config: RunConfig, num_prompts: int = 16, inflight: bool = T
     task = load_task(config.task)
     model_dir = prepare_model(config, task)
     tokenizer = load_tokenizer(model_dir)
-    prompts = [encode_prompt(tokenizer, p.prompt) for p in task.eval[:num_prompts]]
+    prompts = [task_prompt_ids(tokenizer, task, p.prompt) for p in task.eval[:num_prompts]]
     sampling = config.sampling
     trainer_sampling = config.trainer_sampling()
     dtype = config.model.dtype
