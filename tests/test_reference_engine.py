@@ -95,7 +95,8 @@ def test_rl_loop_end_to_end_through_pipeline(tiny_model_dir, tmp_path):
     assert [r["version"] for r in steps] == [1, 2, 3, 4]
     assert max(r["pipeline/lag_max"] for r in steps) >= 1  # generation overlapped training
     assert all(0 <= r["rl/reward"] <= 1 and r["rl/entropy"] > 0 for r in steps)
-    assert (tmp_path / "async" / "checkpoint" / "model.safetensors").is_file()
+    assert (tmp_path / "async" / "checkpoints" / "step_000004" / "model.safetensors").is_file()
+    assert summary["checkpoint"].endswith("step_000004")
     assert "eval_success_end" in summary
 
     # lag 0 (synchronous): every sequence is the trainer's own version -> pure parity, same math

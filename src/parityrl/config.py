@@ -19,8 +19,6 @@ from parityrl.errors import UserError
 from parityrl.rewards import is_reward_spec
 
 
-
-
 class Strict(BaseModel):
     """Base for every config section: unknown keys rejected, field docstrings kept."""
 
@@ -184,6 +182,19 @@ class EngineConfig(Strict):
     cost per step. Worth it for short runs (ablations, checks)."""
     force_one_sided_head: bool = False
     """Allow fp32 lm_head on one side only (engine xor trainer). Refused otherwise: it worsens the mismatch."""
+    chunked_prefill: bool | None = None
+    """Split long prompts across engine steps. None: off on CPU, vLLM's default on GPU. On CPU vLLM must
+    rewind the per-request seeded generator of a partly prefilled prompt, which CPU generators cannot do
+    (the engine dies with 'CPU Generator does not use offset'); with it off every prompt is prefilled whole
+    and per-sample seeds stay reproducible. True on CPU drops per-request seeds (engine seed only)."""
+    max_restarts: int = Field(3, ge=0)
+    """Engine restarts (after a crash, a killed process or a stall) before the run stops with a resumable checkpoint."""
+    start_timeout_s: float = Field(600.0, gt=0)
+    """Deadline for the engine to start (vLLM on CPU compiles for ~40-70 s on first start)."""
+    request_timeout_s: float = Field(900.0, gt=0)
+    """Deadline for one prompt group or one weight update; past it the engine counts as dead and is restarted."""
+    stall_timeout_s: float = Field(120.0, gt=0)
+    """An engine with requests in flight that streams no token for this long (while not paused) counts as hung and is restarted."""
 
 
 class TrainConfig(Strict):

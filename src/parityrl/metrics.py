@@ -21,7 +21,9 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, tensorboard: bool = True, wandb_config: dict | None = None):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, wandb_config: dict | None = None, purge_step: int | None = None):
+        """purge_step: on a resume, the first step this session logs; TensorBoard drops its older
+        events from that step on (metrics.jsonl is cut back by `truncate_metrics` before)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
@@ -29,7 +31,7 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=purge_step)
         self._wandb = None
         if wandb_config is not None:
             import wandb  # optional dependency
@@ -67,15 +69,37 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+def truncate_metrics(run_dir: Path, last_step: int) -> int:
+    """Keep only the records of steps <= `last_step` in metrics.jsonl (atomically); -1 empties it.
+
+    A resume continues from a checkpoint's step: the steps logged after it by the stopped session are
+    done again, so they are dropped here and every step appears once. A torn last line is dropped too.
+    Returns the number of records kept."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
+            kept.append(line)
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    return len(kept)
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temp file, fsync, rename: readers see the old or the new file, never a torn one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)

@@ -55,6 +55,7 @@ the CUDA `vllm` wheel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -87,6 +88,28 @@ def derive_seed(engine_seed: int, request_id: str, index: int) -> int:
     """Per-sample sampling seed from the engine seed, the request id and the sample index (63 bits)."""
     digest = hashlib.blake2b(f"{engine_seed}:{request_id}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _child_pids() -> set[int]:
+    import psutil
+
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def _kill_processes(pids: list[int], grace_s: float = 5.0) -> None:
+    """SIGKILL the given processes that are still alive (and ours), after `grace_s` for a clean exit."""
+    import psutil
+
+    alive = []
+    for pid in pids:
+        try:
+            alive.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
+    _, still_alive = psutil.wait_procs(alive, timeout=grace_s)
+    for process in still_alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -250,6 +273,8 @@ class VLLMEngine:
         self.start_s: float | None = None
         self.last_sync: dict[str, float] = {}
         self._worker_report: dict = {}
+        self.process_ids: list[int] = []
+        """PIDs of the EngineCore and worker processes this engine started."""
         self._paused = False
         self._update_lock: asyncio.Lock | None = None
         self._inflight = 0
@@ -295,10 +320,27 @@ class VLLMEngine:
             args["block_size"] = cfg.block_size
         if cfg.enforce_eager:
             args["enforce_eager"] = True
+        chunked = self.chunked_prefill()
+        if chunked is not None:
+            # off: vLLM raises max_num_batched_tokens to max_model_len itself, so every prompt fits one step
+            args["enable_chunked_prefill"] = chunked
         if on_cpu():
             args["kv_cache_memory_bytes"] = int(cfg.kv_cache_space_gib * GiB)
         args.update(self.extra_engine_args)
         return args
+
+    def chunked_prefill(self) -> bool | None:
+        """`enable_chunked_prefill` to pass (None: vLLM's default). Off on CPU unless asked for: see
+        `EngineConfig.chunked_prefill` (CPU generators cannot rewind a partly prefilled request)."""
+        if self.config.chunked_prefill is not None:
+            return self.config.chunked_prefill
+        return False if on_cpu() else None
+
+    @property
+    def per_request_seeds(self) -> bool:
+        """Each sample gets its own derived seed (reproducible per request), except where vLLM would
+        have to rewind a CPU generator: chunked prefill on CPU falls back to the engine seed."""
+        return not (on_cpu() and self.chunked_prefill() is not False)
 
     def _read_eos(self) -> int | None:
         from transformers import AutoConfig, GenerationConfig
@@ -327,7 +369,11 @@ class VLLMEngine:
         self.eos_token_id = self._read_eos()
         self.engine_args = self._build_engine_args()
         began = time.perf_counter()
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
+        children_before = _child_pids()
+        try:
+            self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
+        finally:  # EngineCore + workers: killed by close() if vLLM's own shutdown leaves any behind
+            self.process_ids = sorted(_child_pids() - children_before)
         await self.engine.update_weight_version(str(self.version))
         reports = await self.engine.collective_rpc("parityrl_report")
         self._worker_report = reports[0] if reports else {}
@@ -335,10 +381,16 @@ class VLLMEngine:
         self._update_lock = asyncio.Lock()
 
     async def close(self) -> None:
-        """Shut the engine down (aborts what is in flight; takes ~5 s: vLLM waits for EngineCore to exit)."""
+        """Shut the engine down (aborts what is in flight; takes ~5 s: vLLM waits for EngineCore to exit).
+
+        Also after a crash: processes vLLM's shutdown leaves behind (a hung EngineCore, an orphaned
+        worker) are killed, so a restarted engine never shares the cores with a dead one."""
         engine, self.engine = self.engine, None
         if engine is not None:
-            engine.shutdown()
+            try:
+                engine.shutdown()
+            finally:
+                _kill_processes(self.process_ids)
 
     # -- generation ---------------------------------------------------------------------------------
 
@@ -354,7 +406,7 @@ class VLLMEngine:
             top_p=sampling.top_p,
             max_tokens=sampling.max_new_tokens,
             logprobs=0,  # the sampled token's logprob only
-            seed=seed,
+            seed=seed if self.per_request_seeds else None,
             stop_token_ids=stop,
             ignore_eos=ignore_eos,
             detokenize=False,
@@ -551,6 +603,9 @@ class VLLMEngine:
             "gpu_memory_utilization": cc.gpu_memory_utilization,
             "kv_cache_memory_bytes": cc.kv_cache_memory_bytes,
             "enforce_eager": bool(mc.enforce_eager),
+            "chunked_prefill": bool(sc.enable_chunked_prefill),
+            "max_num_batched_tokens": sc.max_num_batched_tokens,
+            "per_request_seeds": self.per_request_seeds,
             "compilation_mode": str(vcfg.compilation_config.mode),
             "weight_transport": self.weight_transport,
             "stream": self.stream,

@@ -13,8 +13,7 @@ tokens are masked out of the loss and of the KL/parity averages, and counted in
 
 from __future__ import annotations
 
-import os
-import shutil
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +122,9 @@ class Trainer:
             self._accumulate_probe(sums, probe)
         micro_batches = [order[i : i + train.micro_batch_size] for i in range(0, len(order), train.micro_batch_size)]
         packed_all = [pack_samples([samples[i] for i in chunk], self.pad_id) for chunk in micro_batches]
+        bad_old = sum(int((~torch.isfinite(p.logprobs_old) & p.completion_mask).sum()) for p in packed_all)
+        if bad_old:
+            return self._skip(f"{bad_old} engine logprobs are NaN/inf", start)
         # normalisers are global across micro-batches: count units first
         total_sequences = sum(int(p.completion_mask.any(-1).sum()) for p in packed_all)
         total_tokens = sum(int(p.completion_mask.sum()) for p in packed_all)
@@ -147,12 +149,26 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), train.grad_clip if train.grad_clip > 0 else float("inf")
         )
+        loss_sum = sums.sums.get("loss", 0.0)
+        if not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm))):
+            # an optimiser step on a NaN/inf gradient would poison every weight: leave them untouched
+            return self._skip(f"non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient norm'}", start)
         self.optimizer.step()
         self.version += 1
         elapsed = time.perf_counter() - start
         metrics = self._finalise(sums)
-        metrics |= {"train/grad_norm": float(grad_norm), "train/step_s": elapsed, "perf/train_tok_s": total_tokens / elapsed}
+        metrics |= {
+            "train/grad_norm": float(grad_norm),
+            "train/step_s": elapsed,
+            "perf/train_tok_s": total_tokens / elapsed,
+            "train/skipped_steps": 0,
+        }
         return metrics
+
+    def _skip(self, reason: str, start: float) -> dict[str, float | None]:
+        """No optimiser step (weights and version unchanged); the caller counts and reports it."""
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"train/skipped_steps": 1, "train/skip_reason": reason, "train/step_s": time.perf_counter() - start}
 
     def _accumulate(self, sums: MetricSums, packed: PackedBatch, logprobs_new: Tensor, mask: Tensor, entropy: Tensor, out) -> None:
         generated = packed.completion_mask
@@ -230,21 +246,3 @@ class Trainer:
             "pipeline/mixed_version_frac": sums.ratio("mixed", "sequences"),
             "train/tokens": sums.sums.get("tokens", 0.0),
         }
-
-    def save_checkpoint(self, out_dir: Path, tokenizer=None) -> Path:
-        """HF safetensors checkpoint written to a temp dir, then renamed into place (atomic)."""
-        out_dir = Path(out_dir)
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(str(tmp), safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        if out_dir.exists():
-            old = out_dir.with_name(out_dir.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-        return out_dir
