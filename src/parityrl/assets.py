@@ -29,6 +29,7 @@ from rich.progress import (
 from parityrl.config import RunConfig, TaskConfig, config_hash
 from parityrl.errors import InputError
 from parityrl.policy import load_policy, sequence_logits
+from parityrl.preflight import check_model_dir
 from parityrl.rewards import RewardItem, RewardResult, score_in_process
 from parityrl.tasks import Task
 
@@ -316,8 +317,7 @@ def prepare_model(config: RunConfig, task: Task) -> Path:
     """Return a local HF model directory for the run: `model.path`, or the cached built+SFT model."""
     if config.model.path is not None:
         path = Path(config.model.path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model.path={path} is not an HF model directory (no config.json)")
+        check_model_dir(path)  # InputError naming what is missing (config.json, weights, tokenizer) and the fix
         return path
     final_dir = Path(config.assets.cache_dir) / f"tiny-{asset_key(config)}"
     if (final_dir / "parityrl_assets.json").is_file():

@@ -3,23 +3,93 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import platform
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, TypeVar
 
+import click
 import typer
 import yaml
 from rich.console import Console
 
 from parityrl.config import ConfigError, RunConfig, load_config
+from parityrl.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Online RL with vLLM V1 rollouts you can trust.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Online RL with vLLM V1 rollouts you can trust.",
+    pretty_exceptions_show_locals=False,  # --debug tracebacks would otherwise dump whole configs and tensors
+)
 # Logs (CI, `ablate`'s run logs, `| tee`) are not terminals: rich would wrap tables at 80 columns there.
 console = Console() if sys.stdout.isatty() or "COLUMNS" in os.environ else Console(width=160)
+error_console = Console(stderr=True) if sys.stderr.isatty() or "COLUMNS" in os.environ else Console(stderr=True, width=160)
+
+
+@dataclass
+class CliState:
+    debug: bool = False
+    """--debug: let exceptions propagate with their traceback instead of the one-paragraph report."""
+
+
+cli_state = CliState()
+
+
+@app.callback()
+def main(
+    debug: bool = typer.Option(
+        False, "--debug", envvar="PARITYRL_DEBUG", help="On an error, show the Python traceback instead of a one-paragraph message."
+    ),
+) -> None:
+    """Online RL with vLLM V1 rollouts you can trust."""
+    cli_state.debug = debug
+
+
+def print_error(message: str) -> None:
+    """One red paragraph on stderr. Not rich markup (paths and messages hold '[...]'), and never re-wrapped
+    by rich, so a path or key in it stays on one line and can be copied."""
+    error_console.print(message, style="red", markup=False, highlight=False, soft_wrap=True)
+
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def reports_errors(command: str) -> Callable[[Command], Command]:
+    """Turn a command's errors into one paragraph and an exit status: a UserError (bad config, data or model)
+    prints its message and exits with its exit_code; anything else is reported as a failure with its type,
+    exit 1. With --debug both propagate with the traceback."""
+
+    def decorate(function: Command) -> Command:
+        @functools.wraps(function)
+        def run_command(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+                raise  # typer's own exits and usage errors already say what they need to
+            except UserError as error:
+                if cli_state.debug:
+                    raise
+                print_error(error.message)
+                raise typer.Exit(error.exit_code) from None
+            except Exception as error:
+                if cli_state.debug:
+                    raise
+                print_error(
+                    f"parityrl {command} failed: {type(error).__name__}: {error}. "
+                    f"Re-run with --debug for the traceback (parityrl --debug {command} ...)."
+                )
+                raise typer.Exit(1) from None
+
+        return run_command  # type: ignore[return-value]
+
+    return decorate
 
 
 def package_versions() -> dict[str, str]:
@@ -41,14 +111,19 @@ def write_resolved_config(config: RunConfig, run_dir: Path) -> None:
 
 
 def _load(config_path: Optional[Path], overrides: list[str]) -> RunConfig:
-    try:
-        return load_config(config_path, overrides)
-    except ConfigError as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
+    """The validated config; a ConfigError is printed by `reports_errors` as one paragraph (exit 2)."""
+    return load_config(config_path, overrides)
+
+
+def _preflight(config: RunConfig) -> None:
+    """Model directory and task data checks (seconds, no torch or vLLM import) before lint, SFT or an engine."""
+    from parityrl.preflight import preflight
+
+    preflight(config)
 
 
 @app.command()
+@reports_errors("train")
 def train(
     config_path: Optional[Path] = typer.Argument(None, help="YAML config; omitted = all defaults (the demo)."),
     set_: list[str] = typer.Option([], "--set", help="Override a field: key.path=value (repeatable)."),
@@ -60,6 +135,7 @@ def train(
     """RL-train a policy with the configured rollout engine; write metrics, plots and a checkpoint."""
     overrides = list(set_) + (["pipeline.mode=sync"] if sync else [])
     config = _load(config_path, overrides)
+    _preflight(config)
     from parityrl.parity.lint import (
         exit_code,
         lint_config,
@@ -87,6 +163,7 @@ def train(
 
 
 @app.command()
+@reports_errors("plot")
 def plot(run_dir: Path = typer.Argument(..., help="A run directory with metrics.jsonl.")) -> None:
     """Draw the rl/, parity/, pipeline/ and perf/ panels of a run as PNG files."""
     from parityrl.plot import plot_run
@@ -94,7 +171,7 @@ def plot(run_dir: Path = typer.Argument(..., help="A run directory with metrics.
     try:
         paths = plot_run(run_dir)
     except FileNotFoundError as error:
-        console.print(f"[red]{error}[/red]")
+        print_error(str(error))
         raise typer.Exit(2) from None
     for path in paths:
         console.print(str(path))
@@ -116,6 +193,7 @@ CHECK_COLUMNS = [
 
 
 @app.command()
+@reports_errors("check")
 def check(
     config_path: Optional[Path] = typer.Argument(None, help="YAML config (default: the built-in defaults)."),
     set_: list[str] = typer.Option([], "--set", help="Override a field: key.path=value (repeatable)."),
@@ -126,6 +204,7 @@ def check(
 ) -> None:
     """Engine vs trainer logprobs on the same tokens at the same weights, per fix."""
     config = _load(config_path, list(set_))
+    _preflight(config)
     from parityrl.parity.check import run_check_matrix
 
     rows = run_check_matrix(config, attribute, prompts, inflight)
@@ -165,6 +244,7 @@ def _fmt(value) -> str:
 
 
 @app.command("lint")
+@reports_errors("lint")
 def lint_command(
     config_path: Path = typer.Argument(..., help="YAML config to lint."),
     set_: list[str] = typer.Option([], "--set", help="Override a field: key.path=value (repeatable)."),
@@ -174,14 +254,17 @@ def lint_command(
     vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Model vocabulary size, if not readable from model.path."),
 ) -> None:
     """Check a config for the known engine/trainer parity pitfalls; exit 1 on errors, 2 if it cannot be loaded."""
-    from parityrl.parity.lint import lint_file, render_findings
+    from parityrl.parity.lint import EXIT_UNLOADABLE, lint_file, render_findings
 
     findings, code = lint_file(config_path, overrides=list(set_), parity_checked=parity_checked, model_vocab_size=vocab_size)
+    if code == EXIT_UNLOADABLE:  # nothing was linted: the loader's paragraph says why, a table adds nothing
+        raise ConfigError(findings[0].problem, exit_code=code)
     render_findings(findings, console)
     raise typer.Exit(code)
 
 
 @app.command("compare")
+@reports_errors("compare")
 def compare_command(
     run_dirs: list[Path] = typer.Argument(..., help="Run directories, or folders holding them (e.g. runs/ablate)."),
     reference: Optional[str] = typer.Option(None, "--reference", help="Reference configuration (default: 'reference')."),
@@ -193,13 +276,14 @@ def compare_command(
     try:
         result = compare_runs(run_dirs, reference, out_dir)
     except (FileNotFoundError, ValueError) as error:
-        console.print(f"[red]{error}[/red]")
+        print_error(str(error))
         raise typer.Exit(2) from None
     render_verdict(result, console)
     console.print(f"written: {', '.join(str(p) for p in result.paths.values())}")
 
 
 @app.command("ablate")
+@reports_errors("ablate")
 def ablate_command(
     config_path: Optional[Path] = typer.Argument(None, help="Base YAML config (default: built-in defaults)."),
     seeds: int = typer.Option(3, "--seeds", help="Seeds per configuration (the same seeds for all)."),
@@ -214,7 +298,7 @@ def ablate_command(
     try:
         run_ablation(config_path, out_dir, preset, seeds, list(only) or None, console)
     except (ValueError, RuntimeError) as error:
-        console.print(f"[red]{error}[/red]")
+        print_error(str(error))
         raise typer.Exit(1) from None
     if compare:
         compare_command([out_dir], None, out_dir / "compare")

@@ -8,12 +8,16 @@ match, by math-verify equivalence for free-form math answers, or by a user funct
 
 from __future__ import annotations
 
+import difflib
 import json
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from parityrl.config import TaskConfig
+from parityrl.errors import InputError
 from parityrl.rewards import resolve_reward
 
 
@@ -23,6 +27,8 @@ class Problem:
     """Prompt text before the template (the template adds BOS / chat markup)."""
     answer: str
     """Reference answer the reward compares against."""
+    where: str = field(default="", compare=False)
+    """Where the problem came from ('data.jsonl:7', 'data/ row 7'), for error messages; '' for built-in tasks."""
 
 
 @dataclass
@@ -50,10 +56,13 @@ def addition_problems(max_operand: int) -> list[Problem]:
     return [Problem(f"{a}+{b}=", str(a + b)) for a in range(max_operand) for b in range(max_operand)]
 
 
-def _split(problems: list[Problem], eval_size: int, seed: int = 1234) -> tuple[list[Problem], list[Problem]]:
-    """Deterministic held-out split; the split seed is fixed so every run shares the same eval set."""
+def _split(
+    problems: list[Problem], eval_size: int, seed: int = 1234, source: str = "the task", grow: str = "use a larger task"
+) -> tuple[list[Problem], list[Problem]]:
+    """Deterministic held-out split; the split seed is fixed so every run shares the same eval set.
+    `source` (where the problems came from) and `grow` (how to get more) go into the error for a too-small task."""
     if eval_size >= len(problems):
-        raise ValueError(f"task.eval_size={eval_size} leaves no training prompts (only {len(problems)} in total)")
+        raise InputError(_too_small_message(len(problems), eval_size, source, grow))
     order = list(range(len(problems)))
     random.Random(seed).shuffle(order)
     eval_index = set(order[:eval_size])
@@ -62,46 +71,174 @@ def _split(problems: list[Problem], eval_size: int, seed: int = 1234) -> tuple[l
     return train, held_out
 
 
-def _load_records(config: TaskConfig) -> list[dict]:
-    if config.path is None:
-        raise ValueError(f"task.kind={config.kind} needs task.path (a .jsonl file or a saved dataset directory)")
-    path = Path(config.path)
-    if not path.exists():
-        raise FileNotFoundError(f"task.path does not exist: {path}")
-    if config.kind == "jsonl":
-        records = []
-        for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({error.msg})") from None
-        return records
-    from datasets import load_from_disk
+def _too_small_message(count: int, eval_size: int, source: str, grow: str) -> str:
+    head = f"task.eval_size={eval_size} leaves no training prompts: {source} has {count} prompt{'s' * (count != 1)}"
+    if count < 2:
+        return f"{head}, and a run needs at least 2 (one to train on, one held out): {grow}."
+    return f"{head} and the held-out split takes {eval_size}. Set task.eval_size below {count} (e.g. task.eval_size: {max(1, count // 5)}), or {grow}."
 
-    dataset = load_from_disk(str(path))
+
+EXAMPLE_LINE = '{"prompt": "12+34=", "answer": "46"}'
+GZIP_MAGIC = b"\x1f\x8b"
+JSON_TYPE_NAMES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null"}
+
+
+def _decode_text(path: Path) -> str:
+    """UTF-8 text of a data file; InputError (with the line) for a binary or otherwise undecodable file."""
+    try:
+        content = path.read_bytes()
+    except OSError as error:
+        raise InputError(f"task.path {path} cannot be read: {error.strerror}.") from None
+    if content.startswith(GZIP_MAGIC):
+        raise InputError(f"task.path {path} is gzip-compressed; decompress it (gunzip) and point task.path at the .jsonl file.")
+    if b"\0" in content:
+        line = content[: content.index(b"\0")].count(b"\n") + 1
+        raise InputError(
+            f"task.path {path} is a binary file (NUL byte at line {line}), not JSON Lines text; point task.path at a "
+            f".jsonl file with one object per line, e.g. {EXAMPLE_LINE}."
+        )
+    try:
+        return content.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = content[: error.start].count(b"\n") + 1
+        raise InputError(
+            f"{path}:{line}: byte 0x{content[error.start]:02x} is not UTF-8; is task.path a binary or compressed file? "
+            "JSON Lines data must be UTF-8 text (decompress it, or re-save it as UTF-8)."
+        ) from None
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(location 'file:line', object) for every non-blank line of a JSON Lines file."""
+    text = _decode_text(path)
+    lines = text.splitlines()
+    last_line = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=0)
+    records: list[tuple[str, dict[str, Any]]] = []
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InputError(_bad_json_message(path, line_no, line, error, is_last=line_no == last_line, ends_with_newline=text.endswith("\n"))) from None
+        if not isinstance(value, dict):
+            kind = JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+            raise InputError(
+                f"{path}:{line_no}: line {line_no} is {kind} ({_preview(line)}), not a JSON object; every line must be "
+                f"one object holding the task.prompt_field and task.answer_field keys, e.g. {EXAMPLE_LINE}."
+            )
+        records.append((f"{path}:{line_no}", value))
+    if not records:
+        raise InputError(f"task.path {path} holds no records (the file is empty or only blank lines); write one JSON object per line, e.g. {EXAMPLE_LINE}.")
+    return records
+
+
+def _bad_json_message(path: Path, line_no: int, line: str, error: json.JSONDecodeError, is_last: bool, ends_with_newline: bool) -> str:
+    head = f"{path}:{line_no}: line {line_no} is truncated or not valid JSON ({error.msg}: column {error.colno})"
+    if is_last and not ends_with_newline:
+        return (
+            f"{head}. It is the last line and the file does not end with a newline: the file was probably cut off "
+            "while being written; re-create it, or delete that line."
+        )
+    if line.strip() in ("[", "{"):
+        return (
+            f"{head}. This looks like one JSON document spread over many lines; task.kind=jsonl reads JSON Lines: "
+            f"one complete object per line, e.g. {EXAMPLE_LINE}."
+        )
+    return f"{head}. Every line must be one complete JSON object, e.g. {EXAMPLE_LINE}."
+
+
+def _preview(text: str, limit: int = 60) -> str:
+    text = text.strip()
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def _read_hf_dataset(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(location 'dir row N', row) for every row of a `save_to_disk` directory (its train split for a DatasetDict)."""
+    from datasets import load_from_disk  # lazy: `datasets` is slow to import and only this kind needs it
+
+    try:
+        dataset = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as error:
+        raise InputError(
+            f"task.path {path} is not a dataset saved with save_to_disk ({error}); save it with "
+            "Dataset.save_to_disk, or for a .jsonl file set task.kind: jsonl."
+        ) from None
     if hasattr(dataset, "keys"):  # a DatasetDict: use its train split
         dataset = dataset["train"] if "train" in dataset else dataset[next(iter(dataset.keys()))]
-    return list(dataset)
+    records = [(f"{path} row {index}", dict(row)) for index, row in enumerate(dataset)]
+    if not records:
+        raise InputError(f"task.path {path} holds no rows; the dataset saved there is empty.")
+    return records
+
+
+def _load_records(config: TaskConfig) -> list[tuple[str, dict[str, Any]]]:
+    """(location, record) pairs of a jsonl / hf_dataset task; InputError naming the file and line for bad data."""
+    wanted = "a .jsonl file" if config.kind == "jsonl" else "a directory written by Dataset.save_to_disk"
+    if config.path is None:
+        raise InputError(f"task.kind={config.kind} needs task.path: set task.path to {wanted} holding the prompts and answers.")
+    path = Path(config.path)
+    if not path.exists():
+        raise InputError(
+            f"task.path {path} does not exist (relative paths start at the current directory, {Path.cwd()}); "
+            f"set task.path to {wanted} holding the prompts and answers."
+        )
+    if config.kind == "jsonl":
+        if path.is_dir():
+            inside = sorted(path.glob("*.jsonl"))
+            example = f" (e.g. {inside[0]})" if inside else ""
+            raise InputError(
+                f"task.path {path} is a directory, but task.kind=jsonl reads one .jsonl file; point task.path at the "
+                f"file{example}, or for a directory written by save_to_disk set task.kind: hf_dataset."
+            )
+        return _read_jsonl(path)
+    if not path.is_dir():
+        raise InputError(
+            f"task.path {path} is a file, but task.kind=hf_dataset reads a directory written by Dataset.save_to_disk; "
+            "for a .jsonl file set task.kind: jsonl."
+        )
+    return _read_hf_dataset(path)
+
+
+def _field_text(where: str, record: dict[str, Any], key: str, setting: str) -> str:
+    """The record's `key` as text; InputError naming the line, the key and the task.*_field setting."""
+    if key not in record:
+        keys = ", ".join(repr(k) for k in record) or "none"
+        close = difflib.get_close_matches(key, [str(k) for k in record], n=1, cutoff=0.5)
+        hint = f" (did you mean {setting}: {close[0]}?)" if close else ""
+        raise InputError(
+            f"{where}: the record has no '{key}' key (its keys: {keys}); {setting} is '{key}'. Add the key, or set "
+            f"{setting} to the key that holds it{hint}."
+        )
+    value = record[key]
+    if isinstance(value, dict | list):
+        raise InputError(
+            f"{where}: '{key}' is a JSON {'object' if isinstance(value, dict) else 'array'}, not text; {setting} must "
+            "name a key holding a string (chat-format message lists are not supported: put the text in one string)."
+        )
+    if value is None or not str(value).strip():
+        emptiness = "null" if value is None else "empty"
+        raise InputError(f"{where}: '{key}' is {emptiness}; every record needs a non-empty {setting} value. Fill it in or remove the record.")
+    return str(value)
 
 
 def load_task(config: TaskConfig) -> Task:
+    """The configured task split into train / held-out; InputError (file, line, fix) for unusable data."""
     if config.kind == "addition":
         problems = addition_problems(config.max_operand)
+        source, grow = f"the addition task with task.max_operand={config.max_operand}", "raise task.max_operand"
     else:
-        records = _load_records(config)
-        problems = []
-        for index, record in enumerate(records):
-            missing = [f for f in (config.prompt_field, config.answer_field) if f not in record]
-            if missing:
-                raise ValueError(
-                    f"{config.path}: record {index} lacks {missing}; set task.prompt_field / task.answer_field"
-                )
-            problems.append(Problem(str(record[config.prompt_field]), str(record[config.answer_field])))
+        problems = [
+            Problem(
+                _field_text(where, record, config.prompt_field, "task.prompt_field"),
+                _field_text(where, record, config.answer_field, "task.answer_field"),
+                where=where,
+            )
+            for where, record in _load_records(config)
+        ]
+        source, grow = f"task.path {config.path}", "add prompts to the file"
     if config.prompt_prefix:
-        problems = [Problem(config.prompt_prefix + p.prompt, p.answer) for p in problems]
-    train, held_out = _split(problems, config.eval_size)
+        problems = [Problem(config.prompt_prefix + p.prompt, p.answer, p.where) for p in problems]
+    train, held_out = _split(problems, config.eval_size, source=source, grow=grow)
     return Task(
         name=config.kind,
         train=train,
@@ -110,3 +247,44 @@ def load_task(config: TaskConfig) -> Task:
         chat_template=config.chat_template,
         system_prompt=config.system_prompt,
     )
+
+
+def check_prompt_lengths(
+    task: Task,
+    tokenizer: Any,
+    encode: Callable[[Any, str], list[int]],
+    max_model_len: int,
+    max_new_tokens: int,
+) -> int:
+    """Raise InputError when a prompt plus `max_new_tokens` does not fit the model's context; else return
+    the longest prompt's token count. `encode(tokenizer, prompt)` must be the encoding the run uses
+    (template, BOS), since that is what takes up the context. Every distinct prompt is encoded once
+    (~30 us each for the tiny model's tokenizer)."""
+    lengths: dict[str, int] = {}
+    longest: tuple[int, str, int, Problem] | None = None  # (tokens, split, index, problem)
+    too_long = 0
+    for split, problems in (("train", task.train), ("eval", task.eval)):
+        for index, problem in enumerate(problems):
+            if problem.prompt not in lengths:
+                lengths[problem.prompt] = len(encode(tokenizer, problem.prompt))
+            tokens = lengths[problem.prompt]
+            too_long += tokens + max_new_tokens > max_model_len
+            if longest is None or tokens > longest[0]:
+                longest = (tokens, split, index, problem)
+    if longest is None or longest[0] + max_new_tokens <= max_model_len:
+        return longest[0] if longest else 0
+    tokens, split, index, problem = longest
+    where = f", {problem.where}" if problem.where else ""
+    head = (
+        f"{too_long} prompt(s) do not fit the model's context of {max_model_len} tokens: the longest ({split} prompt "
+        f"#{index}{where}: {_preview(problem.prompt)}) is {tokens} tokens with the template, and with "
+        f"sampling.max_new_tokens={max_new_tokens} a sample needs {tokens + max_new_tokens} positions."
+    )
+    limit = max_model_len - max_new_tokens
+    if limit <= 0:
+        fix = f" sampling.max_new_tokens alone fills the context: set it well below {max_model_len}."
+    elif tokens < max_model_len:
+        fix = f" Lower sampling.max_new_tokens to {max_model_len - tokens} or less, or remove prompts longer than {limit} tokens from the task."
+    else:
+        fix = f" The prompt alone does not fit: remove prompts longer than {limit} tokens from the task (or shorten task.prompt_prefix)."
+    raise InputError(head + fix)

@@ -17,7 +17,7 @@ config `key` path, what goes wrong, and the exact fix. Pitfalls checked:
 | `bf16-head` | error if vocab >= 32000, else warning | model.lm_head_fp32 / engine.lm_head_fp32 | with a bf16 model and the head in bf16, logits carry ~3 significant digits and engine and trainer GEMMs round them differently; the log-sum-exp over a large vocabulary turns that into a per-token logprob mismatch that dominates the KL. |
 | `is-correction-unchecked` | warning | train.is_correction | TIS/MIS on before `parityrl check` has shown the backend is at parity: the correction hides backend bugs as "small clipping". Silenced by `parity_checked=True`. |
 | `unbounded-lag` | error (async mode), warning (sync mode, where it is unused) | pipeline.max_lag | `null` = unbounded staleness: samples from arbitrarily old policies enter the batch and the ratios explode as the run goes on. |
-| `config-invalid` | error | (varies) | `lint_file` only: the file is missing, not YAML, or fails validation; nothing else can be linted. |
+| `config-invalid` | error | (varies) | `lint_file` only: the file is missing, a directory, binary, empty, not YAML (reported with its line) or fails validation; nothing else can be linted. |
 
 Exit codes of `lint_file` (and the CLI): 0 = clean or warnings only, 1 = at least one error finding,
 2 = the config could not be loaded at all (`config-invalid`).
@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import ValidationError
 
 from parityrl.config import (
@@ -45,6 +44,7 @@ from parityrl.config import (
     format_validation_error,
     load_config,
     parse_overrides,
+    read_config_mapping,
 )
 
 Severity = Literal["error", "warning"]
@@ -322,14 +322,8 @@ def _invalid(message: str) -> tuple[list[Finding], int]:
 
 
 def _read_raw(path: Path, overrides: list[str]) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
+    # the same reader as load_config: a missing, binary, empty or malformed file gets the same message
+    loaded = read_config_mapping(path)
     return deep_merge(loaded, parse_overrides(overrides)) if overrides else loaded
 
 
