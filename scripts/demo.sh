@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/parityrl train configs/demo.yaml --run-dir "${RUN_DIR:-runs/demo}" "$@"
+# --overwrite: running the demo again replaces the previous demo run (use --resume runs/demo to continue one)
+exec .venv/bin/parityrl train configs/demo.yaml --run-dir "${RUN_DIR:-runs/demo}" --overwrite "$@"

@@ -35,3 +35,16 @@ def not_a_number(completion: str, answer: str, prompt: str) -> float:
 
 
 NOT_CALLABLE = 1.0
+
+
+_calls = 0
+
+
+def fails_every_20th(completion: str, answer: str, prompt: str) -> float:
+    """Exact match, but every 20th call in a worker raises: a 5% failure rate that never bunches up
+    past the pipeline's 10%-per-step stop (random failures would, now and then)."""
+    global _calls
+    _calls += 1
+    if _calls % 20 == 0:
+        raise RuntimeError(f"flaky reward failed on call {_calls}")
+    return float(completion.strip() == answer.strip())

@@ -63,6 +63,8 @@ class Group:
     samples: list[Sample]
     rewards: list[float]
     reward_errors: list[str] = field(default_factory=list)
+    group_id: int = 0
+    """Unique within a run, across resumes and engine restarts (a regenerated group keeps its id)."""
 
     @property
     def oldest_version(self) -> int:
@@ -103,6 +105,7 @@ class Rollouts:
         log,
         sampler_state=None,
         requeue: list[Problem] | None = None,
+        group_counter: int = 0,
     ):
         self.engine, self.config, self.task, self.tokenizer, self.rewards, self.log = engine, config, task, tokenizer, rewards, log
         self.rng = random.Random(config.seed)
@@ -120,7 +123,7 @@ class Rollouts:
         self.reward_errors_reported = False
         self.engine_idle_s = 0.0
         self._idle_since: float | None = time.perf_counter()
-        self._counter = 0
+        self._counter = group_counter
         self._tasks: set[asyncio.Task] = set()
 
     def next_problem(self) -> Problem:
@@ -130,7 +133,11 @@ class Rollouts:
         """Problems drawn but not trained on, in the order a resume should regenerate them."""
         return list(self.requeue) + list(self.pending.values())
 
-    async def one_group(self, problem: Problem, request_id: str) -> Group:
+    @property
+    def group_counter(self) -> int:
+        return self._counter
+
+    async def one_group(self, problem: Problem, request_id: str, group_id: int = 0) -> Group:
         self._mark_busy()
         try:
             samples = await self.engine.generate(task_prompt_ids(self.tokenizer, self.task, problem.prompt), self.config.sampling, request_id)
@@ -142,7 +149,7 @@ class Rollouts:
         if errors and not self.reward_errors_reported:
             self.reward_errors_reported = True  # once per run: the per-step count is in pipeline/reward_errors
             self.log(f"reward failed (scored 0): {errors[0]} — prompt {problem.prompt!r}, completion {items[0].completion!r}")
-        group = Group(problem, samples, [r.value for r in results], errors)
+        group = Group(problem, samples, [r.value for r in results], errors, group_id)
         self.generated_tokens += group.tokens
         return group
 
@@ -183,7 +190,7 @@ class Rollouts:
     async def _produce_one(self, group_id: int, problem: Problem) -> None:
         delivered = False
         try:
-            group = await self.one_group(problem, f"g{group_id}")
+            group = await self.one_group(problem, f"g{group_id}", group_id)
             self.ready.put_nowait((group_id, group))
             delivered = True
         except asyncio.CancelledError:
@@ -234,8 +241,9 @@ class Rollouts:
 
     async def sync_batch(self, count: int) -> list[Group]:
         problems = [self.next_problem() for _ in range(count)]
-        self._counter += 1
-        return list(await asyncio.gather(*(self.one_group(p, f"s{self._counter}-{i}") for i, p in enumerate(problems))))
+        first = self._counter + 1
+        self._counter += count
+        return list(await asyncio.gather(*(self.one_group(p, f"g{first + i}", first + i) for i, p in enumerate(problems))))
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -325,6 +333,7 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
             engine, config, task, tokenizer, rewards, log=lambda line: console.print(f"[yellow]{line}[/yellow]"),
             sampler_state=state.sampler_state if state is not None else None,
             requeue=state.pending_prompts if state is not None else None,
+            group_counter=int(counters.get("group_counter", 0)),
         )
 
         def checkpoint_now(extra_pending: list[Problem] = ()) -> RunState:
@@ -417,6 +426,7 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
                     "rl/reward": float(rewards_tensor.mean()),
                     "rl/success": float((rewards_tensor >= 1).float().mean()),
                     "pipeline/dropped_groups": dropped,
+                    "pipeline/group_ids": [g.group_id for g in groups],
                     "pipeline/reward_errors": reward_errors,
                     "pipeline/requeued_groups": engine.requeued_groups - requeued_seen,
                     "pipeline/engine_restarts": engine.restarts - restarts_seen,
@@ -437,6 +447,7 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
                     "rollout_tokens": totals_before.get("rollout_tokens", 0) + rollouts.generated_tokens,
                     "engine_idle_s": totals_before.get("engine_idle_s", 0.0) + rollouts.idle_seconds(),
                     "rl_seconds": rl_seconds_before + now - rl_start,
+                    "group_counter": rollouts.group_counter,
                 }
                 logger.log(step, metrics)
                 if step == config.train.steps or (config.train.checkpoint_every and step % config.train.checkpoint_every == 0):

@@ -15,7 +15,8 @@ prefix (so prefix caching across weight updates has something to reuse — on GP
 smallest KV block, 32 tokens, is longer than these prompts, so no block is ever reused).
 
 Each run is a separate `parityrl train` process writing OUT/<config>/seed<N>/; a run whose
-summary.json exists is skipped, so an interrupted ablation resumes where it stopped.
+summary.json exists is skipped and an interrupted one continues from its checkpoint (`train --resume`),
+so an interrupted ablation resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -114,13 +115,17 @@ def run_ablation(
             run_dir = run.run_dir(out_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             command = [sys.executable, "-m", "parityrl.cli", "train"]
-            if config_path is not None:
-                command.append(str(config_path))
-            for override in run.overrides:
-                command += ["--set", override]
-            command += ["--run-dir", str(run_dir), "--no-plot", "--force"]
+            if (run_dir / "config.yaml").is_file():  # interrupted earlier: continue from its checkpoint
+                command += ["--resume", str(run_dir)]
+            else:
+                if config_path is not None:
+                    command.append(str(config_path))
+                for override in run.overrides:
+                    command += ["--set", override]
+                command += ["--run-dir", str(run_dir)]
+            command += ["--no-plot", "--force"]
             start = time.perf_counter()
-            with open(run_dir / "train.log", "w") as log:
+            with open(run_dir / "train.log", "a") as log:
                 result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
             durations.append(time.perf_counter() - start)
             if result.returncode != 0:
