@@ -218,6 +218,21 @@ def test_unexpected_error_is_one_paragraph_with_a_debug_hint(monkeypatch: pytest
     assert isinstance(debug.exception, RuntimeError)  # propagated, not reported
 
 
+@pytest.mark.parametrize(
+    ("args", "expected_code", "expected"),
+    [
+        (["lint", "tests/lint_corpus/raw_logprobs.yaml"], 1, "1 error(s)"),
+        (["lint", "configs/demo.yaml"], 0, "no parity pitfalls found"),
+        (["plot", "tests/bad_inputs"], 2, "no metrics.jsonl in tests/bad_inputs"),
+    ],
+    ids=["lint_errors", "lint_clean", "plot_not_a_run"],
+)
+def test_commands_keep_their_own_exit_codes(args: list[str], expected_code: int, expected: str) -> None:
+    """A command's own typer.Exit is not an unexpected error: no 'failed' report, its exit code kept."""
+    code, output, _ = run_cli(args)
+    assert code == expected_code and expected in output and "failed" not in output, output
+
+
 # --------------------------------------------------------------------------- in-process checks
 
 

@@ -59,6 +59,9 @@ def print_error(message: str) -> None:
 
 
 Command = TypeVar("Command", bound=Callable[..., Any])
+# A command's own exits (typer.Exit(1) after lint errors, ...) and usage errors already say what they need to.
+# typer >= 0.2x has Exit/Abort classes of its own, next to click's.
+COMMAND_EXITS = (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException)
 
 
 def reports_errors(command: str) -> Callable[[Command], Command]:
@@ -71,8 +74,8 @@ def reports_errors(command: str) -> Callable[[Command], Command]:
         def run_command(*args: Any, **kwargs: Any) -> Any:
             try:
                 return function(*args, **kwargs)
-            except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-                raise  # typer's own exits and usage errors already say what they need to
+            except COMMAND_EXITS:
+                raise
             except UserError as error:
                 if cli_state.debug:
                     raise
