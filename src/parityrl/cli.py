@@ -134,10 +134,26 @@ def train(
     sync: bool = typer.Option(False, "--sync", help="Generate then train, no overlap (pipeline.mode=sync)."),
     plot: bool = typer.Option(True, help="Write PNG panels at the end."),
     force: bool = typer.Option(False, "--force", help="Train even if `parityrl lint` reports errors."),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue the run in this directory from its newest checkpoint (its own config.yaml; "
+        "--set may change only train.steps, eval/checkpoint cadence, logging and engine fault-tolerance settings)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run already in --run-dir (its metrics, checkpoints, plots) and start over."),
 ) -> None:
-    """RL-train a policy with the configured rollout engine; write metrics, plots and a checkpoint."""
+    """RL-train a policy with the configured rollout engine; write metrics, plots and checkpoints."""
+    from parityrl.rundir import clear_run, refuse_existing_run, resume_config
+
     overrides = list(set_) + (["pipeline.mode=sync"] if sync else [])
-    config = _load(config_path, overrides)
+    if resume is not None:
+        if config_path is not None:
+            raise UserError(f"--resume reads the run's own {resume}/config.yaml; drop the CONFIG argument ({config_path}).")
+        if overwrite:
+            raise UserError("--resume continues a run and --overwrite deletes it: give one of them.")
+        run_dir = resume
+        config = resume_config(run_dir, overrides)
+    else:
+        config = _load(config_path, overrides)
+        refuse_existing_run(run_dir, overwrite)
     _preflight(config)
     from parityrl.parity.lint import (
         exit_code,
@@ -152,11 +168,13 @@ def train(
     if exit_code(findings) == 1 and not force:
         console.print("[red]lint found errors (above); fix them or pass --force to train anyway[/red]")
         raise typer.Exit(1)
+    if resume is None and overwrite:  # only now: a config or input error above must not cost the old run
+        clear_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_resolved_config(config, run_dir)
     from parityrl.pipeline import run_training
 
-    summary = asyncio.run(run_training(config, run_dir, console))
+    summary = asyncio.run(run_training(config, run_dir, console, resume=resume is not None))
     if plot:
         from parityrl.plot import plot_run
 

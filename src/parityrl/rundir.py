@@ -36,20 +36,22 @@ def holds_a_run(run_dir: Path) -> bool:
     return any((Path(run_dir) / name).exists() for name in RUN_FILES + RUN_DIRS)
 
 
-def prepare_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse a directory that holds a run unless `overwrite`; then remove only that run's own files
-    (never anything else a user keeps there)."""
+def refuse_existing_run(run_dir: Path, overwrite: bool) -> None:
+    """Refuse a directory that holds a run unless `overwrite` (checked before anything is written)."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir} is a file; give a directory path.")
-    if not holds_a_run(run_dir):
-        return
-    if not overwrite:
+    if holds_a_run(run_dir) and not overwrite:
         raise UserError(
             f"{run_dir} already holds a run (config.yaml, metrics or checkpoints). Continue it with "
             f"`parityrl train --resume {run_dir}`, start over with --overwrite (deletes that run's files), "
             "or pick another --run-dir."
         )
+
+
+def clear_run(run_dir: Path) -> None:
+    """Delete the run's own files (never anything else a user keeps in the directory)."""
+    run_dir = Path(run_dir)
     for name in RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
     for name in RUN_DIRS:
