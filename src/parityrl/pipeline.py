@@ -407,9 +407,6 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
                     skipped_in_a_row += 1
                     counters["skipped_steps"] = counters.get("skipped_steps", 0) + 1
                     console.print(f"[yellow]step {step} skipped: {metrics.get('train/skip_reason')}[/yellow]")
-                    if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                        logger.log(step, metrics)
-                        raise await stop_run(f"{skipped_in_a_row} steps in a row were skipped (last: {metrics.get('train/skip_reason')})") from None
                 else:
                     skipped_in_a_row = 0
                     sync_start = time.perf_counter()
@@ -450,6 +447,8 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
                     "group_counter": rollouts.group_counter,
                 }
                 logger.log(step, metrics)
+                if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                    raise await stop_run(f"{skipped_in_a_row} steps in a row were skipped (last: {metrics.get('train/skip_reason')})") from None
                 if step == config.train.steps or (config.train.checkpoint_every and step % config.train.checkpoint_every == 0):
                     await asyncio.to_thread(checkpoint_now)
                 progress.update(

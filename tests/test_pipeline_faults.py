@@ -1,0 +1,92 @@
+"""Faults the loop must survive or stop on cleanly, on the reference engine (fast, no vLLM):
+non-finite steps are skipped and three in a row stop the run with a checkpoint; a reward that fails
+on most samples stops it with one message naming the reward's error and the prompt."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from parityrl.config import load_config
+from parityrl.engines.base import Sample
+from parityrl.pipeline import RunStopped, run_training
+from parityrl.train.checkpoint import latest_checkpoint, load_run_state
+from parityrl.train.trainer import Trainer
+
+pytestmark = pytest.mark.integration
+
+TESTS = Path(__file__).resolve().parent
+
+
+def reference_config(model_dir: Path, *extra: str):
+    return load_config(
+        None,
+        [
+            "engine.kind=reference",
+            f"model.path={model_dir}",
+            "train.steps=6",
+            "train.prompts_per_step=2",
+            "train.eval_every=3",
+            "train.checkpoint_every=2",
+            "sampling.n=4",
+            "task.eval_size=16",
+            "logging.tensorboard=false",
+            *extra,
+        ],
+    )
+
+
+def test_trainer_skips_nonfinite_logprobs_and_gradients_without_touching_weights(tiny_model_dir):
+    config = reference_config(tiny_model_dir)
+    trainer = Trainer(config, tiny_model_dir, pad_id=0)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    good = Sample([1, 20, 21], [22, 23], [-1.0, -2.0], [0, 0])
+    bad = Sample([1, 20, 21], [22, 23], [-1.0, float("nan")], [0, 0])
+    metrics = trainer.step([good, bad], torch.tensor([1.0, -1.0]))
+    assert metrics["train/skipped_steps"] == 1 and "NaN" in metrics["train/skip_reason"]
+    # a NaN advantage makes the loss NaN: no optimiser step either
+    metrics = trainer.step([good, good], torch.tensor([float("nan"), 1.0]))
+    assert metrics["train/skipped_steps"] == 1 and "non-finite" in metrics["train/skip_reason"]
+    assert trainer.version == 0
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    metrics = trainer.step([good, good], torch.tensor([1.0, -1.0]))
+    assert metrics["train/skipped_steps"] == 0 and trainer.version == 1
+
+
+def test_three_nonfinite_steps_in_a_row_stop_the_run_with_a_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    # from the second step on, the engine "reports" a NaN logprob in every batch (as a diverged bf16
+    # model does); the real Trainer.step must skip those steps and the loop stop after three
+    real_step = Trainer.step
+
+    def step_with_nan_from_engine(self, samples, advantages, probe=None):
+        if self.version >= 1:
+            samples[0].logprobs_old[0] = float("nan")
+        return real_step(self, samples, advantages, probe)
+
+    monkeypatch.setattr(Trainer, "step", step_with_nan_from_engine)
+    config = reference_config(tiny_model_dir, "pipeline.mode=sync")
+    with pytest.raises(RunStopped, match="3 steps in a row were skipped") as stopped:
+        asyncio.run(run_training(config, tmp_path))
+    assert "--resume" in str(stopped.value)
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("train/skipped_steps") for r in steps if r["step"] > 0] == [0, 1, 1, 1]
+    assert [r["version"] for r in steps if r["step"] > 0] == [1, 1, 1, 1]
+    checkpoint = latest_checkpoint(tmp_path)
+    assert checkpoint is not None and load_run_state(checkpoint).step == 4
+
+
+def test_failing_reward_stops_the_run_with_its_error_and_prompt(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    monkeypatch.syspath_prepend(str(TESTS))
+    assert str(TESTS) in sys.path
+    config = reference_config(tiny_model_dir, "task.reward=rewards_for_tests:raises")
+    with pytest.raises(RunStopped) as stopped:
+        asyncio.run(run_training(config, tmp_path))
+    message = str(stopped.value)
+    assert "8 of 8 rewards failed" in message and "ValueError: cannot score" in message and "prompt '" in message
+    assert latest_checkpoint(tmp_path) is not None
