@@ -324,9 +324,10 @@ class RewardPool:
     and a vLLM client, and not multiprocessing spawn, which re-runs the caller's `__main__`) that
     import only this module and the reward. One dispatcher thread owns them. A `score` call is split
     into one chunk per worker and each chunk goes to an idle worker in one message, so 64 completions
-    cost `workers` round trips, not 64. The worker scores the chunk's items in order in its main
-    thread and sends each result back as soon as it has it, so the dispatcher always knows which item
-    is running and since when: the timeout applies to each item on its own, and when one overruns,
+    cost `workers` submissions, not 64 round trips. The worker scores the chunk's items in order in its
+    main thread and streams each result back (a few dozen bytes) as soon as it has it, so the
+    dispatcher always knows which item is running and since when: the timeout applies to each item
+    on its own (a chunk-level timeout could not tell which item hung), and when one overruns,
     only that item scores 0.0 ("timed out after X s"). The dispatcher kills that worker (a hung
     worker cannot block later calls), starts a replacement, and queues the chunk's unscored items
     again. A worker that dies mid-item (a crash, `os._exit`) costs that item the same way ("reward
@@ -413,6 +414,8 @@ class RewardPool:
         environment = dict(os.environ)
         # the trainer's import path, so a user reward importable here is importable in the worker
         environment["PYTHONPATH"] = os.pathsep.join(os.path.abspath(entry or os.curdir) for entry in sys.path)
+        # a user reward that imports torch or numpy must not start one thread per core next to the trainer
+        environment.setdefault("OMP_NUM_THREADS", "1")
         process = subprocess.Popen(
             [sys.executable, "-c", _WORKER_CODE, str(worker_end.fileno()), self.reward],
             pass_fds=[worker_end.fileno()],
