@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from parityrl.config import TrainConfig
-from parityrl.train.objectives import group_advantages, k3, policy_loss
+from parityrl.scoring import k3
+from parityrl.train.objectives import group_advantages, policy_loss
 
 pytestmark = pytest.mark.unit
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from parityrl.config import load_config
-from parityrl.engines.base import Sample
 from parityrl.pipeline import RunStopped, run_training
+from parityrl.scoring import Sample
 from parityrl.train.checkpoint import latest_checkpoint, load_run_state
 from parityrl.train.trainer import Trainer
 

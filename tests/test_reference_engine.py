@@ -12,7 +12,7 @@ from parityrl.assets import encode_prompt, load_tokenizer
 from parityrl.config import SamplingConfig, load_config
 from parityrl.engines.reference import ReferenceEngine, score_with_kv_switch
 from parityrl.policy import load_policy, processed_logprobs, sequence_logits
-from parityrl.train.objectives import k3
+from parityrl.scoring import k3
 
 pytestmark = pytest.mark.integration
 

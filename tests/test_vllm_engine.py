@@ -17,11 +17,12 @@ import vllm  # noqa: F401  (a missing vLLM must fail CI, not skip these tests)
 
 from parityrl.assets import encode_prompt, load_tokenizer
 from parityrl.config import EngineConfig, SamplingConfig
-from parityrl.engines.base import RolloutEngine, Sample
+from parityrl.engines.base import RolloutEngine
 from parityrl.engines.reference import score_with_kv_switch
 from parityrl.parity.check import trainer_logprobs
 from parityrl.policy import export_state_dict, load_policy, processed_logprobs
-from parityrl.train.objectives import k3 as k3_estimator
+from parityrl.scoring import Sample
+from parityrl.scoring import k3 as k3_estimator
 
 pytestmark = pytest.mark.integration
 

@@ -34,12 +34,12 @@ from rich.console import Console
 from parityrl.assets import greedy_success, load_tokenizer, prepare_model, progress_bar, task_prompt_ids
 from parityrl.config import RunConfig
 from parityrl.engines import make_engine
-from parityrl.engines.base import Sample
 from parityrl.engines.supervisor import EngineGaveUp, SupervisedEngine
 from parityrl.errors import UserError
 from parityrl.metrics import MetricsLogger, truncate_metrics, write_json_atomic
 from parityrl.policy import compute_context
 from parityrl.rewards import RewardItem, RewardPool
+from parityrl.scoring import NO_VERSION, Sample
 from parityrl.tasks import Problem, Task, check_prompt_lengths, load_task
 from parityrl.train.checkpoint import RunState, latest_checkpoint, load_run_state, save_checkpoint
 from parityrl.train.objectives import group_advantages
@@ -68,7 +68,7 @@ class Group:
 
     @property
     def oldest_version(self) -> int:
-        return min((min(s.version_per_token) for s in self.samples if s.version_per_token), default=1 << 40)
+        return min((s.oldest_version for s in self.samples), default=NO_VERSION)
 
     @property
     def tokens(self) -> int:

@@ -15,22 +15,9 @@ from typing import Protocol, runtime_checkable
 from torch import Tensor
 
 from parityrl.config import SamplingConfig
+from parityrl.scoring import Sample  # the engine -> trainer contract lives with the recompute
 
-
-@dataclass
-class Sample:
-    prompt_token_ids: list[int]
-    completion_token_ids: list[int]
-    logprobs_old: list[float]
-    """Engine-reported logprob of each completion token (processed or raw, per engine config)."""
-    version_per_token: list[int]
-    """Policy version that produced each completion token."""
-    finish_reason: str = "length"
-    """`stop` (EOS) or `length` (max_new_tokens reached) or `abort`."""
-
-    @property
-    def mixed_version(self) -> bool:
-        return len(set(self.version_per_token)) > 1
+__all__ = ["EngineHealth", "RolloutEngine", "Sample"]
 
 
 @dataclass

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from parityrl.config import SamplingConfig
-from parityrl.engines.base import EngineHealth, Sample
+from parityrl.engines.base import EngineHealth
 from parityrl.policy import compute_context, load_policy, processed_logprobs, sample_tokens
+from parityrl.scoring import Sample
 
 # pick(logits [batch, vocab] fp32) -> (tokens [batch], logprobs [batch])
 TokenPicker = Callable[[Tensor], tuple[Tensor, Tensor]]

@@ -26,7 +26,8 @@ from typing import TypeVar
 from torch import Tensor
 
 from parityrl.config import EngineConfig, SamplingConfig
-from parityrl.engines.base import EngineHealth, RolloutEngine, Sample
+from parityrl.engines.base import EngineHealth, RolloutEngine
+from parityrl.scoring import Sample
 
 T = TypeVar("T")
 

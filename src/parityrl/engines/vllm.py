@@ -69,7 +69,8 @@ import torch
 from torch import Tensor
 
 from parityrl.config import EngineConfig, SamplingConfig
-from parityrl.engines.base import EngineHealth, Sample
+from parityrl.engines.base import EngineHealth
+from parityrl.scoring import Sample
 
 log = logging.getLogger(__name__)
 

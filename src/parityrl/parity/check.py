@@ -17,7 +17,6 @@ master weights, bf16 compute via `policy.compute_context` for bf16 models, fp32 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -25,17 +24,11 @@ from torch import Tensor, nn
 from parityrl.assets import load_tokenizer, prepare_model, task_prompt_ids
 from parityrl.config import RunConfig, SamplingConfig, deep_merge, parse_overrides
 from parityrl.engines import make_engine
-from parityrl.engines.base import RolloutEngine, Sample
+from parityrl.engines.base import RolloutEngine
 from parityrl.engines.reference import score_with_kv_switch
-from parityrl.policy import (
-    compute_context,
-    load_policy,
-    processed_logprobs,
-    sequence_logits,
-)
+from parityrl.policy import compute_context, load_policy
+from parityrl.scoring import Mismatch, Sample, pack_samples, score
 from parityrl.tasks import load_task
-from parityrl.train.objectives import k3
-from parityrl.train.trainer import completion_logits, pack_samples
 
 # each fix switched off alone (what `--attribute` measures)
 FIX_OFF: dict[str, list[str]] = {
@@ -50,50 +43,21 @@ FIX_OFF: dict[str, list[str]] = {
 }
 
 
-@dataclass
-class TokenComparison:
-    """Engine vs trainer logprobs on the same tokens, flattened over sequences."""
-
-    engine: Tensor  # [tokens]
-    trainer: Tensor  # [tokens]
-
-    def summary(self, prefix: str = "parity") -> dict[str, float | None]:
-        finite = torch.isfinite(self.trainer)
-        if self.engine.numel() == 0:
-            return {f"{prefix}/kl": None, f"{prefix}/tokens": 0}
-        diff = (self.trainer - self.engine)[finite]
-        return {
-            f"{prefix}/kl": float(k3(diff).mean()) if diff.numel() else None,
-            f"{prefix}/abs_diff_mean": float(diff.abs().mean()) if diff.numel() else None,
-            f"{prefix}/abs_diff_max": float(diff.abs().max()) if diff.numel() else None,
-            f"{prefix}/frac_abs_diff_gt_1e-3": float((diff.abs() > 1e-3).float().mean()) if diff.numel() else None,
-            f"{prefix}/outside_support_frac": float((~finite).float().mean()),
-            f"{prefix}/tokens": int(self.engine.numel()),
-        }
-
-
 @torch.no_grad()
 def trainer_logprobs(model: nn.Module, samples: list[Sample], sampling: SamplingConfig, dtype: str) -> list[Tensor]:
-    """Full-recompute processed logprobs of each sample's completion, [len(completion)] each."""
-    packed = pack_samples(samples, pad_id=0)
-    with compute_context(dtype):
-        logits = sequence_logits(model, packed.input_ids, packed.attention_mask)
-    width = packed.completion_ids.shape[1]
-    logprobs = processed_logprobs(
-        completion_logits(logits, packed.completion_start, width), packed.completion_ids,
-        sampling.temperature, sampling.top_k, sampling.top_p,
-    )
-    return [logprobs[row, : len(s.completion_token_ids)] for row, s in enumerate(samples)]
+    """Full-recompute processed logprobs of each sample's completion, [len(completion)] each (-inf
+    outside the trainer's support): `scoring.score`, the trainer's own recompute."""
+    scored = score(model, pack_samples(samples, pad_id=0), sampling, dtype)
+    return [scored.logprobs[row, : len(s.completion_token_ids)] for row, s in enumerate(samples)]
 
 
-def compare(samples: list[Sample], recomputed: list[Tensor], select=None) -> TokenComparison:
-    engine, trainer = [], []
+def compare(samples: list[Sample], recomputed: list[Tensor], select=None) -> Mismatch:
+    """Engine vs recomputed logprobs over all samples; `select(sample)` -> bool [len(completion)] picks tokens."""
+    total = Mismatch()
     for sample, new in zip(samples, recomputed):
         old = torch.tensor(sample.logprobs_old, dtype=torch.float32)
-        keep = torch.ones_like(old, dtype=torch.bool) if select is None else select(sample)
-        engine.append(old[keep])
-        trainer.append(new[keep])
-    return TokenComparison(torch.cat(engine) if engine else torch.zeros(0), torch.cat(trainer) if trainer else torch.zeros(0))
+        total = total + Mismatch.of(new, old, None if select is None else select(sample))
+    return total
 
 
 def perturbed_weights(model: nn.Module, scale: float, seed: int) -> dict[str, Tensor]:
@@ -161,7 +125,7 @@ async def _inflight(engine, model_v0, prompts, sampling, trainer_sampling, dtype
     after_select = lambda s: torch.tensor(s.version_per_token) == v1  # noqa: E731
     result |= compare(spanning, kept_kv, select=after_select).summary("inflight_v1_kept_kv")
     full_v1 = trainer_logprobs(model_v1, spanning, trainer_sampling, dtype) if spanning else []
-    result["pipeline/kv_staleness_kl"] = compare(spanning, full_v1, select=after_select).summary("x")["x/kl"]
+    result["pipeline/kv_staleness_kl"] = compare(spanning, full_v1, select=after_select).summary("stale")["stale/kl"]
     # new requests after the update: must be pure v+1 (prefix caching would reuse v-built prompt KV)
     fresh = await generate_all(engine, prompts, sampling, "post-update")
     result |= compare(fresh, trainer_logprobs(model_v1, fresh, trainer_sampling, dtype)).summary("post_update")

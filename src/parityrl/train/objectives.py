@@ -34,11 +34,6 @@ def group_advantages(rewards: Tensor, kind: str) -> Tensor:
     raise ValueError(f"unknown advantage kind {kind!r}")
 
 
-def k3(log_ratio: Tensor) -> Tensor:
-    """k3 estimator of KL(old || new) from r = new - old: exp(r) - r - 1 (>= 0)."""
-    return torch.expm1(log_ratio) - log_ratio
-
-
 @dataclass
 class ObjectiveOutput:
     loss_sum: Tensor

@@ -1,0 +1,191 @@
+"""Scoring: the engine -> trainer contract and the trainer-side recompute, in one place.
+
+- `Sample`: what an engine hands the trainer: prompt and completion token ids, the logprob the engine
+  reported for each sampled token (`logprobs_old`) and the policy version that produced it.
+- `pack_samples` / `PackedBatch`: right-padded tensors of a list of samples.
+- `score`: the trainer's recompute of the sampled tokens' processed logprobs under the current
+  weights, returning `(logprobs, in_support)`; the trainer's loss, its parity metrics and `parityrl
+  check` all call it, so "what the trainer computes" is this one function.
+- `Mismatch`: engine-vs-trainer statistics on the same tokens (k3, |delta|, outside-support count),
+  as sums that add up across micro-batches.
+
+Outside-support rule: an engine-sampled token can fall outside the trainer's top-k/top-p support
+(numerics differ by ~1 ulp at the cut-off). Its processed logprob is -inf on the trainer side;
+`score` reports it as `in_support=False` with logprob 0, so no -inf or NaN reaches a loss, and
+`Mismatch` counts it as outside instead of averaging it.
+
+Shapes: `B` sequences, `L` prompt+completion positions, `T` completion positions, `V` vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from parityrl.config import SamplingConfig
+from parityrl.policy import compute_context, processed_logprobs, sequence_logits
+
+NO_VERSION = 1 << 40
+"""Stands in for "no token" when taking the oldest version of an empty completion."""
+
+
+@dataclass
+class Sample:
+    prompt_token_ids: list[int]
+    completion_token_ids: list[int]
+    logprobs_old: list[float]
+    """Engine-reported logprob of each completion token (processed or raw, per engine config)."""
+    version_per_token: list[int]
+    """Policy version that produced each completion token."""
+    finish_reason: str = "length"
+    """`stop` (EOS) or `length` (max_new_tokens reached) or `abort`."""
+
+    @property
+    def mixed_version(self) -> bool:
+        """The sequence spans a weight update (its tokens come from more than one policy version)."""
+        return len(set(self.version_per_token)) > 1
+
+    @property
+    def oldest_version(self) -> int:
+        return min(self.version_per_token, default=NO_VERSION)
+
+
+@dataclass
+class PackedBatch:
+    input_ids: Tensor  # [B, L] prompt + completion, right-padded
+    attention_mask: Tensor  # [B, L]
+    completion_start: Tensor  # [B] index of the first completion token in input_ids
+    completion_ids: Tensor  # [B, T]
+    completion_mask: Tensor  # [B, T] bool, generated (not padding)
+    logprobs_old: Tensor  # [B, T] engine logprobs, 0 at padding
+    version_per_token: Tensor  # [B, T] int64, -1 at padding
+
+    def sequence_versions(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(oldest [B], newest [B], has_tokens [B]) policy version of each sequence's completion."""
+        generated = self.completion_mask
+        newest = self.version_per_token.masked_fill(~generated, -1).amax(-1)
+        oldest = self.version_per_token.masked_fill(~generated, NO_VERSION).amin(-1)
+        return oldest, newest, generated.any(-1)
+
+
+def pack_samples(samples: list[Sample], pad_id: int) -> PackedBatch:
+    batch = len(samples)
+    width = max(len(s.prompt_token_ids) + len(s.completion_token_ids) for s in samples)
+    max_completion = max(1, max(len(s.completion_token_ids) for s in samples))
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((batch, width), dtype=torch.long)
+    start = torch.zeros(batch, dtype=torch.long)
+    completion_ids = torch.zeros((batch, max_completion), dtype=torch.long)
+    completion_mask = torch.zeros((batch, max_completion), dtype=torch.bool)
+    logprobs_old = torch.zeros((batch, max_completion), dtype=torch.float32)
+    versions = torch.full((batch, max_completion), -1, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        sequence = sample.prompt_token_ids + sample.completion_token_ids
+        count = len(sample.completion_token_ids)
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        attention[row, : len(sequence)] = 1
+        start[row] = len(sample.prompt_token_ids)
+        completion_ids[row, :count] = torch.tensor(sample.completion_token_ids, dtype=torch.long)
+        completion_mask[row, :count] = True
+        logprobs_old[row, :count] = torch.tensor(sample.logprobs_old, dtype=torch.float32)
+        versions[row, :count] = torch.tensor(sample.version_per_token, dtype=torch.long)
+    return PackedBatch(input_ids, attention, start, completion_ids, completion_mask, logprobs_old, versions)
+
+
+def completion_logits(logits: Tensor, completion_start: Tensor, width: int) -> Tensor:
+    """Gather the logits that predict each completion token. logits [B, L, V] -> [B, width, V]."""
+    positions = completion_start.unsqueeze(-1) - 1 + torch.arange(width, device=logits.device).unsqueeze(0)  # [B, width]
+    positions = positions.clamp(max=logits.shape[1] - 1)
+    return logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+
+
+@dataclass
+class Scored:
+    """The trainer's view of a packed batch under its current weights."""
+
+    logits: Tensor  # [B, T, V] logits predicting each completion token (before sampling transforms)
+    logprobs: Tensor  # [B, T] processed logprobs of the sampled tokens; -inf outside support, 0 at padding
+    in_support: Tensor  # [B, T] bool: generated and inside the trainer's sampling support
+
+    @property
+    def logprobs_safe(self) -> Tensor:
+        """[B, T] logprobs with 0 wherever `in_support` is False: what a loss may touch."""
+        return torch.where(self.in_support, self.logprobs, torch.zeros_like(self.logprobs))
+
+
+def score(model: nn.Module, packed: PackedBatch, sampling: SamplingConfig, dtype: str) -> Scored:
+    """THE trainer-side recompute: processed logprobs of the sampled tokens under `model`.
+
+    `sampling` is what the trainer replays (`RunConfig.trainer_sampling()`); `dtype` the model dtype
+    whose compute precision the trainer uses (`policy.compute_context`). Differentiable; wrap in
+    `torch.no_grad()` when only measuring."""
+    with compute_context(dtype):
+        logits = sequence_logits(model, packed.input_ids, packed.attention_mask)
+    logits_completion = completion_logits(logits, packed.completion_start, packed.completion_ids.shape[1])
+    logprobs = processed_logprobs(logits_completion, packed.completion_ids, sampling.temperature, sampling.top_k, sampling.top_p)
+    in_support = packed.completion_mask & torch.isfinite(logprobs)
+    logprobs = torch.where(packed.completion_mask, logprobs, torch.zeros_like(logprobs))
+    return Scored(logits_completion, logprobs, in_support)
+
+
+def k3(log_ratio: Tensor) -> Tensor:
+    """k3 estimator of KL(old || new) from r = new - old: exp(r) - r - 1 (>= 0)."""
+    return torch.expm1(log_ratio) - log_ratio
+
+
+ABS_DIFF_THRESHOLD = 1e-3
+"""|engine - trainer| above which a token counts in `frac_abs_diff_gt_1e-3`."""
+
+
+@dataclass
+class Mismatch:
+    """Engine-vs-trainer logprob statistics over a set of tokens, kept as sums so micro-batches add up."""
+
+    tokens: int = 0
+    """Tokens compared (inside and outside the trainer's support)."""
+    outside: int = 0
+    """Of those, tokens outside the trainer's support (-inf): counted, never averaged."""
+    k3_sum: float = 0.0
+    abs_sum: float = 0.0
+    abs_max: float = 0.0
+    over_threshold: int = 0
+
+    @classmethod
+    def of(cls, logprobs_new: Tensor, logprobs_old: Tensor, select: Tensor | None = None) -> Mismatch:
+        """Statistics of `logprobs_new` (trainer, may be -inf) vs `logprobs_old` (engine) where `select`."""
+        select = torch.ones_like(logprobs_new, dtype=torch.bool) if select is None else select
+        valid = select & torch.isfinite(logprobs_new)
+        diff = (logprobs_new.double() - logprobs_old.double())[valid]
+        return cls(
+            tokens=int(select.sum()),
+            outside=int((select & ~valid).sum()),
+            k3_sum=float(k3(diff).sum()),
+            abs_sum=float(diff.abs().sum()),
+            abs_max=float(diff.abs().max()) if diff.numel() else 0.0,
+            over_threshold=int((diff.abs() > ABS_DIFF_THRESHOLD).sum()),
+        )
+
+    def __add__(self, other: Mismatch) -> Mismatch:
+        return Mismatch(
+            self.tokens + other.tokens,
+            self.outside + other.outside,
+            self.k3_sum + other.k3_sum,
+            self.abs_sum + other.abs_sum,
+            max(self.abs_max, other.abs_max),
+            self.over_threshold + other.over_threshold,
+        )
+
+    def summary(self, prefix: str) -> dict[str, float | None]:
+        """`{prefix}/kl`, `/abs_diff_mean`, `/abs_diff_max`, `/frac_abs_diff_gt_1e-3`, `/outside_support_frac`,
+        `/tokens`; averages are None when no token was inside the support."""
+        inside = self.tokens - self.outside
+        return {
+            f"{prefix}/kl": self.k3_sum / inside if inside else None,
+            f"{prefix}/abs_diff_mean": self.abs_sum / inside if inside else None,
+            f"{prefix}/abs_diff_max": self.abs_max if inside else None,
+            f"{prefix}/frac_abs_diff_gt_1e-3": self.over_threshold / inside if inside else None,
+            f"{prefix}/outside_support_frac": self.outside / self.tokens if self.tokens else None,
+            f"{prefix}/tokens": self.tokens,
+        }
