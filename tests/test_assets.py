@@ -9,8 +9,9 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from parityrl.assets import build_model, build_tokenizer, progress_bar, sft_warmup
+from parityrl.assets import build_model, build_tokenizer, sft_warmup
 from parityrl.config import load_config
+from parityrl.progress import progress_bar
 from parityrl.tasks import load_task
 
 pytestmark = pytest.mark.unit

@@ -14,23 +14,15 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from rich.progress import (
-    BarColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from parityrl.config import RunConfig, TaskConfig, config_hash
 from parityrl.errors import InputError
 from parityrl.policy import load_policy, sequence_logits
 from parityrl.preflight import check_model_dir
-from parityrl.rewards import RewardItem, RewardResult, score_in_process
+from parityrl.progress import progress_bar
 from parityrl.tasks import Task
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -41,46 +33,6 @@ CHAT_TEMPLATE = (
     "{% if message['role'] == 'system' %}{{ '\\n' }}{% endif %}{% endfor %}"
 )
 MODEL_VOCAB = 128  # 4 specials + 96 printable characters, padded to a multiple of 64
-
-
-class LoggedProgress(Progress):
-    """A rich progress bar that also works in logs: when the output is not a terminal (CI, the run
-    logs `ablate` writes), rich draws nothing until the end, so print a plain line every `every_s`."""
-
-    def __init__(self, *columns, every_s: float = 30.0, **kwargs):
-        super().__init__(*columns, **kwargs)
-        self.every_s = every_s
-        self._last_line = time.monotonic()
-
-    def update(self, task_id, **kwargs) -> None:
-        super().update(task_id, **kwargs)
-        self._log_line(task_id)
-
-    def advance(self, task_id, advance: float = 1) -> None:
-        super().advance(task_id, advance)
-        self._log_line(task_id)
-
-    def _log_line(self, task_id) -> None:
-        if self.console.is_terminal or time.monotonic() - self._last_line < self.every_s:
-            return
-        self._last_line = time.monotonic()
-        task = self._tasks[task_id]
-        elapsed = f"{task.elapsed:.0f}s" if task.elapsed is not None else ""
-        line = f"{time.strftime('%H:%M:%S')} {task.description} {task.completed:g}/{task.total:g} {task.fields.get('info', '')} {elapsed}"
-        self.console.print(line, highlight=False)
-
-
-def progress_bar(transient: bool = False, console=None) -> Progress:
-    return LoggedProgress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        transient=transient,
-        console=console,
-    )
 
 
 def build_tokenizer(out_dir: Path):
@@ -210,6 +162,8 @@ def sft_warmup(config: RunConfig, task: Task, model_dir: Path) -> dict:
     """Teacher-forced warm-up on the task's training split; returns a summary written next to the model."""
     from transformers import AutoTokenizer
 
+    from parityrl.evaluate import greedy_success  # evaluation sits above assets (it uses the prompt template)
+
     sft = config.assets.sft
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     model = load_policy(model_dir, "float32", lm_head_fp32=True)
@@ -268,29 +222,6 @@ def sft_warmup(config: RunConfig, task: Task, model_dir: Path) -> dict:
         "train_probe_success": success,
         "seconds": round(time.time() - start, 1),
     }
-
-
-Scorer = Callable[[list[RewardItem]], list[RewardResult]]
-"""Scores completions in order, e.g. `RewardPool.score_sync` or `score_in_process` bound to a reward."""
-
-
-@torch.no_grad()
-def greedy_success(model, tokenizer, task: Task, problems, score: Scorer | None = None) -> float:
-    """Fraction of `problems` whose greedy completion scores a reward >= 1 (KV-cached batched decoding).
-
-    `score` computes the rewards; None scores in this thread without a timeout (`score_in_process`,
-    fine for the built-in rewards in any thread). Pass `RewardPool.score_sync` for user rewards or a
-    timeout. A reward that fails counts as not solved."""
-    from parityrl.engines.reference import decode_batch, greedy_picker
-
-    model.eval()
-    prompts = [task_prompt_ids(tokenizer, task, p.prompt) for p in problems]
-    max_new = max(len(tokenizer(p.answer, add_special_tokens=False)["input_ids"]) for p in problems) + 2
-    tokens, _, _ = decode_batch(model, prompts, max_new, tokenizer.eos_token_id, greedy_picker)
-    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-    items = [RewardItem(text, p.answer, p.prompt) for text, p in zip(texts, problems)]
-    results = score(items) if score is not None else score_in_process(task.reward_kind, items)
-    return sum(result.value >= 1.0 for result in results) / len(problems)
 
 
 def _task_fields_that_shape_the_asset(config: RunConfig) -> dict:

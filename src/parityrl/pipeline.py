@@ -31,13 +31,14 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from parityrl.assets import greedy_success, load_tokenizer, prepare_model, progress_bar, task_prompt_ids
+from parityrl.assets import load_tokenizer, prepare_model, task_prompt_ids
 from parityrl.config import RunConfig
 from parityrl.engines import make_engine
 from parityrl.engines.supervisor import EngineGaveUp, SupervisedEngine
 from parityrl.errors import UserError
+from parityrl.evaluate import evaluate
 from parityrl.metrics import MetricsLogger, truncate_metrics, write_json_atomic
-from parityrl.policy import compute_context
+from parityrl.progress import progress_bar
 from parityrl.rewards import RewardItem, RewardPool
 from parityrl.scoring import NO_VERSION, Sample
 from parityrl.tasks import Problem, Task, check_prompt_lengths, load_task
@@ -77,16 +78,6 @@ class Group:
 
 def completion_text(tokenizer, sample: Sample) -> str:
     return tokenizer.decode(sample.completion_token_ids, skip_special_tokens=True)
-
-
-def evaluate(model, tokenizer, task: Task, rewards: RewardPool, dtype: str = "float32") -> float:
-    """Greedy success rate on the held-out split (rewards scored in the worker pool)."""
-    was_training = model.training
-    with compute_context(dtype):
-        success = greedy_success(model, tokenizer, task, task.eval, score=rewards.score_sync)
-    if was_training:
-        model.train()
-    return success
 
 
 class Rollouts:
@@ -336,6 +327,9 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
             group_counter=int(counters.get("group_counter", 0)),
         )
 
+        def held_out_success() -> float:
+            return evaluate(trainer.model, tokenizer, task, rewards.score_sync, config.model.dtype, config.sampling.max_new_tokens)
+
         def checkpoint_now(extra_pending: list[Problem] = ()) -> RunState:
             run_state = RunState(
                 step=step,
@@ -356,7 +350,7 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
             )
 
         if state is None:
-            eval_success = await asyncio.to_thread(evaluate, trainer.model, tokenizer, task, rewards, config.model.dtype)
+            eval_success = await asyncio.to_thread(held_out_success)
             logger.log(0, {"eval/success": eval_success})
             counters["eval_success_start"] = eval_success
         else:
@@ -436,7 +430,7 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
                 restarts_seen, requeued_seen = engine.restarts, engine.requeued_groups
                 last_time, last_tokens = now, rollouts.generated_tokens
                 if step % config.train.eval_every == 0 or step == config.train.steps:
-                    eval_success = await asyncio.to_thread(evaluate, trainer.model, tokenizer, task, rewards, config.model.dtype)
+                    eval_success = await asyncio.to_thread(held_out_success)
                     metrics["eval/success"] = eval_success
                 counters |= {
                     "engine_restarts": totals_before.get("engine_restarts", 0) + engine.restarts,

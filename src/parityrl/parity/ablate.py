@@ -1,18 +1,8 @@
 """`parityrl ablate`: short RL runs that separate backend effects from objective effects.
 
-Configurations (same seeds for all):
-- `reference`: the torch engine, the ground truth;
-- `naive-v1`: vLLM V1 with the four fixes off — raw logprobs, prefix caching and async scheduling
-  left to the installed vLLM's defaults, `pause_generation()` with its defaults (abort in-flight
-  requests, clear caches), bf16 lm_head on both sides;
-- `fix1-only` … `fix4-only`: naive-v1 with one fix switched on;
-- `fixed-v1`: every fix on (parityrl's defaults).
-
-The `demo` preset makes the fixes observable: token-level PPO-clip (GRPO, so that clip rate
-measures the engine's bias rather than GSPO's tight trust region), temperature 0.7 / top-p 0.9 (at T=1 without truncation
-raw and processed logprobs coincide), a bf16 model (so the fp32 head matters), and a shared prompt
-prefix (so prefix caching across weight updates has something to reuse — on GPU; on CPU vLLM's
-smallest KV block, 32 tokens, is longer than these prompts, so no block is ever reused).
+What runs is defined in `configs/ablation.yaml` (the configurations reference, naive-v1, fixN-only,
+fixed-v1, settings for every run, and the presets, each setting with why it is there); `--spec FILE`
+reads another copy. This module turns it into the matrix of runs (configuration x seed) and runs them.
 
 Each run is a separate `parityrl train` process writing OUT/<config>/seed<N>/; a run whose
 summary.json exists is skipped and an interrupted one continues from its checkpoint (`train --resume`),
@@ -21,54 +11,95 @@ so an interrupted ablation resumes where it stopped.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import yaml
 from rich.console import Console
 
 from parityrl.assets import progress_bar
+from parityrl.config import ConfigError, load_config, read_config_mapping
+from parityrl.parity.compare_stats import DEFAULT_REFERENCE, NAIVE
 
-NAIVE = [
-    "engine.kind=vllm",
-    "engine.logprobs_mode=raw_logprobs",
-    "engine.enable_prefix_caching=null",
-    "engine.async_scheduling=null",
-    "engine.update_mode=abort",
-    "engine.lm_head_fp32=false",
-    "model.lm_head_fp32=false",
-]
-FIXES = {
-    "fix1-only": ["engine.logprobs_mode=processed_logprobs"],
-    "fix2-only": ["engine.enable_prefix_caching=false", "engine.async_scheduling=false"],
-    "fix3-only": ["engine.update_mode=keep"],
-    "fix4-only": ["engine.lm_head_fp32=true", "model.lm_head_fp32=true"],
-}
-PRESETS: dict[str, list[str]] = {
-    "demo": [
-        "model.dtype=bfloat16",
-        "sampling.temperature=0.7",
-        "sampling.top_p=0.9",
-        # a shared template prefix; prefix caching reuses whole KV blocks only, and on CPU the smallest
-        # block is 32 tokens, longer than these prompts (~25 tokens): fix 2 has nothing to act on here
-        # on CPU (GPU blocks are 16 tokens)
-        "task.prompt_prefix='Add two numbers: '",
-        "engine.block_size=32",  # the smallest the CPU attention backend accepts (multiples of 32)
-        "engine.enforce_eager=true",  # 30-step runs: a fast engine start beats compiled steps
-        # token-level PPO-clip (eps 0.2): the policy's own step clips ~1% of tokens, so a biased
-        # logprobs_old shows as extra clipping; GSPO's 3e-4 trust region clips ~25% of sequences in
-        # every configuration and hides it
-        "train.objective=grpo",
-        "train.steps=30",
-        "train.eval_every=15",
-        "task.eval_size=128",
-        "logging.tensorboard=false",
-    ],
-    # a few steps per run: checks that the whole matrix works end to end
-    "smoke": ["train.steps=3", "train.eval_every=3", "task.eval_size=16", "logging.tensorboard=false"],
-}
+# configs/ at the repository root: parents[3] of src/parityrl/parity/ablate.py
+ABLATION_SPEC = Path(__file__).resolve().parents[3] / "configs" / "ablation.yaml"
+FIXED = "fixed-v1"
+SETTINGS_SECTIONS = ("reference", "naive", "fixed", "every_run")
+SECTIONS = (*SETTINGS_SECTIONS, "fixes", "presets")
+
+
+@dataclass(frozen=True)
+class AblationSpec:
+    """configs/ablation.yaml, as `--set` overrides."""
+
+    source: Path
+    configurations: dict[str, list[str]]
+    """Configuration name -> its overrides, in matrix order: reference, naive-v1, each fix alone, fixed-v1."""
+    every_run: list[str]
+    presets: dict[str, list[str]]
+
+
+def _override_value(value: Any) -> str:
+    """`value` as `--set` parses it back (a YAML scalar): plain where that reads back the same, else quoted as JSON."""
+    if isinstance(value, str):
+        try:
+            if yaml.safe_load(value) == value:
+                return value
+        except yaml.YAMLError:
+            pass
+    return json.dumps(value)  # JSON scalars are YAML scalars: null, true, 0.7, "Add two numbers: "
+
+
+def _as_overrides(settings: Any, where: str) -> list[str]:
+    """A mapping of dotted config keys to scalar values as `key=value` overrides (the value as a YAML scalar)."""
+    if settings is None:
+        return []
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{where}: expected a mapping of dotted config keys to values (e.g. 'engine.kind: vllm'), got {type(settings).__name__}.")
+    overrides = []
+    for key, value in settings.items():
+        if not isinstance(key, str) or isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: '{key}' must be a dotted config key with a single value (e.g. 'sampling.top_p: 0.9').")
+        overrides.append(f"{key}={_override_value(value)}")
+    return overrides
+
+
+def _named_sections(tree: Any, where: str) -> dict[str, list[str]]:
+    """`fixes:` / `presets:`: name -> settings mapping."""
+    if not isinstance(tree, dict) or not tree:
+        raise ConfigError(f"{where}: expected a mapping of names to settings (e.g. 'fix1-only:' with settings below it).")
+    return {str(name): _as_overrides(settings, f"{where}.{name}") for name, settings in tree.items()}
+
+
+def load_ablation_spec(path: Path | None = None) -> AblationSpec:
+    """Read and check the ablation definitions (default: configs/ablation.yaml of this checkout)."""
+    source = Path(path) if path is not None else ABLATION_SPEC
+    if not source.is_file():
+        raise ConfigError(
+            f"ablation definitions not found: {source}. `parityrl ablate` reads configs/ablation.yaml of the parityrl "
+            "source checkout (installed with `pip install -e .`); pass --spec FILE to use another copy."
+        )
+    tree = read_config_mapping(source)
+    missing = [s for s in SECTIONS if s not in tree]
+    unknown = [str(s) for s in tree if s not in SECTIONS]
+    if missing or unknown:
+        found = "; ".join(f"{what}: {', '.join(names)}" for what, names in (("missing", missing), ("unknown", unknown)) if names)
+        raise ConfigError(f"{source}: the sections are {', '.join(SECTIONS)} ({found}).")
+    settings = {s: _as_overrides(tree[s], f"{source}: {s}") for s in SETTINGS_SECTIONS}
+    naive = settings["naive"]
+    fixes = _named_sections(tree["fixes"], f"{source}: fixes")
+    reserved = sorted(set(fixes) & {DEFAULT_REFERENCE, NAIVE, FIXED})
+    if reserved:
+        raise ConfigError(f"{source}: fixes: {', '.join(reserved)} is the name of another configuration; name each fix differently.")
+    configurations = {DEFAULT_REFERENCE: settings["reference"], NAIVE: naive}
+    configurations |= {name: naive + fix for name, fix in fixes.items()}
+    configurations[FIXED] = settings["fixed"]
+    return AblationSpec(source, configurations, settings["every_run"], _named_sections(tree["presets"], f"{source}: presets"))
 
 
 @dataclass
@@ -81,30 +112,43 @@ class AblationRun:
         return out_dir / self.name / f"seed{self.seed}"
 
 
-def ablation_matrix(preset: str, seeds: int, only: list[str] | None = None) -> list[AblationRun]:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    configs: dict[str, list[str]] = {"reference": ["engine.kind=reference"], "naive-v1": NAIVE}
-    for name, fix in FIXES.items():
-        configs[name] = NAIVE + fix
-    configs["fixed-v1"] = ["engine.kind=vllm"]
+def ablation_matrix(spec: AblationSpec, preset: str, seeds: int, only: list[str] | None = None) -> list[AblationRun]:
+    """Every (configuration, seed) run: preset, then the configuration's settings, then every_run, then the seed."""
+    if preset not in spec.presets:
+        raise ConfigError(f"unknown preset {preset!r}; {spec.source} defines {', '.join(spec.presets)}.")
+    configs = spec.configurations
     if only:
         unknown = sorted(set(only) - set(configs))
         if unknown:
-            raise ValueError(f"unknown configuration(s) {unknown}; choose from {list(configs)}")
-        configs = {k: v for k, v in configs.items() if k in only}
-    force = ["engine.force_one_sided_head=true"]  # naive sets both sides false; keeps validation simple
+            raise ConfigError(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(configs)}.")
+        configs = {name: overrides for name, overrides in configs.items() if name in only}
     return [
-        AblationRun(name, seed, PRESETS[preset] + overrides + force + [f"seed={seed}"])
+        AblationRun(name, seed, spec.presets[preset] + overrides + spec.every_run + [f"seed={seed}"])
         for seed in range(seeds)
         for name, overrides in configs.items()
     ]
 
 
+def check_runs(spec: AblationSpec, config_path: Path | None, runs: list[AblationRun]) -> None:
+    """Load each configuration's config as its run will, so that a misspelt key or a bad value in the spec stops
+    the ablation before any run starts (the seed is the only difference between a configuration's runs)."""
+    checked: set[str] = set()
+    for run in runs:
+        if run.name in checked:
+            continue
+        checked.add(run.name)
+        try:
+            load_config(config_path, run.overrides)
+        except ConfigError as error:
+            raise ConfigError(f"{spec.source}, configuration {run.name}: {error.message}") from None
+
+
 def run_ablation(
-    config_path: Path | None, out_dir: Path, preset: str, seeds: int, only: list[str] | None, console: Console
+    config_path: Path | None, out_dir: Path, preset: str, seeds: int, only: list[str] | None, console: Console, spec_path: Path | None = None
 ) -> list[Path]:
-    runs = ablation_matrix(preset, seeds, only)
+    spec = load_ablation_spec(spec_path)
+    runs = ablation_matrix(spec, preset, seeds, only)
+    check_runs(spec, config_path, runs)
     pending = [r for r in runs if not (r.run_dir(out_dir) / "summary.json").is_file()]
     console.print(f"ablation: {len(runs)} runs ({len(runs) - len(pending)} already done) → {out_dir}")
     durations: list[float] = []
