@@ -47,3 +47,34 @@ def test_readme_config_reference_is_current():
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert reference_markdown() in readme, "README config reference is stale: run python scripts/update_readme.py"
+
+
+def test_trainer_sampling_carries_min_p_and_penalties_and_their_overrides():
+    config = load_config(
+        None,
+        ["sampling.min_p=0.05", "sampling.repetition_penalty=1.3", "sampling.presence_penalty=0.4", "sampling.frequency_penalty=0.2"],
+    )
+    trainer = config.trainer_sampling()
+    assert (trainer.min_p, trainer.repetition_penalty, trainer.presence_penalty, trainer.frequency_penalty) == (0.05, 1.3, 0.4, 0.2)
+    # an override replaces the engine's value, even with the "off" value (0 is not None)
+    config = load_config(None, ["sampling.min_p=0.05", "train.logprob_min_p=0", "train.logprob_frequency_penalty=-0.5"])
+    assert config.trainer_sampling().min_p == 0.0 and config.trainer_sampling().frequency_penalty == -0.5
+    assert config.sampling.min_p == 0.05 and config.sampling.frequency_penalty == 0.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sampling.min_p=1.5", "sampling.min_p: must be <= 1"),
+        ("sampling.min_p=-0.1", "sampling.min_p: must be >= 0"),
+        ("sampling.repetition_penalty=0", "sampling.repetition_penalty: must be > 0"),
+        ("sampling.repetition_penalty=.inf", "sampling.repetition_penalty"),
+        ("sampling.presence_penalty=2.5", "sampling.presence_penalty: must be <= 2"),
+        ("sampling.frequency_penalty=-3", "sampling.frequency_penalty: must be >= -2"),
+        ("train.logprob_repetition_penalty=-1", "train.logprob_repetition_penalty: must be > 0"),
+    ],
+)
+def test_sampling_transform_bounds_match_vllm(override, message):
+    # vLLM's SamplingParams._verify_args refuses the same values when the request is made
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

@@ -136,6 +136,19 @@ class SamplingConfig(Strict):
     """Keep logits >= the k-th largest; -1 disables."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling mass; 1.0 disables."""
+    min_p: float = Field(0.0, ge=0, le=1)
+    """Drop tokens whose probability (after temperature) is below min_p times the most likely token's;
+    0.0 disables. Applied after temperature, before top-k/top-p (vLLM V1's order); the trainer replays it."""
+    repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False)
+    """Divide the positive logits (multiply the negative ones) of every token already in the prompt or the
+    completion so far by this; 1.0 disables, > 1 discourages repeats. Applied to the raw logits before
+    temperature; the trainer replays it per position."""
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    """Subtract this from the logit of every token already in the completion so far (not the prompt);
+    0.0 disables. Applied before temperature; the trainer replays it per position."""
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    """Subtract this times the token's count in the completion so far (not the prompt) from its logit;
+    0.0 disables. Applied before temperature; the trainer replays it per position."""
     max_new_tokens: int = Field(8, ge=1)
     """Maximum completion length."""
     n: int = Field(8, ge=2)
@@ -148,6 +161,12 @@ class SamplingConfig(Strict):
     def _top_k_is_off_or_positive(cls, value: int) -> int:
         return _check_top_k(value)
 
+
+REPLAYED_SAMPLING_FIELDS = (
+    "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+)
+"""The `sampling.*` fields that shape the sampled distribution: the trainer replays each one
+(`policy.apply_penalties`, `policy.processed_logprobs`), and each has a `train.logprob_<name>` override."""
 
 
 class EngineConfig(Strict):
@@ -237,6 +256,14 @@ class TrainConfig(Strict):
     """Trainer-side top-k; None = sampling.top_k."""
     logprob_top_p: float | None = Field(None, gt=0, le=1)
     """Trainer-side top-p; None = sampling.top_p."""
+    logprob_min_p: float | None = Field(None, ge=0, le=1)
+    """Trainer-side min-p; None = sampling.min_p."""
+    logprob_repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+    """Trainer-side repetition penalty; None = sampling.repetition_penalty."""
+    logprob_presence_penalty: float | None = Field(None, ge=-2, le=2)
+    """Trainer-side presence penalty; None = sampling.presence_penalty."""
+    logprob_frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    """Trainer-side frequency penalty; None = sampling.frequency_penalty."""
 
     @field_validator("logprob_top_k")
     @classmethod
@@ -288,14 +315,10 @@ class RunConfig(Strict):
     """Metric sinks besides RUN_DIR/metrics.jsonl."""
 
     def trainer_sampling(self) -> SamplingConfig:
-        """Sampling parameters the trainer recomputes logprobs with (train.logprob_* overrides)."""
-        return self.sampling.model_copy(
-            update={
-                "temperature": self.train.logprob_temperature or self.sampling.temperature,
-                "top_k": self.train.logprob_top_k if self.train.logprob_top_k is not None else self.sampling.top_k,
-                "top_p": self.train.logprob_top_p or self.sampling.top_p,
-            }
-        )
+        """Sampling parameters the trainer recomputes logprobs with: `sampling`, with every
+        `train.logprob_<name>` that is set (not None) in place of `sampling.<name>`."""
+        overrides = {name: getattr(self.train, f"logprob_{name}") for name in REPLAYED_SAMPLING_FIELDS}
+        return self.sampling.model_copy(update={name: value for name, value in overrides.items() if value is not None})
 
     @model_validator(mode="after")
     def _refuse_one_sided_fp32_head(self) -> RunConfig:
