@@ -5,10 +5,28 @@ engine's sampler, every parity check — calls `processed_logprobs` (or `samplin
 it is derived). Nothing recomputes these quantities inline: a second definition is how mismatches
 get in.
 
-Semantics follow vLLM V1's sampler exactly: logits are cast to fp32, divided by the temperature,
-then top-k keeps logits >= the k-th largest (ties kept), then top-p sorts ascending and drops the
-tokens whose cumulative probability is <= 1 - p (the most likely token is always kept), and the
-survivors are renormalised.
+Semantics follow vLLM V1's sampler exactly, in its order (vllm/v1/sample/sampler.py, `Sampler`
+docstring and `forward` -> `apply_logits_processors` -> `sample`):
+
+1. logits are cast to fp32;
+2. penalties, on the raw logits (`apply_penalties`; vllm/v1/sample/ops/penalties.py ->
+   vllm/model_executor/layers/utils.py `apply_penalties`): repetition (tokens in the prompt or the
+   completion so far: positive logits divided by the penalty, negative ones multiplied), then
+   frequency (minus penalty x count in the completion so far), then presence (minus penalty if in the
+   completion so far); the prompt counts for repetition only;
+3. division by the temperature;
+4. min-p (vllm/v1/sample/logits_processor/builtin.py `MinPLogitsProcessor`, an argmax-invariant
+   processor run right after the temperature): tokens whose probability is below min_p times the
+   largest probability get -inf;
+5. top-k keeps logits >= the k-th largest (ties kept), then top-p sorts ascending and drops the
+   tokens whose cumulative probability is <= 1 - p (the most likely token is always kept)
+   (vllm/v1/sample/ops/topk_topp_sampler.py `apply_top_k_top_p_pytorch`);
+6. `processed_logprobs` is log-softmax of what is left: it includes every step above
+   (`TopKTopPSampler.forward_native/forward_cpu` return it, `Sampler.forward` reports it).
+
+vLLM's model runner V2 (the GPU default when Triton is present; vllm/v1/worker/gpu/sample/sampler.py
+`apply_sampling_params`) applies the same steps in the same order; its min-p compares logits with
+max_logit + log(min_p), equal to step 4 up to rounding at the cut-off.
 """
 
 from __future__ import annotations
@@ -17,29 +35,109 @@ import contextlib
 import functools
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+if TYPE_CHECKING:
+    from parityrl.config import SamplingConfig
+
 NEG_INF = float("-inf")
 
 
-def sampling_logits(logits: Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0) -> Tensor:
+def _fp32(value: float, like: Tensor) -> Tensor:
+    """`value` as a 0-d fp32 tensor: vLLM keeps per-request sampling parameters in fp32 tensors, so the
+    arithmetic below rounds the parameter to fp32 first, as vLLM does."""
+    return torch.tensor(value, dtype=torch.float32, device=like.device)
+
+
+def has_penalties(sampling: SamplingConfig) -> bool:
+    """True when any of the three penalties is on (vLLM skips them all otherwise: `no_penalties`)."""
+    return sampling.repetition_penalty != 1.0 or sampling.presence_penalty != 0.0 or sampling.frequency_penalty != 0.0
+
+
+def token_counts(token_ids: Tensor, mask: Tensor, vocab: int) -> Tensor:
+    """Occurrences of every vocabulary entry in each row. token_ids, mask [B, N] -> [B, V] fp32.
+
+    fp32 counts are exact (integers < 2^24) and multiply like vLLM's int64 counts, which it promotes
+    to fp32 when it scales them by the fp32 penalty."""
+    counts = torch.zeros(token_ids.shape[0], vocab + 1, dtype=torch.float32, device=token_ids.device)
+    # masked-out positions land in an extra column that is dropped (vLLM pads with id V the same way)
+    ids = token_ids.long().masked_fill(~mask.bool(), vocab)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+    return counts[:, :vocab]
+
+
+def penalize_logits(logits: Tensor, in_prompt: Tensor, output_counts: Tensor, sampling: SamplingConfig) -> Tensor:
+    """Repetition, frequency and presence penalties, in vLLM's order, on fp32 logits.
+
+    logits [..., V] (raw: before temperature); in_prompt [..., V] bool: the token occurs in the prompt;
+    output_counts [..., V] fp32: its count in the completion *before* the position being predicted.
+    Returns [..., V] fp32. Same arithmetic as vllm/model_executor/layers/utils.py `apply_penalties` and
+    vllm/_custom_ops.py `apply_repetition_penalties_torch` (multiply by the fp32 reciprocal to divide).
+    """
+    logits = logits.float()
+    in_output = output_counts > 0
+    if sampling.repetition_penalty != 1.0:
+        # the prompt counts for the repetition penalty only (prompt_mask | output_mask in vLLM)
+        penalty = torch.where(in_prompt | in_output, _fp32(sampling.repetition_penalty, logits), 1.0)
+        # a positive logit shrinks towards 0 and a negative one grows away from it: both make the token less likely
+        logits = logits * torch.where(logits > 0, 1.0 / penalty, penalty)
+    if sampling.frequency_penalty != 0.0:
+        logits = logits - _fp32(sampling.frequency_penalty, logits) * output_counts
+    if sampling.presence_penalty != 0.0:
+        logits = logits - _fp32(sampling.presence_penalty, logits) * in_output
+    return logits
+
+
+def apply_penalties(
+    logits: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor, sampling: SamplingConfig
+) -> Tensor:
+    """Penalised fp32 logits for every completion position at once (the trainer's replay).
+
+    logits [B, T, V]: position t predicts completion token t; prompt_ids, prompt_mask [B, P] (any
+    padding, mask True on prompt tokens); completion_ids, completion_mask [B, T] (mask True on
+    generated tokens). Position t is penalised for the prompt and completion[:t], exactly what vLLM
+    had seen when it sampled token t. Returns [B, T, V] fp32 (the logits unchanged, in fp32, when every
+    penalty is off). Feed the result to `processed_logprobs` / `processed_entropy`.
+    """
+    if not has_penalties(sampling):
+        return logits.float()
+    vocab = logits.shape[-1]
+    in_prompt = token_counts(prompt_ids, prompt_mask, vocab) > 0  # [B, V]
+    # one-hot of each generated token, [B, T, V]; padding rows stay zero so they never count
+    one_hot = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    one_hot.scatter_(2, completion_ids.long().unsqueeze(-1), completion_mask.float().unsqueeze(-1))
+    # counts of completion[:t]: the running count up to and including t, minus token t itself
+    counts_before = one_hot.cumsum(dim=1) - one_hot  # [B, T, V]
+    return penalize_logits(logits, in_prompt.unsqueeze(1), counts_before, sampling)
+
+
+def sampling_logits(logits: Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
     """fp32 logits of the distribution actually sampled from: scaled, with masked tokens at -inf.
 
-    logits: [..., vocab] in any dtype. Returns [..., vocab] float32.
+    logits: [..., vocab] in any dtype, already penalised (`apply_penalties`) when penalties are on.
+    Returns [..., vocab] float32. Order: temperature, min-p, top-k, top-p (see the module docstring).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for a sampling distribution, got {temperature}")
     scaled = logits.float() / temperature
+    if min_p > 0.0:
+        # MinPLogitsProcessor.apply: probabilities of the scaled logits against min_p x the largest one
+        probs = scaled.softmax(dim=-1)
+        threshold = probs.amax(dim=-1, keepdim=True) * _fp32(min_p, scaled)
+        scaled = scaled.masked_fill(probs < threshold, NEG_INF)
     vocab = scaled.shape[-1]
     use_top_k = 0 < top_k < vocab
     use_top_p = top_p < 1.0
     if not (use_top_k or use_top_p):
         return scaled
     flat = scaled.reshape(-1, vocab)
+    # min-p's -inf entries sort first; if fewer than k tokens survive it, the k-th largest is -inf and
+    # top-k removes nothing more, and they carry no probability mass into top-p's cumulative sum
     sorted_logits, sorted_index = flat.sort(dim=-1, descending=False)
     if use_top_k:
         kth_largest = sorted_logits[:, vocab - top_k].unsqueeze(-1)
@@ -54,14 +152,15 @@ def sampling_logits(logits: Tensor, temperature: float, top_k: int = -1, top_p: 
 
 
 def processed_logprobs(
-    logits: Tensor, tokens: Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0
+    logits: Tensor, tokens: Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0, min_p: float = 0.0
 ) -> Tensor:
     """Logprob of `tokens` under the distribution sampled from (vLLM `processed_logprobs`).
 
-    logits: [..., vocab]; tokens: [...] int64. Returns [...] float32; -inf for a token outside the
-    top-k/top-p support (callers decide what to do with those, see `trainer.outside_support`).
+    logits: [..., vocab], penalised with `apply_penalties` when penalties are on; tokens: [...] int64.
+    Returns [...] float32; -inf for a token outside the min-p/top-k/top-p support (callers decide what
+    to do with those, see `scoring.score`).
     """
-    logprobs_all = sampling_logits(logits, temperature, top_k, top_p).log_softmax(dim=-1)
+    logprobs_all = sampling_logits(logits, temperature, top_k, top_p, min_p).log_softmax(dim=-1)
     return logprobs_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
@@ -70,17 +169,19 @@ def raw_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     return logits.float().log_softmax(dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def processed_entropy(logits: Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0) -> Tensor:
-    """Entropy (nats) of the sampling distribution per position. logits [..., vocab] -> [...] fp32."""
-    logprobs_all = sampling_logits(logits, temperature, top_k, top_p).log_softmax(dim=-1)
+def processed_entropy(logits: Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
+    """Entropy (nats) of the sampling distribution per position. logits [..., vocab] (penalised) -> [...] fp32."""
+    logprobs_all = sampling_logits(logits, temperature, top_k, top_p, min_p).log_softmax(dim=-1)
     probs = logprobs_all.exp()
     # masked tokens have p = 0 and logp = -inf; 0 * -inf is NaN, so zero them explicitly
     return -(probs * logprobs_all.masked_fill(probs == 0, 0.0)).sum(dim=-1)
 
 
-def sample_tokens(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> Tensor:
-    """Draw one token per row from the processed distribution. logits [batch, vocab] -> [batch]."""
-    probs = sampling_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+def sample_tokens(
+    logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None, min_p: float = 0.0
+) -> Tensor:
+    """Draw one token per row from the processed distribution. logits [batch, vocab] (penalised) -> [batch]."""
+    probs = sampling_logits(logits, temperature, top_k, top_p, min_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -22,7 +22,16 @@ from torch import Tensor, nn
 
 from parityrl.config import SamplingConfig
 from parityrl.engines.base import EngineHealth
-from parityrl.policy import compute_context, load_policy, processed_logprobs, sample_tokens
+from parityrl.policy import (
+    apply_penalties,
+    compute_context,
+    has_penalties,
+    load_policy,
+    penalize_logits,
+    processed_logprobs,
+    sample_tokens,
+    token_counts,
+)
 from parityrl.scoring import Sample
 
 # pick(logits [batch, vocab] fp32) -> (tokens [batch], logprobs [batch])
@@ -87,12 +96,41 @@ def greedy_picker(logits: Tensor) -> tuple[Tensor, Tensor]:
     return logits.argmax(-1), torch.zeros(logits.shape[0])
 
 
-def sampling_picker(sampling: SamplingConfig, generator: torch.Generator) -> TokenPicker:
-    def pick(logits: Tensor) -> tuple[Tensor, Tensor]:
-        chosen = sample_tokens(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
-        return chosen, processed_logprobs(logits, chosen, sampling.temperature, sampling.top_k, sampling.top_p)
+class SamplingPicker:
+    """`TokenPicker` that samples every row from the processed distribution of `sampling`.
 
-    return pick
+    With a penalty on it also keeps, per row, what vLLM's input batch keeps for it
+    (vllm/v1/worker/gpu_input_batch.py: prompt token ids, output token ids): which tokens the prompt
+    holds and how often each token has been picked so far, so step t is penalised for the prompt and
+    the first t tokens, as `policy.apply_penalties` replays it.
+    """
+
+    def __init__(self, sampling: SamplingConfig, generator: torch.Generator, prompts: list[list[int]]):
+        self.sampling = sampling
+        self.generator = generator
+        self.prompts = prompts
+        self.in_prompt: Tensor | None = None  # [batch, vocab] bool, built at the first step (vocab known)
+        self.output_counts: Tensor | None = None  # [batch, vocab] fp32 count of each token picked so far
+
+    def _penalised(self, logits: Tensor) -> Tensor:
+        if self.in_prompt is None or self.output_counts is None:
+            prompt_ids, prompt_mask = left_pad(self.prompts, pad_id=0)
+            self.in_prompt = token_counts(prompt_ids, prompt_mask, logits.shape[-1]) > 0
+            self.output_counts = torch.zeros(logits.shape, dtype=torch.float32)
+        return penalize_logits(logits, self.in_prompt, self.output_counts, self.sampling)
+
+    def __call__(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.sampling
+        penalties = has_penalties(s)
+        if penalties:
+            logits = self._penalised(logits)
+        chosen = sample_tokens(logits, s.temperature, s.top_k, s.top_p, self.generator, min_p=s.min_p)
+        logprobs = processed_logprobs(logits, chosen, s.temperature, s.top_k, s.top_p, min_p=s.min_p)
+        if penalties:
+            assert self.output_counts is not None
+            # finished rows keep being picked for; their tokens are discarded, so counting them is harmless
+            self.output_counts.scatter_add_(1, chosen.unsqueeze(-1), torch.ones(chosen.shape[0], 1))
+        return chosen, logprobs
 
 
 @torch.no_grad()
@@ -125,7 +163,15 @@ def score_with_kv_switch(
         positions = torch.arange(prefix.shape[1], prefix.shape[1] + rest.shape[1]).unsqueeze(0)
         out_new = model_new(input_ids=rest, past_key_values=out_old.past_key_values, position_ids=positions, use_cache=True)
         logits = torch.cat([out_old.logits[0, len(prompt_ids) - 1 :], out_new.logits[0]])
-    return processed_logprobs(logits, targets, sampling.temperature, sampling.top_k, sampling.top_p)
+    penalised = apply_penalties(
+        logits.unsqueeze(0),
+        torch.tensor([prompt_ids]),
+        torch.ones(1, len(prompt_ids), dtype=torch.bool),
+        targets.unsqueeze(0),
+        torch.ones(1, len(completion_ids), dtype=torch.bool),
+        sampling,
+    )[0]
+    return processed_logprobs(penalised, targets, sampling.temperature, sampling.top_k, sampling.top_p, min_p=sampling.min_p)
 
 
 @dataclass
@@ -303,7 +349,7 @@ class ReferenceEngine:
             prompts,
             sampling.max_new_tokens,
             self.eos_id,
-            sampling_picker(sampling, self.generator),
+            SamplingPicker(sampling, self.generator, prompts),
             before_step,
             ignore_eos=sampling.ignore_eos,
         )
