@@ -116,3 +116,22 @@ def test_render(tmp_path: Path) -> None:
     render_findings([], console)
     text = console.export_text()
     assert "update-abort" in text and "set engine.update_mode: keep" in text and "no parity pitfalls" in text
+
+
+def test_trainer_sampling_mismatch_covers_min_p_and_penalties() -> None:
+    overrides = ["train.logprob_min_p=0.1", "train.logprob_repetition_penalty=1.2", "train.logprob_presence_penalty=0.3",
+                 "train.logprob_frequency_penalty=0.3"]
+    keys = sorted(f.key for f in lint_config(load_config(None, overrides)) if f.code == "trainer-sampling-mismatch")
+    assert keys == ["train.logprob_frequency_penalty", "train.logprob_min_p", "train.logprob_presence_penalty",
+                    "train.logprob_repetition_penalty"]
+    # an override equal to the engine's value is no mismatch
+    same = load_config(None, ["sampling.min_p=0.1", "train.logprob_min_p=0.1", "sampling.presence_penalty=0.5"])
+    assert lint_config(same) == []
+
+
+@pytest.mark.parametrize("transform", ["sampling.min_p=0.05", "sampling.repetition_penalty=1.1", "sampling.presence_penalty=0.2",
+                                       "sampling.frequency_penalty=0.2"])
+def test_raw_logprobs_is_an_error_with_min_p_or_a_penalty(transform: str) -> None:
+    (finding,) = lint_config(load_config(None, ["engine.logprobs_mode=raw_logprobs", transform]))
+    assert finding.code == "raw-logprobs" and finding.severity == "error"
+    assert transform.removeprefix("sampling.") in finding.problem

@@ -7,8 +7,8 @@ config `key` path, what goes wrong, and the exact fix. Pitfalls checked:
 | code | severity | key | what goes wrong |
 |------|----------|-----|-----------------|
 | `dtype-auto` | error | model.dtype | vLLM's `dtype: auto` silently downcasts an fp32 checkpoint to bf16 on CPU, so engine and trainer run different precisions. parityrl's config only accepts explicit dtypes; `lint_file` inspects the *raw* YAML first so a config migrated from another framework gets this actionable message instead of a bare validation error (the rest of the config is then linted as if `model.dtype` were unset). |
-| `raw-logprobs` | error with temperature != 1 or active top-k/top-p, else warning | engine.logprobs_mode | `raw_logprobs` reports log-softmax of the unscaled logits, not the logprob under the distribution sampled from; the trainer's processed logprob differs by far more than numerical noise. At T=1 with top-k/top-p off the two coincide, but the first sampling change silently breaks parity. |
-| `trainer-sampling-mismatch` | error | train.logprob_temperature / _top_k / _top_p | the trainer recomputes logprobs under a different temperature/top-k/top-p than the engine sampled with; every ratio is biased. |
+| `raw-logprobs` | error with temperature != 1, active top-k/top-p/min-p or a penalty, else warning | engine.logprobs_mode | `raw_logprobs` reports log-softmax of the unscaled logits, before penalties, temperature and truncation, not the logprob under the distribution sampled from; the trainer's processed logprob differs by far more than numerical noise. At T=1 with every other sampling transform off the two coincide, but the first sampling change silently breaks parity. |
+| `trainer-sampling-mismatch` | error | train.logprob_temperature / _top_k / _top_p / _min_p / _repetition_penalty / _presence_penalty / _frequency_penalty | the trainer recomputes logprobs under different sampling transforms than the engine sampled with; every ratio is biased. |
 | `prefix-caching-default` | warning | engine.enable_prefix_caching | `null` leaves it to the installed vLLM's default (on in 0.32): the numerics depend on the version. |
 | `async-scheduling-default` | warning | engine.async_scheduling | `null` leaves it to the installed vLLM's default; the run does not record what was in force. |
 | `prefix-caching-stale-kv` | warning | engine.enable_prefix_caching | on, in a run with weight updates (train.steps > 0): new samples of a prompt reuse KV blocks computed by older weights, mixing policy versions inside one "fresh" sample. |
@@ -21,6 +21,10 @@ config `key` path, what goes wrong, and the exact fix. Pitfalls checked:
 
 Exit codes of `lint_file` (and the CLI): 0 = clean or warnings only, 1 = at least one error finding,
 2 = the config could not be loaded at all (`config-invalid`).
+
+Every sampling transform of `sampling.*` (temperature, top-k, top-p, min-p, repetition/presence/frequency
+penalties, alone or combined) is replayed exactly by the trainer (`policy.apply_penalties`,
+`policy.processed_logprobs`, in vLLM V1's order), so no combination of them is a finding by itself.
 
 vLLM-only knobs (logprobs_mode, prefix caching, async scheduling, update_mode) are not checked when
 `engine.kind` is `reference`: the reference engine ignores them (it is processed, cache-free and
@@ -38,8 +42,10 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from parityrl.config import (
+    REPLAYED_SAMPLING_FIELDS,
     ConfigError,
     RunConfig,
+    SamplingConfig,
     deep_merge,
     format_validation_error,
     load_config,
@@ -107,9 +113,10 @@ def _without_raw_pitfalls(mapping: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sampling_is_trivial(config: RunConfig) -> bool:
-    """True when raw and processed logprobs coincide: T=1 and no top-k/top-p truncation."""
+    """True when raw and processed logprobs coincide: T=1, no top-k/top-p/min-p truncation, no penalty."""
     s = config.sampling
-    return s.temperature == 1.0 and s.top_k <= 0 and s.top_p >= 1.0
+    no_penalty = s.repetition_penalty == 1.0 and s.presence_penalty == 0.0 and s.frequency_penalty == 0.0
+    return s.temperature == 1.0 and s.top_k <= 0 and s.top_p >= 1.0 and s.min_p == 0.0 and no_penalty
 
 
 def _check_logprobs_mode(config: RunConfig) -> list[Finding]:
@@ -122,20 +129,23 @@ def _check_logprobs_mode(config: RunConfig) -> list[Finding]:
                 "raw-logprobs",
                 "warning",
                 "engine.logprobs_mode",
-                "raw_logprobs equals processed only at temperature 1 without top-k/top-p; any sampling change "
+                "raw_logprobs equals processed only at temperature 1 without top-k/top-p/min-p or penalties; any sampling change "
                 "silently makes the engine's logprobs disagree with the trainer's.",
                 fix,
             )
         ]
     s = config.sampling
+    shaping = ", ".join(
+        f"{name}={getattr(s, name)}" for name in REPLAYED_SAMPLING_FIELDS if getattr(s, name) != SamplingConfig.model_fields[name].default
+    )
     return [
         Finding(
             "raw-logprobs",
             "error",
             "engine.logprobs_mode",
-            f"raw_logprobs reports log-softmax of the unscaled logits, but tokens are sampled with temperature="
-            f"{s.temperature}, top_k={s.top_k}, top_p={s.top_p}: every importance ratio, the clip rate and the "
-            "KL measure this mismatch instead of the policy change.",
+            f"raw_logprobs reports log-softmax of the unscaled, unpenalised logits, but tokens are sampled with "
+            f"{shaping}: every importance ratio, the clip rate and the KL measure this mismatch instead of the "
+            "policy change.",
             fix,
         )
     ]
@@ -144,7 +154,7 @@ def _check_logprobs_mode(config: RunConfig) -> list[Finding]:
 def _check_trainer_sampling(config: RunConfig) -> list[Finding]:
     findings = []
     trainer, engine = config.trainer_sampling(), config.sampling
-    for name in ("temperature", "top_k", "top_p"):
+    for name in REPLAYED_SAMPLING_FIELDS:
         if getattr(trainer, name) != getattr(engine, name):
             findings.append(
                 Finding(
