@@ -198,21 +198,6 @@ def plot(run_dir: Path = typer.Argument(..., help="A run directory with metrics.
         console.print(str(path))
 
 
-# (metric key, short column title, meaning printed under the table)
-CHECK_COLUMNS = [
-    ("parity/kl", "kl", "parity/kl, k3 per token; × = ratio to the configured row"),
-    ("parity/abs_diff_mean", "mean|Δ|", "mean |engine − trainer logprob|"),
-    ("parity/abs_diff_max", "max|Δ|", "max |engine − trainer logprob|"),
-    ("parity/frac_abs_diff_gt_1e-3", ">1e-3", "fraction of tokens with |Δ| > 1e-3"),
-    ("parity/outside_support_frac", "outside", "parity/outside_support_frac"),
-    ("inflight_v1_kept_kv/abs_diff_max", "v+1 max|Δ|",
-     "v+1 tokens vs a reference that applied the update at the same position keeping its KV"),
-    ("pipeline/kv_staleness_kl", "kv stale", "pipeline/kv_staleness_kl"),
-    ("post_update/kl", "post kl", "parity/kl of requests started after the update"),
-    ("inflight/aborted_frac", "aborted", "fraction of in-flight requests the update aborted"),
-]
-
-
 @app.command()
 @reports_errors("check")
 def check(
@@ -222,13 +207,17 @@ def check(
     prompts: int = typer.Option(16, "--prompts", help="Held-out prompts to sample (each × sampling.n)."),
     inflight: bool = typer.Option(True, help="Also check an inflight weight update (pause, load perturbed weights, resume)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (metric names of DESIGN.md)."),
+    full_vocab: bool = typer.Option(
+        False, "--full-vocab", help="Also compare the engine's whole processed distribution with the trainer's at every sampled "
+        "position (parity/full_kl, full_tv, support_mismatch_frac; vLLM only)."
+    ),
 ) -> None:
     """Engine vs trainer logprobs on the same tokens at the same weights, per fix."""
     config = _load(config_path, list(set_))
     _preflight(config)
     from parityrl.parity.check import run_check_matrix
 
-    rows = run_check_matrix(config, attribute, prompts, inflight)
+    rows = run_check_matrix(config, attribute, prompts, inflight, full_vocab)
     if json_out:
         print(json.dumps(rows, default=str))
         return
@@ -236,26 +225,31 @@ def check(
 
 
 def _print_check_table(config: RunConfig, rows: dict[str, dict]) -> None:
-    """One row per configuration (short label; spelled out below), parity/kl also as a ratio to the
-    first (configured) row; metric columns that no configuration measured are left out."""
+    """One row per configuration (short label; spelled out below), the check columns of the metric registry with
+    parity/kl also as a ratio to the first (configured) row; columns that no configuration measured are left out."""
     from rich.table import Table
+
+    from parityrl.metric_registry import check_columns
 
     table = Table(title=f"parity check ({config.engine.kind}, {config.model.dtype}, T={config.sampling.temperature}, "
                   f"top-k={config.sampling.top_k}, top-p={config.sampling.top_p})")
-    columns = [column for column in CHECK_COLUMNS if any(row.get(column[0]) is not None for row in rows.values())]
+    ratio_column, *other_columns = check_columns()
+    columns = [m for m in other_columns if any(row.get(m.name) is not None for row in rows.values())]
     table.add_column("config", no_wrap=True)
-    table.add_column(columns[0][1], justify="right", no_wrap=True)
+    table.add_column(ratio_column.check_title, justify="right", no_wrap=True)
     table.add_column("×", justify="right", no_wrap=True)
-    for _, title, _ in columns[1:]:
-        table.add_column(title, justify="right", no_wrap=True)
-    baseline = next(iter(rows.values())).get(columns[0][0])
+    for column in columns:
+        table.add_column(column.check_title, justify="right", no_wrap=True)
+    baseline = next(iter(rows.values())).get(ratio_column.name)
     for name, row in rows.items():
-        value = row.get(columns[0][0])
+        value = row.get(ratio_column.name)
         ratio = f"{value / baseline:.3g}" if value is not None and baseline else "–"
-        table.add_row(name.split(" (")[0], _fmt(value), ratio, *(_fmt(row.get(key)) for key, _, _ in columns[1:]))
+        table.add_row(name.split(" (")[0], _fmt(value), ratio, *(_fmt(row.get(column.name)) for column in columns))
     console.print(table)
-    for line in [name for name in rows if " (" in name] + [f"{title}: {meaning}" for _, title, meaning in columns]:
-        console.print(line, style="dim")
+    legend = [name for name in rows if " (" in name] + [f"{ratio_column.check_title}: {ratio_column.name}, {ratio_column.meaning}"]
+    legend += [f"×: {ratio_column.name} as a ratio to the first row"] + [f"{m.check_title}: {m.name}, {m.meaning}" for m in columns]
+    for line in legend:
+        console.print(line, style="dim", markup=False, highlight=False)
 
 
 def _fmt(value) -> str:
@@ -308,17 +302,20 @@ def compare_command(
 def ablate_command(
     config_path: Optional[Path] = typer.Argument(None, help="Base YAML config (default: built-in defaults)."),
     seeds: int = typer.Option(3, "--seeds", help="Seeds per configuration (the same seeds for all)."),
-    preset: str = typer.Option("demo", "--preset", help="demo (bf16, T=0.7/top-p 0.9, shared prefix) or smoke."),
+    preset: str = typer.Option("demo", "--preset", help="A preset of the spec: demo (bf16, T=0.7/top-p 0.9, shared prefix) or smoke."),
     out_dir: Path = typer.Option(Path("runs/ablate"), "--out", help="Run directories go to OUT/<config>/seed<N>/."),
     only: list[str] = typer.Option([], "--only", help="Run only these configurations (repeatable)."),
     compare: bool = typer.Option(True, help="Run `compare` on the results at the end."),
+    spec: Optional[Path] = typer.Option(
+        None, "--spec", help="The ablation's configurations and presets (YAML); default: configs/ablation.yaml of this checkout."
+    ),
 ) -> None:
-    """Short RL runs: reference, naive V1, each fix alone, fixed V1; resumable."""
+    """Short RL runs: reference, naive V1, each fix alone, fixed V1 (configs/ablation.yaml); resumable."""
     from parityrl.parity.ablate import run_ablation
 
-    try:
-        run_ablation(config_path, out_dir, preset, seeds, list(only) or None, console)
-    except (ValueError, RuntimeError) as error:
+    try:  # a bad spec, preset or --only is a ConfigError: reported by reports_errors, exit 2
+        run_ablation(config_path, out_dir, preset, seeds, list(only) or None, console, spec)
+    except RuntimeError as error:  # a run failed: its log is named
         print_error(str(error))
         raise typer.Exit(1) from None
     if compare:

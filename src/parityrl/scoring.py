@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from parityrl.config import SamplingConfig
-from parityrl.policy import compute_context, processed_logprobs, sequence_logits
+from parityrl.policy import compute_context, processed_logprobs, sampling_logits, sequence_logits
 
 NO_VERSION = 1 << 40
 """Stands in for "no token" when taking the oldest version of an empty completion."""
@@ -41,6 +41,9 @@ class Sample:
     """Policy version that produced each completion token."""
     finish_reason: str = "length"
     """`stop` (EOS) or `length` (max_new_tokens reached) or `abort`."""
+    top_logprobs_old: list[dict[int, float]] | None = None
+    """Only for `check --full-vocab`: per completion position, the engine's processed logprobs of its
+    top-K tokens (all tokens when K is the vocabulary size)."""
 
     @property
     def mixed_version(self) -> bool:
@@ -108,6 +111,10 @@ class Scored:
     logits: Tensor  # [B, T, V] logits predicting each completion token (before sampling transforms)
     logprobs: Tensor  # [B, T] processed logprobs of the sampled tokens; -inf outside support, 0 at padding
     in_support: Tensor  # [B, T] bool: generated and inside the trainer's sampling support
+
+    def log_distribution(self, sampling: SamplingConfig) -> Tensor:
+        """[B, T, V] log-probabilities of the whole processed distribution at each position (-inf outside support)."""
+        return sampling_logits(self.logits, sampling.temperature, sampling.top_k, sampling.top_p).log_softmax(dim=-1)
 
     @property
     def logprobs_safe(self) -> Tensor:
@@ -189,3 +196,81 @@ class Mismatch:
             f"{prefix}/outside_support_frac": self.outside / self.tokens if self.tokens else None,
             f"{prefix}/tokens": self.tokens,
         }
+
+
+@dataclass
+class DistributionMismatch:
+    """Engine vs trainer over the WHOLE processed distribution at each sampled position, as sums.
+
+    The engine reports its processed logprobs of its top-K tokens per position (all tokens when K is
+    the vocabulary size). With K < V the tokens outside the top-K are pooled into one "rest" outcome
+    on both sides, which gives lower bounds of the full KL and TV (pooling never increases them).
+    A position whose supports differ (a token with mass on one side and none on the other) has an
+    infinite KL: it is counted in `support_mismatch` and left out of the KL/TV means."""
+
+    positions: int = 0
+    support_mismatch: int = 0
+    kl_sum: float = 0.0
+    tv_sum: float = 0.0
+    listed_tokens: int = 0
+    """Largest number of tokens the engine listed at one position (K)."""
+
+    @classmethod
+    def of(cls, trainer_log_dist: Tensor, engine_ids: Tensor, engine_logprobs: Tensor, vocab_size: int) -> DistributionMismatch:
+        """trainer_log_dist [N, V] (log-probabilities, -inf outside support); engine_ids / engine_logprobs
+        [N, K] the engine's listed tokens and their processed logprobs (-inf = listed outside support;
+        padding rows use id 0 with logprob NaN)."""
+        listed = ~torch.isnan(engine_logprobs)  # [N, K]
+        logp_engine = engine_logprobs.double().nan_to_num(nan=float("-inf"))
+        logp_trainer = trainer_log_dist.double().gather(-1, engine_ids)  # [N, K]
+        p_engine, p_trainer = logp_engine.exp(), logp_trainer.exp()
+        support_differs = (listed & ((p_engine > 0) != (p_trainer > 0))).any(-1)  # [N]
+        both = listed & (p_engine > 0) & (p_trainer > 0)
+        kl = torch.where(both, p_engine * (logp_engine - logp_trainer), torch.zeros_like(p_engine)).sum(-1)
+        tv = 0.5 * torch.where(listed, (p_engine - p_trainer).abs(), torch.zeros_like(p_engine)).sum(-1)
+        if int(listed.sum(-1).max()) < vocab_size:  # pool the unlisted tokens into one outcome
+            rest_engine = (1 - torch.where(listed, p_engine, torch.zeros_like(p_engine)).sum(-1)).clamp(min=0)
+            rest_trainer = (1 - torch.where(listed, p_trainer, torch.zeros_like(p_trainer)).sum(-1)).clamp(min=0)
+            rest_kl = torch.where(
+                (rest_engine > 0) & (rest_trainer > 0), rest_engine * (rest_engine.log() - rest_trainer.log()), torch.zeros_like(rest_engine)
+            )
+            kl, tv = kl + rest_kl, tv + 0.5 * (rest_engine - rest_trainer).abs()
+        finite = ~support_differs
+        return cls(
+            positions=int(engine_ids.shape[0]),
+            support_mismatch=int(support_differs.sum()),
+            kl_sum=float(kl[finite].sum()),
+            tv_sum=float(tv[finite].sum()),
+            listed_tokens=int(listed.sum(-1).max()) if listed.numel() else 0,
+        )
+
+    def __add__(self, other: DistributionMismatch) -> DistributionMismatch:
+        return DistributionMismatch(
+            self.positions + other.positions,
+            self.support_mismatch + other.support_mismatch,
+            self.kl_sum + other.kl_sum,
+            self.tv_sum + other.tv_sum,
+            max(self.listed_tokens, other.listed_tokens),
+        )
+
+    def summary(self, prefix: str = "parity") -> dict[str, float | None]:
+        comparable = self.positions - self.support_mismatch
+        return {
+            f"{prefix}/full_kl": self.kl_sum / comparable if comparable else None,
+            f"{prefix}/full_tv": self.tv_sum / comparable if comparable else None,
+            f"{prefix}/support_mismatch_frac": self.support_mismatch / self.positions if self.positions else None,
+            f"{prefix}/full_positions": self.positions,
+            f"{prefix}/full_listed_tokens": self.listed_tokens,
+        }
+
+
+def listed_logprobs(top_logprobs: list[dict[int, float]]) -> tuple[Tensor, Tensor]:
+    """Per-position {token: logprob} dicts -> (ids [N, K], logprobs [N, K]) padded with id 0 / NaN."""
+    width = max((len(entry) for entry in top_logprobs), default=0)
+    ids = torch.zeros((len(top_logprobs), max(width, 1)), dtype=torch.long)
+    logprobs = torch.full((len(top_logprobs), max(width, 1)), float("nan"), dtype=torch.float64)
+    for row, entry in enumerate(top_logprobs):
+        if entry:
+            ids[row, : len(entry)] = torch.tensor(list(entry.keys()), dtype=torch.long)
+            logprobs[row, : len(entry)] = torch.tensor(list(entry.values()), dtype=torch.float64)
+    return ids, logprobs

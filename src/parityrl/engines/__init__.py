@@ -11,8 +11,9 @@ from parityrl.scoring import Sample
 __all__ = ["EngineHealth", "RolloutEngine", "Sample", "make_engine"]
 
 
-def make_engine(config: RunConfig, model_dir: Path) -> RolloutEngine:
-    """Build (not start) the configured engine for `model_dir`."""
+def make_engine(config: RunConfig, model_dir: Path, max_logprobs: int | None = None) -> RolloutEngine:
+    """Build (not start) the configured engine for `model_dir`. `max_logprobs`: let vLLM return up to
+    this many top logprobs per position (`check --full-vocab`; vLLM's default is 20)."""
     if config.engine.kind == "reference":
         from parityrl.engines.reference import ReferenceEngine
 
@@ -28,4 +29,5 @@ def make_engine(config: RunConfig, model_dir: Path) -> RolloutEngine:
         VLLMEngine,  # imported lazily: vLLM is heavy and optional for unit use
     )
 
-    return VLLMEngine(model_dir, config.model.dtype, config.engine, seed=config.seed)
+    extra = {"max_logprobs": max_logprobs} if max_logprobs else None
+    return VLLMEngine(model_dir, config.model.dtype, config.engine, seed=config.seed, extra_engine_args=extra)

@@ -257,7 +257,7 @@ class VLLMEngine:
 
     # -- generation ---------------------------------------------------------------------------------
 
-    def _sampling_params(self, sampling: SamplingConfig, seed: int, ignore_eos: bool):
+    def _sampling_params(self, sampling: SamplingConfig, seed: int, ignore_eos: bool, top_logprobs: int = 0):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -274,7 +274,7 @@ class VLLMEngine:
             presence_penalty=sampling.presence_penalty,
             frequency_penalty=sampling.frequency_penalty,
             max_tokens=sampling.max_new_tokens,
-            logprobs=0,  # the sampled token's logprob only
+            logprobs=top_logprobs,  # 0: the sampled token's logprob only; K: also the top-K (check --full-vocab)
             seed=seed if self.per_request_seeds else None,
             stop_token_ids=stop,
             ignore_eos=ignore_eos,
@@ -287,6 +287,7 @@ class VLLMEngine:
 
         tokens: list[int] = []
         logprobs: list[float] = []
+        top_logprobs: list[dict[int, float]] = []
         stream_versions: list[int] = []
         finish_reason = "abort"
         spans = None
@@ -301,6 +302,8 @@ class VLLMEngine:
                     raise RuntimeError(f"{request_id}: {len(new_ids)} new tokens but {len(new_lps)} logprob entries")
                 for token, entry in zip(new_ids, new_lps):
                     logprobs.append(float(entry[token].logprob))
+                    if params.logprobs:
+                        top_logprobs.append({int(t): float(lp.logprob) for t, lp in entry.items()})
                 tokens.extend(new_ids)
                 self._streamed_tokens += len(new_ids)
                 stream_versions.extend([version_now] * len(new_ids))
@@ -328,16 +331,19 @@ class VLLMEngine:
             logprobs_old=logprobs,
             version_per_token=versions,
             finish_reason=finish_reason,
+            top_logprobs_old=top_logprobs if params.logprobs else None,
         )
 
     async def generate(
-        self, prompt_token_ids: list[int], sampling: SamplingConfig, request_id: str, *, ignore_eos: bool = False
+        self, prompt_token_ids: list[int], sampling: SamplingConfig, request_id: str, *, ignore_eos: bool = False, top_logprobs: int = 0
     ) -> list[Sample]:
         """`sampling.n` samples of one prompt, as n requests `{request_id}/{i}` with derived seeds.
 
         Each request streams DELTA outputs; per token we keep the id, the engine-reported logprob of the
         sampled token (`logprobs=0`) and the policy version (engine-stamped spans, see module doc).
         ignore_eos (or `sampling.ignore_eos`): keep sampling past EOS up to max_new_tokens.
+        top_logprobs: also keep the engine's top-K processed logprobs per position (`Sample.top_logprobs_old`;
+        needs the engine arg `max_logprobs` >= K).
         """
         if self.engine is None:
             raise RuntimeError("VLLMEngine.generate before start()")
@@ -345,7 +351,7 @@ class VLLMEngine:
         jobs = [
             self._generate_one(
                 prompt_token_ids,
-                self._sampling_params(sampling, derive_seed(self.seed, request_id, index), ignore_eos),
+                self._sampling_params(sampling, derive_seed(self.seed, request_id, index), ignore_eos, top_logprobs),
                 f"{request_id}/{index}",
             )
             for index in range(sampling.n)

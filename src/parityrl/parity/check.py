@@ -26,8 +26,9 @@ from parityrl.config import RunConfig, SamplingConfig, deep_merge, parse_overrid
 from parityrl.engines import make_engine
 from parityrl.engines.base import RolloutEngine
 from parityrl.engines.reference import score_with_kv_switch
+from parityrl.errors import UserError
 from parityrl.policy import compute_context, load_policy
-from parityrl.scoring import Mismatch, Sample, pack_samples, score
+from parityrl.scoring import DistributionMismatch, Mismatch, Sample, listed_logprobs, pack_samples, score
 from parityrl.tasks import load_task
 
 # each fix switched off alone (what `--attribute` measures)
@@ -70,12 +71,42 @@ def perturbed_weights(model: nn.Module, scale: float, seed: int) -> dict[str, Te
     return perturbed
 
 
-async def generate_all(engine: RolloutEngine, prompts: list[list[int]], sampling: SamplingConfig, tag: str) -> list[Sample]:
-    groups = await asyncio.gather(*(engine.generate(p, sampling, f"{tag}-{i}") for i, p in enumerate(prompts)))
+async def generate_all(engine: RolloutEngine, prompts: list[list[int]], sampling: SamplingConfig, tag: str, top_logprobs: int = 0) -> list[Sample]:
+    extra = {"top_logprobs": top_logprobs} if top_logprobs else {}
+    groups = await asyncio.gather(*(engine.generate(p, sampling, f"{tag}-{i}", **extra) for i, p in enumerate(prompts)))
     return [s for group in groups for s in group]
 
 
-async def run_check(config: RunConfig, num_prompts: int = 16, inflight: bool = True, perturb_scale: float = 0.05) -> dict:
+FULL_VOCAB_LIMIT = 4096
+"""Up to this vocabulary size `--full-vocab` asks the engine for every token's logprob; above it, for
+the top `FULL_VOCAB_TOP_K` (the rest pooled into one outcome: lower bounds of KL and TV)."""
+FULL_VOCAB_TOP_K = 1024
+
+
+def full_vocab_k(model_dir) -> int:
+    import json
+    from pathlib import Path
+
+    vocab = int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
+    return vocab if vocab <= FULL_VOCAB_LIMIT else FULL_VOCAB_TOP_K
+
+
+@torch.no_grad()
+def full_distribution_mismatch(model: nn.Module, samples: list[Sample], sampling: SamplingConfig, dtype: str) -> dict:
+    """`parity/full_kl`, `parity/full_tv`, `parity/support_mismatch_frac` of the engine's listed
+    processed logprobs (`Sample.top_logprobs_old`) against the trainer's whole processed distribution."""
+    packed = pack_samples(samples, pad_id=0)
+    log_dist = score(model, packed, sampling, dtype).log_distribution(sampling)  # [B, T, V]
+    trainer_rows = log_dist[packed.completion_mask]  # [N, V], sample by sample, position by position
+    ids, logprobs = listed_logprobs([entry for s in samples for entry in (s.top_logprobs_old or [])])
+    if ids.shape[0] != trainer_rows.shape[0]:
+        raise RuntimeError(f"the engine listed top logprobs for {ids.shape[0]} positions, the samples have {trainer_rows.shape[0]}")
+    return DistributionMismatch.of(trainer_rows, ids, logprobs, log_dist.shape[-1]).summary("parity")
+
+
+async def run_check(
+    config: RunConfig, num_prompts: int = 16, inflight: bool = True, perturb_scale: float = 0.05, full_vocab: bool = False
+) -> dict:
     """All measurements for one configuration; returns metric-name → value."""
     task = load_task(config.task)
     model_dir = prepare_model(config, task)
@@ -85,12 +116,17 @@ async def run_check(config: RunConfig, num_prompts: int = 16, inflight: bool = T
     trainer_sampling = config.trainer_sampling()
     dtype = config.model.dtype
     model_v0 = load_policy(model_dir, "float32", config.model.lm_head_fp32).eval()
-    engine = make_engine(config, model_dir)
+    top_logprobs = full_vocab_k(model_dir) if full_vocab else 0
+    if full_vocab and config.engine.kind != "vllm":
+        raise UserError("check --full-vocab compares vLLM's listed logprobs with the trainer: it needs engine.kind=vllm.")
+    engine = make_engine(config, model_dir, max_logprobs=top_logprobs or None)
     await engine.start()
     result: dict = {"settings": engine.settings()}
     try:
-        samples = await generate_all(engine, prompts, sampling, "static")
+        samples = await generate_all(engine, prompts, sampling, "static", top_logprobs)
         result |= compare(samples, trainer_logprobs(model_v0, samples, trainer_sampling, dtype)).summary("parity")
+        if full_vocab:
+            result |= full_distribution_mismatch(model_v0, samples, trainer_sampling, dtype)
         if inflight:
             result |= await _inflight(engine, model_v0, prompts, sampling, trainer_sampling, dtype, perturb_scale)
     finally:
@@ -156,12 +192,12 @@ async def _wait_for_progress(engine: RolloutEngine, generation: asyncio.Task, to
         await asyncio.sleep(0.005)
 
 
-def run_check_matrix(config: RunConfig, attribute: bool, num_prompts: int, inflight: bool) -> dict[str, dict]:
+def run_check_matrix(config: RunConfig, attribute: bool, num_prompts: int, inflight: bool, full_vocab: bool = False) -> dict[str, dict]:
     """The configured settings, and with `attribute` each fix off in turn (one engine at a time)."""
-    rows = {"configured": asyncio.run(run_check(config, num_prompts, inflight))}
+    rows = {"configured": asyncio.run(run_check(config, num_prompts, inflight, full_vocab=full_vocab))}
     if attribute:
         base = config.model_dump(mode="json")
         for name, overrides in FIX_OFF.items():
             variant = RunConfig.model_validate(deep_merge(base, parse_overrides(overrides)))
-            rows[name] = asyncio.run(run_check(variant, num_prompts, inflight))
+            rows[name] = asyncio.run(run_check(variant, num_prompts, inflight, full_vocab=full_vocab))
     return rows
