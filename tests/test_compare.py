@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from parityrl.parity.compare import band_test, compare_runs, configuration_name
+from parityrl.parity.compare import compare_runs, configuration_name
+from parityrl.parity.compare_stats import band_test
 
 pytestmark = pytest.mark.unit
 
