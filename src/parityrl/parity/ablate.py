@@ -22,9 +22,9 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from parityrl.assets import progress_bar
 from parityrl.config import ConfigError, load_config, read_config_mapping
 from parityrl.parity.compare_stats import DEFAULT_REFERENCE, NAIVE
+from parityrl.progress import progress_bar
 
 # configs/ at the repository root: parents[3] of src/parityrl/parity/ablate.py
 ABLATION_SPEC = Path(__file__).resolve().parents[3] / "configs" / "ablation.yaml"

@@ -1,0 +1,94 @@
+"""`parityrl ablate` reads its runs from configs/ablation.yaml: the matrix it builds and the errors it gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from parityrl.config import ConfigError, load_config
+from parityrl.parity.ablate import ABLATION_SPEC, ablation_matrix, check_runs, load_ablation_spec
+
+pytestmark = pytest.mark.unit
+
+MINIMAL = """\
+reference: {engine.kind: reference}
+naive: {engine.kind: vllm, engine.logprobs_mode: raw_logprobs}
+fixes:
+  fix1-only: {engine.logprobs_mode: processed_logprobs}
+fixed: {engine.kind: vllm}
+every_run:
+presets:
+  tiny: {train.steps: 2, task.prompt_prefix: "Sum: "}
+"""
+
+
+def test_shipped_spec_is_found_from_the_package_and_builds_the_matrix():
+    assert ABLATION_SPEC.is_file() and ABLATION_SPEC.parent.name == "configs"
+    spec = load_ablation_spec()
+    assert list(spec.configurations) == ["reference", "naive-v1", "fix1-only", "fix2-only", "fix3-only", "fix4-only", "fixed-v1"]
+    assert set(spec.presets) >= {"demo", "smoke"}
+    runs = ablation_matrix(spec, "demo", seeds=2)
+    assert len(runs) == 2 * 7 and {r.seed for r in runs} == {0, 1}
+    check_runs(spec, None, runs)  # every configuration loads as a valid RunConfig
+
+
+def test_each_configuration_switches_what_it_says():
+    spec = load_ablation_spec()
+    configs = {run.name: load_config(None, run.overrides) for run in ablation_matrix(spec, "demo", seeds=1)}
+    naive, fixed = configs["naive-v1"].engine, configs["fixed-v1"].engine
+    assert configs["reference"].engine.kind == "reference"
+    assert (naive.logprobs_mode, naive.enable_prefix_caching, naive.update_mode, naive.lm_head_fp32) == ("raw_logprobs", None, "abort", False)
+    assert (fixed.logprobs_mode, fixed.enable_prefix_caching, fixed.update_mode, fixed.lm_head_fp32) == ("processed_logprobs", False, "keep", True)
+    assert configs["fix1-only"].engine.logprobs_mode == "processed_logprobs" and configs["fix1-only"].engine.update_mode == "abort"
+    assert configs["fix3-only"].engine.update_mode == "keep" and configs["fix3-only"].engine.logprobs_mode == "raw_logprobs"
+    assert configs["fix4-only"].model.lm_head_fp32 and configs["fix4-only"].engine.lm_head_fp32
+    demo = configs["fixed-v1"]
+    assert (demo.model.dtype, demo.sampling.temperature, demo.task.prompt_prefix, demo.train.objective) == ("bfloat16", 0.7, "Add two numbers: ", "grpo")
+
+
+def test_own_spec_order_of_settings_and_only(tmp_path: Path):
+    path = tmp_path / "ablation.yaml"
+    path.write_text(MINIMAL)
+    spec = load_ablation_spec(path)
+    runs = ablation_matrix(spec, "tiny", seeds=1, only=["fix1-only"])
+    assert [r.name for r in runs] == ["fix1-only"]
+    # preset, then naive, then the fix (the later logprobs_mode wins), then the seed
+    assert runs[0].overrides == [
+        "train.steps=2", 'task.prompt_prefix="Sum: "', "engine.kind=vllm", "engine.logprobs_mode=raw_logprobs",
+        "engine.logprobs_mode=processed_logprobs", "seed=0",
+    ]
+    config = load_config(None, runs[0].overrides)
+    assert config.engine.logprobs_mode == "processed_logprobs" and config.task.prompt_prefix == "Sum: "
+    with pytest.raises(ConfigError, match="unknown preset 'demo'.*defines tiny"):
+        ablation_matrix(spec, "demo", seeds=1)
+    with pytest.raises(ConfigError, match="unknown configuration.*fix9-only"):
+        ablation_matrix(spec, "tiny", seeds=1, only=["fix9-only"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (MINIMAL.replace("fixed:", "fixd:"), r"missing: fixed; unknown: fixd"),
+        (MINIMAL.replace("{engine.kind: vllm}", "[engine.kind=vllm]"), r"fixed: expected a mapping"),
+        (MINIMAL.replace("fix1-only: {engine.logprobs_mode: processed_logprobs}", "naive-v1: {engine.kind: vllm}"), r"naive-v1 is the name of another"),
+        (MINIMAL.replace("train.steps: 2", "train: {steps: 2}"), r"presets.tiny: 'train' must be a dotted config key"),
+        (MINIMAL.replace("reference: {", "reference: {{"), r"not valid YAML"),
+    ],
+)
+def test_malformed_spec_is_reported_with_file_and_section(tmp_path: Path, text: str, message: str):
+    path = tmp_path / "ablation.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as error:
+        load_ablation_spec(path)
+    assert str(path) in str(error.value)
+
+
+def test_missing_spec_and_bad_setting_are_clear_errors(tmp_path: Path):
+    with pytest.raises(ConfigError, match="ablation definitions not found.*--spec FILE"):
+        load_ablation_spec(tmp_path / "nope.yaml")
+    path = tmp_path / "ablation.yaml"
+    path.write_text(MINIMAL.replace("train.steps: 2", "train.stepz: 2"))
+    spec = load_ablation_spec(path)
+    with pytest.raises(ConfigError, match=r"(?s)configuration reference: .*train\.stepz.*Did you mean .train\.steps."):
+        check_runs(spec, None, ablation_matrix(spec, "tiny", seeds=1))
