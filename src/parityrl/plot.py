@@ -1,4 +1,4 @@
-"""`parityrl plot RUN_DIR`: one PNG per plotted panel of `parityrl.metric_registry` (rl, parity, pipeline, perf, train)."""
+"""`parityrl plot RUN_DIR`: one PNG per plotted panel of `parityrl.metric_registry.PANELS`, its metrics in registry order."""
 
 from __future__ import annotations
 
