@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from parityrl.config import SamplingConfig
-from parityrl.policy import compute_context, processed_logprobs, sampling_logits, sequence_logits
+from parityrl.policy import apply_penalties, compute_context, processed_logprobs, sampling_logits, sequence_logits
 
 NO_VERSION = 1 << 40
 """Stands in for "no token" when taking the oldest version of an empty completion."""
@@ -108,13 +108,13 @@ def completion_logits(logits: Tensor, completion_start: Tensor, width: int) -> T
 class Scored:
     """The trainer's view of a packed batch under its current weights."""
 
-    logits: Tensor  # [B, T, V] logits predicting each completion token (before sampling transforms)
+    logits: Tensor  # [B, T, V] fp32 logits predicting each completion token, penalised (before temperature/truncation)
     logprobs: Tensor  # [B, T] processed logprobs of the sampled tokens; -inf outside support, 0 at padding
     in_support: Tensor  # [B, T] bool: generated and inside the trainer's sampling support
 
     def log_distribution(self, sampling: SamplingConfig) -> Tensor:
         """[B, T, V] log-probabilities of the whole processed distribution at each position (-inf outside support)."""
-        return sampling_logits(self.logits, sampling.temperature, sampling.top_k, sampling.top_p).log_softmax(dim=-1)
+        return sampling_logits(self.logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p).log_softmax(dim=-1)
 
     @property
     def logprobs_safe(self) -> Tensor:
@@ -131,10 +131,14 @@ def score(model: nn.Module, packed: PackedBatch, sampling: SamplingConfig, dtype
     with compute_context(dtype):
         logits = sequence_logits(model, packed.input_ids, packed.attention_mask)
     logits_completion = completion_logits(logits, packed.completion_start, packed.completion_ids.shape[1])
-    logprobs = processed_logprobs(logits_completion, packed.completion_ids, sampling.temperature, sampling.top_k, sampling.top_p)
+    # repetition/presence/frequency penalties see the prompt and the tokens generated before each position
+    positions = torch.arange(packed.input_ids.shape[1], device=packed.input_ids.device).unsqueeze(0)  # [1, L]
+    prompt_mask = (positions < packed.completion_start.unsqueeze(-1)) & packed.attention_mask.bool()  # [B, L]
+    penalised = apply_penalties(logits_completion, packed.input_ids, prompt_mask, packed.completion_ids, packed.completion_mask, sampling)
+    logprobs = processed_logprobs(penalised, packed.completion_ids, sampling.temperature, sampling.top_k, sampling.top_p, min_p=sampling.min_p)
     in_support = packed.completion_mask & torch.isfinite(logprobs)
     logprobs = torch.where(packed.completion_mask, logprobs, torch.zeros_like(logprobs))
-    return Scored(logits_completion, logprobs, in_support)
+    return Scored(penalised, logprobs, in_support)
 
 
 def k3(log_ratio: Tensor) -> Tensor:

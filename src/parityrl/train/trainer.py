@@ -111,7 +111,7 @@ class Trainer:
         sampling = self.config.trainer_sampling()
         generated, valid = packed.completion_mask, scored.in_support
         logprobs_new = scored.logprobs.detach()
-        entropy = processed_entropy(scored.logits.detach(), sampling.temperature, sampling.top_k, sampling.top_p)
+        entropy = processed_entropy(scored.logits.detach(), sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
         stats.add("loss", out.loss_sum.detach())
         stats.add("units", out.units)
         stats.add("clipped", out.clipped)
