@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 import torch
+import vllm  # noqa: F401,E402  (a missing vLLM must fail CI, not skip these tests)
 
 from parityrl.config import load_config
 from parityrl.parity.check import run_check
 
-pytest.importorskip("vllm")
 pytestmark = pytest.mark.integration
 
 
@@ -44,6 +44,25 @@ def test_check_fixed_v1_on_fp32_model(tiny_model_dir):
     assert result["inflight_v1_kept_kv/kl"] <= 1e-9
     assert result["pipeline/kv_staleness_kl"] > 0
     assert result["post_update/kl"] <= 1e-9
+
+
+def test_full_vocab_parity_with_min_p_and_penalties_replayed(tiny_model_dir):
+    """Every sampling transform vLLM applies is replayed by the trainer: the sampled tokens' logprobs
+    AND the whole processed distribution at every position agree to fp32 rounding; leaving one
+    transform out of the replay (the trainer-side override) is visible in both."""
+    shaped = [
+        f"model.path={tiny_model_dir}", "engine.enforce_eager=true", "sampling.n=4", "sampling.max_new_tokens=24",
+        "sampling.ignore_eos=true", "sampling.temperature=0.8", "sampling.top_k=40", "sampling.min_p=0.05",
+        "sampling.repetition_penalty=1.3", "sampling.presence_penalty=0.4", "sampling.frequency_penalty=0.2",
+    ]  # fmt: skip
+    result = asyncio.run(run_check(load_config(None, shaped), num_prompts=4, inflight=False, full_vocab=True))
+    assert result["parity/full_listed_tokens"] == 128  # the whole vocabulary at every position
+    assert result["parity/full_positions"] == result["parity/tokens"] == 4 * 4 * 24
+    assert result["parity/kl"] <= 1e-9 and result["parity/full_kl"] <= 1e-9
+    assert result["parity/support_mismatch_frac"] == 0
+    # the trainer forgets the repetition penalty: both checks must see it
+    forgot = asyncio.run(run_check(load_config(None, [*shaped, "train.logprob_repetition_penalty=1.0"]), num_prompts=4, inflight=False, full_vocab=True))
+    assert forgot["parity/kl"] > 1e-4 and (forgot["parity/full_kl"] or 0) + forgot["parity/support_mismatch_frac"] > 1e-4
 
 
 def test_check_on_a_llama_bf16_model_it_was_not_developed_on(tiny_model_dir, tmp_path):
