@@ -32,7 +32,10 @@ def perturbed_state(model, scale: float, seed: int) -> dict[str, torch.Tensor]:
 
 
 def test_inflight_update_keeps_kv_and_tags_versions(tiny_model_dir):
-    sampling = SamplingConfig(temperature=1.3, top_k=20, top_p=0.95, max_new_tokens=24, n=4)
+    # ignore_eos: 24 tokens per sequence, so the update lands mid-sequence however fast the wave decodes;
+    # no truncation: past EOS the tiny model is sure of EOS, and a top-p cut would make those logprobs
+    # exactly 0 under both weights, hiding the staleness this test must see
+    sampling = SamplingConfig(temperature=1.3, max_new_tokens=24, n=4, ignore_eos=True)
     tokenizer = load_tokenizer(tiny_model_dir)
     prompt = encode_prompt(tokenizer, "12+34=")
     model_v0 = load_policy(tiny_model_dir, "float32", lm_head_fp32=True).eval()

@@ -214,6 +214,9 @@ class EngineConfig(Strict):
     """Deadline for one prompt group or one weight update; past it the engine counts as dead and is restarted."""
     stall_timeout_s: float = Field(120.0, gt=0)
     """An engine with requests in flight that streams no token for this long (while not paused) counts as hung and is restarted."""
+    replicas: int = Field(1, ge=1)
+    """Engine replicas (`pipeline.backend: ray`): each a Ray actor with its own vLLM engine; prompt groups go to the
+    replica with the fewest outstanding groups, and every replica loads each new version before it counts."""
 
 
 class TrainConfig(Strict):
@@ -248,7 +251,13 @@ class TrainConfig(Strict):
     """Write a resumable checkpoint (model, optimizer, step, version, RNG, sampler position) every this many steps,
     and at the end; 0: only at the end."""
     threads: int = Field(1, ge=1)
-    """torch threads of the trainer (the engine gets the rest of the cores)."""
+    """torch threads of the trainer (per rank; the engine gets the rest of the cores)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the trainer's model, optimizer and batches live: `auto` = cuda when torch sees a GPU. On CUDA,
+    bf16 models compute under autocast with fp32 master weights and the fp32 head, as on CPU."""
+    world_size: int = Field(1, ge=1)
+    """Data-parallel trainer ranks (`pipeline.backend: ray`; torch.distributed DDP, gloo on CPU, nccl on
+    GPU). Each step's samples (prompts_per_step x sampling.n) must split evenly over them."""
     logprob_temperature: float | None = Field(None, gt=0)
     """Temperature the trainer uses to recompute logprobs; None = sampling.temperature (the only consistent
     choice; other values exist to reproduce the pitfall, lint flags them)."""
@@ -283,6 +292,21 @@ class PipelineConfig(Strict):
     sequence is one version behind. 0 disables; sync mode never needs it."""
     max_inflight_groups: int | None = Field(None, ge=1)
     """Prompt groups being generated at once; None = prompts_per_step * max(1, max_lag)."""
+    backend: Literal["local", "ray"] = "local"
+    """`local`: one process (the vLLM engine in its own subprocesses). `ray`: `engine.replicas` engine actors
+    and `train.world_size` trainer ranks as Ray actors, on this machine or a cluster (`ray.address`)."""
+
+
+class RaySettings(Strict):
+    address: str | None = None
+    """Ray cluster to join (`HOST:6379` of a `ray start --head`); None starts a Ray instance on this machine."""
+    num_cpus: int | None = Field(None, ge=1)
+    """Logical CPUs of the local Ray instance (address None); None = enough for every actor."""
+    engine_resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each engine replica requires, to pin replicas to nodes started with
+    `ray start --resources='{"engines": 8}'` (then `{"engines": 1}` here)."""
+    trainer_resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each trainer rank requires (as `engine_resources`)."""
 
 
 class LoggingConfig(Strict):
@@ -313,12 +337,29 @@ class RunConfig(Strict):
     """Generation/training overlap."""
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     """Metric sinks besides RUN_DIR/metrics.jsonl."""
+    ray: RaySettings = Field(default_factory=RaySettings)
+    """Ray cluster (`pipeline.backend: ray`)."""
 
     def trainer_sampling(self) -> SamplingConfig:
         """Sampling parameters the trainer recomputes logprobs with: `sampling`, with every
         `train.logprob_<name>` that is set (not None) in place of `sampling.<name>`."""
         overrides = {name: getattr(self.train, f"logprob_{name}") for name in REPLAYED_SAMPLING_FIELDS}
         return self.sampling.model_copy(update={name: value for name, value in overrides.items() if value is not None})
+
+    @model_validator(mode="after")
+    def _scale_out_needs_ray(self) -> RunConfig:
+        if self.pipeline.backend == "local" and (self.engine.replicas > 1 or self.train.world_size > 1):
+            raise ValueError(
+                f"engine.replicas={self.engine.replicas} and train.world_size={self.train.world_size} need "
+                "pipeline.backend: ray (the local backend runs one engine and one trainer process)."
+            )
+        samples = self.train.prompts_per_step * self.sampling.n
+        if samples % self.train.world_size:
+            raise ValueError(
+                f"train.prompts_per_step x sampling.n = {samples} samples per step do not split evenly over "
+                f"train.world_size={self.train.world_size} ranks; make it a multiple."
+            )
+        return self
 
     @model_validator(mode="after")
     def _refuse_one_sided_fp32_head(self) -> RunConfig:

@@ -16,30 +16,36 @@ Scorer = Callable[[list[RewardItem]], list[RewardResult]]
 
 
 @torch.no_grad()
-def greedy_success(model, tokenizer, task: Task, problems, score: Scorer | None = None, max_new_tokens: int | None = None) -> float:
-    """Fraction of `problems` whose greedy completion scores a reward >= 1 (KV-cached batched decoding).
+def greedy_completions(model, tokenizer, task: Task, problems, dtype: str = "float32", max_new_tokens: int | None = None) -> list[str]:
+    """Greedy completion text of each problem (KV-cached batched decoding on the model's device, in the
+    model dtype's compute precision); the model's train/eval mode is restored.
 
-    `score` computes the rewards; None scores in this thread without a timeout (`score_in_process`,
-    fine for the built-in rewards in any thread). Pass `RewardPool.score_sync` for user rewards or a
-    timeout. A reward that fails counts as not solved. `max_new_tokens`: the completion budget (the
-    run's `sampling.max_new_tokens`); None allows the longest answer plus 2 (the SFT probe)."""
+    `max_new_tokens`: the completion budget (the run's `sampling.max_new_tokens`); None allows the
+    longest answer plus 2 (the SFT probe)."""
     from parityrl.engines.reference import decode_batch, greedy_picker
 
+    was_training = model.training
     model.eval()
     prompts = [task_prompt_ids(tokenizer, task, p.prompt) for p in problems]
     max_new = max_new_tokens or max(len(tokenizer(p.answer, add_special_tokens=False)["input_ids"]) for p in problems) + 2
-    tokens, _, _ = decode_batch(model, prompts, max_new, tokenizer.eos_token_id, greedy_picker)
-    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-    items = [RewardItem(text, p.answer, p.prompt) for text, p in zip(texts, problems)]
-    results = score(items) if score is not None else score_in_process(task.reward_kind, items)
+    device = next(model.parameters()).device
+    with compute_context(dtype, device.type):
+        tokens, _, _ = decode_batch(model, prompts, max_new, tokenizer.eos_token_id, greedy_picker)
+    if was_training:
+        model.train()
+    return tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+
+def success_rate(completions: list[str], problems, score: Scorer | None, reward_kind: str = "exact") -> float:
+    """Fraction of completions whose reward is >= 1. `score`: e.g. `RewardPool.score_sync` (user rewards,
+    timeouts); None scores in this thread without a timeout (fine for the built-in rewards). A reward
+    that fails counts as not solved."""
+    items = [RewardItem(text, p.answer, p.prompt) for text, p in zip(completions, problems)]
+    results = score(items) if score is not None else score_in_process(reward_kind, items)
     return sum(result.value >= 1.0 for result in results) / len(problems)
 
 
-def evaluate(model, tokenizer, task: Task, score: Scorer, dtype: str = "float32", max_new_tokens: int | None = None) -> float:
-    """Greedy success rate on the held-out split, in the model dtype's compute precision; restores train mode."""
-    was_training = model.training
-    with compute_context(dtype):
-        success = greedy_success(model, tokenizer, task, task.eval, score=score, max_new_tokens=max_new_tokens)
-    if was_training:
-        model.train()
-    return success
+def greedy_success(model, tokenizer, task: Task, problems, score: Scorer | None = None, max_new_tokens: int | None = None) -> float:
+    """Greedy success rate of `model` on `problems` (fp32 compute: the SFT probe)."""
+    completions = greedy_completions(model, tokenizer, task, problems, "float32", max_new_tokens)
+    return success_rate(completions, problems, score, task.reward_kind)

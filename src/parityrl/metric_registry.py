@@ -94,6 +94,7 @@ METRICS: tuple[Metric, ...] = (
            "scored before the next step, not trained on) that qualified for `parity/*`", "parity"),
     Metric("parity/outside_support_frac", "sampled tokens outside the trainer's top-k/top-p support; they are masked out of the loss "
            "(never −inf/NaN)", "parity", check_title="outside"),
+    Metric("parity/kl_per_replica", "`parity/kl` of each engine replica (`pipeline.backend: ray`), by replica id", "parity", scalar=False),
     # full-distribution parity (`parityrl check --full-vocab`): the engine lists its top-K processed logprobs per position;
     # with K < vocabulary size the unlisted tokens are pooled into one outcome on both sides (lower bounds of KL and TV)
     Metric("parity/full_kl", "mean over sampled positions of KL(engine‖trainer) over the whole processed distribution "
@@ -116,6 +117,8 @@ METRICS: tuple[Metric, ...] = (
            "pipeline", scalar=False),
     # --- perf
     Metric("perf/rollout_tok_s", "tokens the engine generated per wall-clock second since the previous step", "perf"),
+    Metric("perf/rollout_tok_s_per_replica", "`perf/rollout_tok_s` of each engine replica (`pipeline.backend: ray`), by replica id",
+           "perf", scalar=False),
     Metric("perf/train_tok_s", "completion tokens per second of the optimiser step", "perf"),
     Metric("perf/weight_sync_s", "seconds to hand the new weights to the engine (pause, load, resume)", "perf"),
     Metric("perf/engine_idle_frac", "fraction of the RL wall time so far that the engine had no request", "perf"),
@@ -127,6 +130,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("train/step_s", "seconds of the optimiser step", "train"),
     Metric("train/skipped_steps", "1 when the step was skipped for a NaN/inf logprob, loss or gradient (weights unchanged)", "train"),
     Metric("train/skip_reason", "why the step was skipped", "train", scalar=False),
+    Metric("train/world_size", "data-parallel trainer ranks that took the step (`pipeline.backend: ray`)", "train"),
     # --- check only; the first two are the static comparison's statistics that training does not log
     Metric("parity/frac_abs_diff_gt_1e-3", COMPARISON_STATISTICS["frac_abs_diff_gt_1e-3"], "check", check_title=">1e-3"),
     Metric("parity/tokens", COMPARISON_STATISTICS["tokens"] + " by the static comparison", "check"),

@@ -29,14 +29,15 @@ from rich.console import Console
 from parityrl.assets import load_tokenizer, prepare_model, task_prompt_ids
 from parityrl.config import RunConfig
 from parityrl.engines import make_engine
+from parityrl.engines.ray_replicas import ReplicaSet
 from parityrl.engines.supervisor import EngineGaveUp, SupervisedEngine
-from parityrl.evaluate import evaluate
+from parityrl.evaluate import success_rate
 from parityrl.metrics import MetricsLogger, truncate_metrics, write_json_atomic
 from parityrl.progress import progress_bar
 from parityrl.rewards import RewardPool
 from parityrl.rollouts import Rollouts, RunStopped, StopSignals, batch_tensors
 from parityrl.tasks import Problem, check_prompt_lengths, load_task
-from parityrl.train.checkpoint import RunState, latest_checkpoint, load_run_state, save_checkpoint
+from parityrl.train.checkpoint import RunState, latest_checkpoint, load_run_state
 from parityrl.train.trainer import Trainer
 
 MAX_REWARD_ERROR_FRAC = 0.10
@@ -64,15 +65,28 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         console.print(f"[yellow]{run_dir} has no complete checkpoint yet: starting from step 0[/yellow]")
-    trainer = Trainer(config, checkpoint or model_dir, pad_id=tokenizer.pad_token_id or 0)
-    state = load_run_state(checkpoint, trainer.optimizer) if checkpoint is not None else None
+    log = lambda line: console.print(f"[yellow]{line}[/yellow]")  # noqa: E731
+    pad_id = tokenizer.pad_token_id or 0
+    if config.pipeline.backend == "ray":
+        from parityrl import cluster
+
+        summary_ray = cluster.start_ray(config)
+        console.print(f"[bold]ray[/bold]: {summary_ray['nodes']} node(s), {summary_ray['resources']}")
+        trainer = cluster.trainer_ranks(config, checkpoint or model_dir, pad_id)
+        engine = cluster.engine_replicas(config, model_dir, log)
+    else:
+        trainer = Trainer(config, checkpoint or model_dir, pad_id)
+        engine = SupervisedEngine(lambda: make_engine(config, model_dir), config.engine, log=log)
+    state = None
+    if checkpoint is not None:
+        trainer.load_checkpoint(checkpoint)
+        state = load_run_state(checkpoint)
     start_step = state.step if state is not None else 0
     counters: dict[str, float] = dict(state.counters) if state is not None else {}
     if state is not None:
         trainer.version = state.version
         console.print(f"[bold]resuming[/bold] {run_dir} at step {start_step} (policy v{state.version}) from {checkpoint.name}")
     truncate_metrics(run_dir, start_step if resume else -1)
-    engine = SupervisedEngine(lambda: make_engine(config, model_dir), config.engine, log=lambda line: console.print(f"[yellow]{line}[/yellow]"))
     if trainer.version > 0:
         engine.publish(trainer.state_dict_for_engines(), trainer.version)
     rewards = RewardPool.from_config(config.task)
@@ -91,14 +105,15 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
         console.print(f"[bold]engine settings in force[/bold]: {settings}")
         logger = MetricsLogger(run_dir, tensorboard=config.logging.tensorboard, wandb_config=wandb_config, purge_step=start_step + 1)
         rollouts = Rollouts(
-            engine, config, task, tokenizer, rewards, log=lambda line: console.print(f"[yellow]{line}[/yellow]"),
+            engine, config, task, tokenizer, rewards, log=log,
             sampler_state=state.sampler_state if state is not None else None,
             requeue=state.pending_prompts if state is not None else None,
             group_counter=int(counters.get("group_counter", 0)),
         )
 
         def held_out_success() -> float:
-            return evaluate(trainer.model, tokenizer, task, rewards.score_sync, config.model.dtype, config.sampling.max_new_tokens)
+            completions = trainer.greedy_completions(task, config.sampling.max_new_tokens)
+            return success_rate(completions, task.eval, rewards.score_sync)
 
         def checkpoint_now(extra_pending: list[Problem] = ()) -> RunState:
             run_state = RunState(
@@ -109,7 +124,7 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
                 counters=dict(counters),
                 eval_success=eval_success,
             )
-            save_checkpoint(run_dir, trainer.model, trainer.optimizer, tokenizer, run_state)
+            trainer.save_checkpoint(run_dir, run_state)
             return run_state
 
         async def stop_run(reason: str, extra_pending: list[Problem] = ()) -> RunStopped:
@@ -138,6 +153,8 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
         totals_before = dict(counters)  # run totals up to the checkpoint; this session's counts add to them
         last_tokens, trainer_wait_s, skipped_in_a_row = 0, 0.0, 0
         restarts_seen, requeued_seen = engine.restarts, engine.requeued_groups
+        replicated = isinstance(engine, ReplicaSet)
+        last_replica_tokens = list(engine.tokens_per_replica) if replicated else []
         probe_count = config.pipeline.parity_probe_prompts if producer is not None else 0
         probe_task = asyncio.create_task(rollouts.probe(probe_count)) if probe_count else None
         with StopSignals() as signals, progress_bar() as progress:
@@ -197,6 +214,11 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
                     "version": trainer.version,
                     "time_s": rl_seconds_before + now - rl_start,
                 }
+                if replicated:  # tokens per replica since the last step, as a rate
+                    metrics["perf/rollout_tok_s_per_replica"] = [
+                        (tokens - before) / max(now - last_time, 1e-9) for tokens, before in zip(engine.tokens_per_replica, last_replica_tokens)
+                    ]
+                    last_replica_tokens = list(engine.tokens_per_replica)
                 restarts_seen, requeued_seen = engine.restarts, engine.requeued_groups
                 last_time, last_tokens = now, rollouts.generated_tokens
                 if step % config.train.eval_every == 0 or step == config.train.steps:
@@ -223,6 +245,9 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
                 if signals.received is not None and step < config.train.steps:
                     raise await stop_run(f"{signals.received} received")
         summary |= _summary(counters, eval_success, config.train.steps, run_dir)
+        if replicated:
+            summary["samples_per_replica"] = dict(enumerate(engine.samples_per_replica))
+            summary["last_version_per_replica"] = engine.last_version_per_replica()
     finally:
         for background in (producer, probe_task):
             if background is not None:
@@ -233,8 +258,13 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
         summary["engine_failures"] = engine.failures
         await engine.close()
         rewards.close()
+        trainer.close()
         if logger is not None:
             logger.close()
+        if config.pipeline.backend == "ray" and config.ray.address is None:
+            import ray
+
+            ray.shutdown()  # the Ray instance this run started
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
 

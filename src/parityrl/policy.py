@@ -305,7 +305,8 @@ def load_policy(model_dir: str | Path, dtype: str, lm_head_fp32: bool) -> nn.Mod
 
 def export_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """HF-named weights of `model`, copied so the trainer can keep stepping while engines load them."""
-    return {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}
+    # on CPU: engines (vLLM's in-place reload, Ray's object store) take host tensors whatever the trainer's device
+    return {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in model.state_dict().items()}
 
 
 def sequence_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

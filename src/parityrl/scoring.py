@@ -41,6 +41,8 @@ class Sample:
     """Policy version that produced each completion token."""
     finish_reason: str = "length"
     """`stop` (EOS) or `length` (max_new_tokens reached) or `abort`."""
+    replica: int | None = None
+    """Engine replica that generated the sample (`pipeline.backend: ray`); None with one local engine."""
     top_logprobs_old: list[dict[int, float]] | None = None
     """Only for `check --full-vocab`: per completion position, the engine's processed logprobs of its
     top-K tokens (all tokens when K is the vocabulary size)."""
@@ -64,6 +66,11 @@ class PackedBatch:
     completion_mask: Tensor  # [B, T] bool, generated (not padding)
     logprobs_old: Tensor  # [B, T] engine logprobs, 0 at padding
     version_per_token: Tensor  # [B, T] int64, -1 at padding
+    replica: Tensor  # [B] int64 engine replica of each sequence, -1 when unknown (one local engine)
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        """The same batch on `device` (the trainer's)."""
+        return PackedBatch(*(getattr(self, name).to(device) for name in self.__dataclass_fields__))
 
     def sequence_versions(self) -> tuple[Tensor, Tensor, Tensor]:
         """(oldest [B], newest [B], has_tokens [B]) policy version of each sequence's completion."""
@@ -84,6 +91,7 @@ def pack_samples(samples: list[Sample], pad_id: int) -> PackedBatch:
     completion_mask = torch.zeros((batch, max_completion), dtype=torch.bool)
     logprobs_old = torch.zeros((batch, max_completion), dtype=torch.float32)
     versions = torch.full((batch, max_completion), -1, dtype=torch.long)
+    replica = torch.tensor([-1 if s.replica is None else s.replica for s in samples], dtype=torch.long)
     for row, sample in enumerate(samples):
         sequence = sample.prompt_token_ids + sample.completion_token_ids
         count = len(sample.completion_token_ids)
@@ -94,7 +102,7 @@ def pack_samples(samples: list[Sample], pad_id: int) -> PackedBatch:
         completion_mask[row, :count] = True
         logprobs_old[row, :count] = torch.tensor(sample.logprobs_old, dtype=torch.float32)
         versions[row, :count] = torch.tensor(sample.version_per_token, dtype=torch.long)
-    return PackedBatch(input_ids, attention, start, completion_ids, completion_mask, logprobs_old, versions)
+    return PackedBatch(input_ids, attention, start, completion_ids, completion_mask, logprobs_old, versions, replica)
 
 
 def completion_logits(logits: Tensor, completion_start: Tensor, width: int) -> Tensor:
@@ -128,7 +136,7 @@ def score(model: nn.Module, packed: PackedBatch, sampling: SamplingConfig, dtype
     `sampling` is what the trainer replays (`RunConfig.trainer_sampling()`); `dtype` the model dtype
     whose compute precision the trainer uses (`policy.compute_context`). Differentiable; wrap in
     `torch.no_grad()` when only measuring."""
-    with compute_context(dtype):
+    with compute_context(dtype, packed.input_ids.device.type):
         logits = sequence_logits(model, packed.input_ids, packed.attention_mask)
     logits_completion = completion_logits(logits, packed.completion_start, packed.completion_ids.shape[1])
     # repetition/presence/frequency penalties see the prompt and the tokens generated before each position

@@ -61,7 +61,8 @@ def decode_batch(
 ) -> tuple[list[list[int]], list[list[float]], list[str]]:
     """KV-cached batched decoding. `before_step(step)` runs before every decode step (used to apply
     weight updates and pauses between steps). Returns per row: tokens, logprobs, finish reason."""
-    input_ids, attention = left_pad(prompts, pad_id=0)
+    device = next(model.parameters()).device
+    input_ids, attention = (t.to(device) for t in left_pad(prompts, pad_id=0))
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
     batch = len(prompts)
     tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -88,7 +89,7 @@ def decode_batch(
             break
         step_input = next_tokens.unsqueeze(-1)
         step_positions = step_positions[:, -1:] + 1
-        attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype)], dim=-1)
+        attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], dim=-1)
     return tokens, logprobs, finish
 
 

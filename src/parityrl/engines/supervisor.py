@@ -193,9 +193,10 @@ class SupervisedEngine:
             self.failures.append(reason)
             if self._watchdog is not None:
                 self._watchdog.cancel()
-            old, self._engine = self._engine, None
-            if old is not None:
-                await self._dispose(old)
+            # the dead engine stays `self._engine` (its death event is set, so calls on it fail fast
+            # and come here to wait) until `_start_new` puts the new one in its place
+            if self._engine is not None:
+                await self._dispose(self._engine)
             if self.restarts >= self.config.max_restarts:
                 self._gave_up = EngineGaveUp(
                     f"the rollout engine failed {self.restarts + 1} times (engine.max_restarts={self.config.max_restarts}); "

@@ -10,8 +10,10 @@ of the loss and counted (`scoring` module doc).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,19 +22,48 @@ from torch import Tensor
 from parityrl.config import RunConfig
 from parityrl.policy import export_state_dict, load_policy, processed_entropy
 from parityrl.scoring import Mismatch, PackedBatch, Sample, Scored, k3, pack_samples, score
+from parityrl.train.checkpoint import RunState, load_run_state, save_checkpoint
 from parityrl.train.objectives import policy_loss
 
 
+def resolve_device(name: str) -> torch.device:
+    """`train.device`: auto picks CUDA when a GPU is visible."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but torch sees no CUDA device (set train.device: cpu or auto)")
+    return torch.device(name)
+
+
+def global_normaliser(samples: list[Sample], objective: str) -> int:
+    """What the summed loss is divided by: the batch's sequences (GSPO) or tokens, over all ranks."""
+    if objective == "gspo":
+        return max(sum(1 for s in samples if s.completion_token_ids), 1)
+    return max(sum(len(s.completion_token_ids) for s in samples), 1)
+
+
 class StepStats:
-    """Running sums for one optimiser step's metrics across micro-batches (and the parity probe)."""
+    """Running sums for one optimiser step's metrics across micro-batches, the parity probe and ranks."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
         self.lag_max = 0
         self.parity = Mismatch()
         """Tokens of sequences entirely at the trainer's version: training batch and probe."""
+        self.parity_by_replica: dict[int, Mismatch] = {}
+        """The same, per engine replica (`pipeline.backend: ray`)."""
         self.stale = Mismatch()
         """Tokens produced after an inflight update, on KV built by older weights."""
+
+    def __add__(self, other: StepStats) -> StepStats:
+        merged = StepStats()
+        for name in self.sums.keys() | other.sums.keys():
+            merged.sums[name] = self.sums.get(name, 0.0) + other.sums.get(name, 0.0)
+        merged.lag_max = max(self.lag_max, other.lag_max)
+        merged.parity, merged.stale = self.parity + other.parity, self.stale + other.stale
+        for replica in self.parity_by_replica.keys() | other.parity_by_replica.keys():
+            merged.parity_by_replica[replica] = self.parity_by_replica.get(replica, Mismatch()) + other.parity_by_replica.get(replica, Mismatch())
+        return merged
 
     def add(self, name: str, value: float | Tensor) -> None:
         self.sums[name] = self.sums.get(name, 0.0) + float(value)
@@ -42,14 +73,51 @@ class StepStats:
         return self.sums.get(numerator, 0.0) / den if den > 0 else None
 
 
+@dataclass
+class StepResult:
+    """One rank's part of an optimiser step (a local run has one rank)."""
+
+    stats: StepStats | None
+    grad_norm: float
+    tokens: int
+    elapsed: float
+    skip_reason: str | None = None
+    """Why the step was skipped (weights and version unchanged); None when it was taken."""
+
+    def skip_metrics(self) -> dict[str, float | str | None]:
+        return {"train/skipped_steps": 1, "train/skip_reason": self.skip_reason, "train/step_s": self.elapsed}
+
+
+def _any_rank(flag: bool, distributed: bool) -> bool:
+    """True if `flag` is true on any rank: every rank must take the same skip decision."""
+    if not distributed:
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
 class Trainer:
-    def __init__(self, config: RunConfig, model_dir: Path, pad_id: int):
+    def __init__(self, config: RunConfig, model_dir: Path, pad_id: int, distributed: bool = False):
+        """distributed: this is one rank of an initialised torch.distributed group (`train.distributed`);
+        the model is wrapped in DDP and skip decisions are agreed over all ranks."""
         self.config = config
+        self.model_dir = Path(model_dir)
         self.pad_id = pad_id
+        self.distributed = distributed
+        self.device = resolve_device(config.train.device)
         torch.manual_seed(config.seed)
         # fp32 master weights; bf16 models compute in bf16 via policy.compute_context
-        self.model = load_policy(model_dir, "float32", config.model.lm_head_fp32)
+        self.model = load_policy(model_dir, "float32", config.model.lm_head_fp32).to(self.device)
         self.model.train()
+        self.train_model = self.model
+        if distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # no buffers to sync (rotary tables are recomputed); probe and eval use the bare module
+            self.train_model = DistributedDataParallel(self.model, broadcast_buffers=False)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay
         )
@@ -58,14 +126,26 @@ class Trainer:
     def state_dict_for_engines(self) -> dict[str, Tensor]:
         return export_state_dict(self.model)
 
-    def _score(self, packed: PackedBatch) -> Scored:
-        return score(self.model, packed, self.config.trainer_sampling(), self.config.model.dtype)
+    def _score(self, packed: PackedBatch, model: torch.nn.Module | None = None) -> Scored:
+        return score(model or self.model, packed.to(self.device), self.config.trainer_sampling(), self.config.model.dtype)
 
     def step(self, samples: list[Sample], advantages: Tensor, probe: list[Sample] | None = None) -> dict[str, float | None]:
         """One optimiser step on `samples` (advantages [len(samples)]); returns metrics; version += 1.
 
         `probe`: samples generated entirely at the current version, only scored for `parity/*`.
         A NaN/inf engine logprob, loss or gradient skips the step: no optimiser step, same version."""
+        result = self.step_stats(samples, advantages, probe, global_normaliser(samples, self.config.train.objective))
+        if result.skip_reason is not None:
+            return result.skip_metrics()
+        return finalise(result.stats) | {
+            "train/grad_norm": result.grad_norm,
+            "train/step_s": result.elapsed,
+            "perf/train_tok_s": result.tokens / max(result.elapsed, 1e-9),
+            "train/skipped_steps": 0,
+        }
+
+    def step_stats(self, samples: list[Sample], advantages: Tensor, probe: list[Sample] | None, normaliser: int) -> StepResult:
+        """This rank's share of a step: `normaliser` is the whole batch's (all ranks) unit count."""
         start = time.perf_counter()
         train = self.config.train
         stats = StepStats()
@@ -74,38 +154,54 @@ class Trainer:
         chunks = [list(range(i, min(i + train.micro_batch_size, len(samples)))) for i in range(0, len(samples), train.micro_batch_size)]
         packed_all = [pack_samples([samples[i] for i in chunk], self.pad_id) for chunk in chunks]
         bad_old = sum(int((~torch.isfinite(p.logprobs_old) & p.completion_mask).sum()) for p in packed_all)
-        if bad_old:
-            return self._skip(f"{bad_old} engine logprobs are NaN/inf", start)
-        # normalisers are global across micro-batches: count units first
-        total_sequences = sum(int(p.completion_mask.any(-1).sum()) for p in packed_all)
+        if _any_rank(bad_old > 0, self.distributed):
+            return self._skip(f"{bad_old} engine logprobs are NaN/inf" if bad_old else "NaN/inf engine logprobs on another rank", start)
         total_tokens = sum(int(p.completion_mask.sum()) for p in packed_all)
-        normaliser = max(total_sequences if train.objective == "gspo" else total_tokens, 1)
+        advantages = advantages.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        for chunk, packed in zip(chunks, packed_all):
-            scored = self._score(packed)
-            out = policy_loss(scored.logprobs_safe, packed.logprobs_old, advantages[chunk], scored.in_support, train)
-            (out.loss_sum / normaliser).backward()
+        for index, (chunk, packed) in enumerate(zip(chunks, packed_all)):
+            last = index == len(chunks) - 1
+            # DDP all-reduces gradients once, on the last micro-batch
+            sync = contextlib.nullcontext() if last or not self.distributed else self.train_model.no_sync()
+            with sync:
+                scored = self._score(packed, self.train_model)
+                packed = packed.to(self.device)
+                out = policy_loss(scored.logprobs_safe, packed.logprobs_old, advantages[chunk], scored.in_support, train)
+                (out.loss_sum / normaliser).backward()
             with torch.no_grad():
                 self._accumulate(stats, packed, scored, out)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip if train.grad_clip > 0 else float("inf"))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip if train.grad_clip > 0 else float("inf")))
         loss_sum = stats.sums.get("loss", 0.0)
-        if not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm))):
+        if _any_rank(not (math.isfinite(loss_sum) and math.isfinite(grad_norm)), self.distributed):
             # an optimiser step on a NaN/inf gradient would poison every weight: leave them untouched
             return self._skip(f"non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient norm'}", start)
         self.optimizer.step()
         self.version += 1
-        elapsed = time.perf_counter() - start
-        return self._finalise(stats) | {
-            "train/grad_norm": float(grad_norm),
-            "train/step_s": elapsed,
-            "perf/train_tok_s": total_tokens / elapsed,
-            "train/skipped_steps": 0,
-        }
+        return StepResult(stats, grad_norm, total_tokens, time.perf_counter() - start)
 
-    def _skip(self, reason: str, start: float) -> dict[str, float | None]:
-        """No optimiser step (weights and version unchanged); the caller counts and reports it."""
+    def _skip(self, reason: str, start: float) -> StepResult:
         self.optimizer.zero_grad(set_to_none=True)
-        return {"train/skipped_steps": 1, "train/skip_reason": reason, "train/step_s": time.perf_counter() - start}
+        return StepResult(None, float("nan"), 0, time.perf_counter() - start, skip_reason=reason)
+
+    # -- what the pipeline asks of a trainer besides steps (the Ray ranks answer the same) ------------
+
+    def save_checkpoint(self, run_dir: Path, state: RunState) -> Path:
+        from parityrl.assets import load_tokenizer
+
+        return save_checkpoint(run_dir, self.model, self.optimizer, load_tokenizer(self.model_dir), state)
+
+    def load_checkpoint(self, checkpoint: Path) -> None:
+        """Optimizer state of a checkpoint (the weights were loaded from it at construction)."""
+        load_run_state(checkpoint, self.optimizer)
+
+    def greedy_completions(self, task, max_new_tokens: int | None) -> list[str]:
+        from parityrl.assets import load_tokenizer
+        from parityrl.evaluate import greedy_completions
+
+        return greedy_completions(self.model, load_tokenizer(self.model_dir), task, task.eval, self.config.model.dtype, max_new_tokens)
+
+    def close(self) -> None:
+        """Nothing to release in-process (the Ray ranks shut their process group down)."""
 
     def _accumulate(self, stats: StepStats, packed: PackedBatch, scored: Scored, out) -> None:
         sampling = self.config.trainer_sampling()
@@ -134,6 +230,11 @@ class Trainer:
         generated = packed.completion_mask
         parity = Mismatch.of(logprobs_new, packed.logprobs_old, generated & current.unsqueeze(-1))
         stats.parity = stats.parity + parity
+        for replica in packed.replica.unique().tolist():
+            if replica >= 0:
+                rows = (packed.replica == replica).unsqueeze(-1)
+                mismatch = Mismatch.of(logprobs_new, packed.logprobs_old, generated & current.unsqueeze(-1) & rows)
+                stats.parity_by_replica[replica] = stats.parity_by_replica.get(replica, Mismatch()) + mismatch
         stats.add(f"{prefix}sequences", has_tokens.sum())
         stats.add(f"{prefix}mixed", mixed.sum())
         stats.add(f"{prefix}parity_tokens", parity.tokens)
@@ -150,22 +251,27 @@ class Trainer:
         stats.add("probe_tokens", packed.completion_mask.sum())
         self._accumulate_versions(stats, packed, scored.logprobs, prefix="probe_")
 
-    def _finalise(self, stats: StepStats) -> dict[str, float | None]:
-        parity = stats.parity.summary("parity")
-        return {
-            "train/loss": stats.ratio("loss", "units"),
-            "rl/clip_rate": stats.ratio("clipped", "clip_units"),
-            "rl/kl_new_old": stats.ratio("k3", "valid_tokens"),
-            "rl/entropy": stats.ratio("entropy", "tokens"),
-            "parity/kl": parity["parity/kl"],
-            "parity/abs_diff_mean": parity["parity/abs_diff_mean"],
-            "parity/abs_diff_max": parity["parity/abs_diff_max"],
-            "parity/probe_tokens": stats.sums.get("probe_parity_tokens", 0.0),
-            "parity/coverage": stats.ratio("parity_tokens", "tokens"),
-            "parity/outside_support_frac": stats.ratio("outside_support", "tokens"),
-            "pipeline/kv_staleness_kl": stats.stale.summary("stale")["stale/kl"],
-            "pipeline/lag_mean": stats.ratio("lag", "tokens"),
-            "pipeline/lag_max": float(stats.lag_max),
-            "pipeline/mixed_version_frac": stats.ratio("mixed", "sequences"),
-            "train/tokens": stats.sums.get("tokens", 0.0),
-        }
+
+
+def finalise(stats: StepStats) -> dict[str, float | list | None]:
+    """The step's metrics from its sums (one rank's, or all ranks' added up)."""
+    parity = stats.parity.summary("parity")
+    by_replica = {replica: m.summary("p")["p/kl"] for replica, m in sorted(stats.parity_by_replica.items())}
+    return {
+        "train/loss": stats.ratio("loss", "units"),
+        "rl/clip_rate": stats.ratio("clipped", "clip_units"),
+        "rl/kl_new_old": stats.ratio("k3", "valid_tokens"),
+        "rl/entropy": stats.ratio("entropy", "tokens"),
+        "parity/kl": parity["parity/kl"],
+        "parity/abs_diff_mean": parity["parity/abs_diff_mean"],
+        "parity/abs_diff_max": parity["parity/abs_diff_max"],
+        "parity/probe_tokens": stats.sums.get("probe_parity_tokens", 0.0),
+        "parity/coverage": stats.ratio("parity_tokens", "tokens"),
+        "parity/outside_support_frac": stats.ratio("outside_support", "tokens"),
+        "pipeline/kv_staleness_kl": stats.stale.summary("stale")["stale/kl"],
+        "pipeline/lag_mean": stats.ratio("lag", "tokens"),
+        "pipeline/lag_max": float(stats.lag_max),
+        "pipeline/mixed_version_frac": stats.ratio("mixed", "sequences"),
+        "train/tokens": stats.sums.get("tokens", 0.0),
+        "parity/kl_per_replica": [by_replica.get(i) for i in range(max(by_replica) + 1)] if by_replica else None,
+    }

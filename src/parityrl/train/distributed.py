@@ -1,0 +1,179 @@
+"""Data-parallel trainer ranks as Ray actors, in one torch.distributed group (gloo on CPU, nccl on GPU).
+
+Each rank holds a full `Trainer` whose model is wrapped in DDP; the driver splits every batch into
+equal shards, the ranks step together (DDP averages the gradients; the loss normaliser is the global
+token/sequence count, so the sum over ranks equals the single-process loss), and the driver merges the
+ranks' metric sums into the same metrics a local run logs. Rank 0 publishes the weights (its return
+value lands in Ray's object store once and every engine replica loads it from there), evaluates and
+writes checkpoints.
+
+Why plain Ray actors and not Ray Train's `TorchTrainer`: an RL step is driven from outside, between
+generation, weight publication, evaluation and checkpoints, and Ray Train runs a training function to
+completion on its own schedule. Actors keep the step under the pipeline's control and run the same
+`Trainer` code as local mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from parityrl.config import RunConfig
+from parityrl.scoring import Sample
+from parityrl.train.checkpoint import RunState
+from parityrl.train.trainer import StepResult, StepStats, Trainer, finalise, global_normaliser
+
+
+class TrainerRank:
+    """One data-parallel rank (created with `ray.remote(TrainerRank)`)."""
+
+    def __init__(self, config: RunConfig, model_dir: str, pad_id: int, rank: int, world_size: int):
+        torch.set_num_threads(config.train.threads)
+        self.config, self.model_dir, self.pad_id = config, model_dir, pad_id
+        self.rank, self.world_size = rank, world_size
+        self.trainer: Trainer | None = None
+
+    def rendezvous(self) -> tuple[str, int]:
+        """This node's address and a free port for the process group (asked of rank 0)."""
+        import ray
+
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            return ray.util.get_node_ip_address(), probe.getsockname()[1]
+
+    def init(self, master_addr: str, master_port: int) -> str:
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() and self.config.train.device != "cpu" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank, world_size=self.world_size)
+        self.trainer = Trainer(self.config, Path(self.model_dir), self.pad_id, distributed=True)
+        return backend
+
+    def step(self, samples: list[Sample], advantages: Tensor, probe: list[Sample] | None, normaliser: int) -> StepResult:
+        assert self.trainer is not None
+        return self.trainer.step_stats(samples, advantages, probe, normaliser)
+
+    def set_version(self, version: int) -> None:
+        assert self.trainer is not None
+        self.trainer.version = version
+
+    def state_dict(self) -> dict[str, Tensor]:
+        assert self.trainer is not None
+        return self.trainer.state_dict_for_engines()
+
+    def load_optimizer(self, checkpoint: str) -> None:
+        from parityrl.train.checkpoint import load_run_state
+
+        assert self.trainer is not None
+        load_run_state(Path(checkpoint), self.trainer.optimizer)
+
+    def save_checkpoint(self, run_dir: str, state: RunState) -> str:
+        from parityrl.assets import load_tokenizer
+        from parityrl.train.checkpoint import save_checkpoint
+
+        assert self.trainer is not None
+        return str(save_checkpoint(Path(run_dir), self.trainer.model, self.trainer.optimizer, load_tokenizer(Path(self.model_dir)), state))
+
+    def greedy_completions(self, task, max_new_tokens: int | None) -> list[str]:
+        from parityrl.assets import load_tokenizer
+        from parityrl.evaluate import greedy_completions
+
+        assert self.trainer is not None
+        return greedy_completions(self.trainer.model, load_tokenizer(Path(self.model_dir)), task, task.eval, self.config.model.dtype, max_new_tokens)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class DistributedTrainer:
+    """The driver's view of `train.world_size` ranks, with the local `Trainer`'s interface."""
+
+    def __init__(self, config: RunConfig, model_dir: Path, pad_id: int, actor_options: dict):
+        import ray
+
+        self.config = config
+        self.world_size = config.train.world_size
+        self._version = 0
+        remote_rank = ray.remote(TrainerRank).options(**actor_options)
+        self.ranks = [remote_rank.remote(config, str(model_dir), pad_id, rank, self.world_size) for rank in range(self.world_size)]
+        address, port = ray.get(self.ranks[0].rendezvous.remote())
+        self.backend = ray.get([rank.init.remote(address, port) for rank in self.ranks])[0]
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @version.setter
+    def version(self, version: int) -> None:
+        """Set on every rank (a resume continues at the checkpoint's version)."""
+        import ray
+
+        ray.get([rank.set_version.remote(version) for rank in self.ranks])
+        self._version = version
+
+    def step(self, samples: list[Sample], advantages: Tensor, probe: list[Sample] | None = None) -> dict:
+        """One optimiser step over all ranks (blocking: run it in a thread); metrics as a local step's."""
+        import ray
+
+        if len(samples) % self.world_size:
+            raise ValueError(f"{len(samples)} samples do not split evenly over train.world_size={self.world_size}")
+        shard = len(samples) // self.world_size
+        normaliser = global_normaliser(samples, self.config.train.objective)
+        calls = [
+            rank.step.remote(samples[i * shard : (i + 1) * shard], advantages[i * shard : (i + 1) * shard], probe if i == 0 else None, normaliser)
+            for i, rank in enumerate(self.ranks)
+        ]
+        results: list[StepResult] = ray.get(calls)
+        first = results[0]
+        if first.skip_reason is not None:  # the ranks agree (the decision is all-reduced)
+            return first.skip_metrics()
+        self._version += 1  # each rank stepped its own version already
+        stats = sum((r.stats for r in results[1:]), start=first.stats) if first.stats is not None else StepStats()
+        return finalise(stats) | {
+            "train/grad_norm": first.grad_norm,
+            "train/step_s": max(r.elapsed for r in results),
+            "perf/train_tok_s": sum(r.tokens for r in results) / max(max(r.elapsed for r in results), 1e-9),
+            "train/skipped_steps": 0,
+            "train/world_size": self.world_size,
+        }
+
+    def state_dict_for_engines(self):
+        """An object-store reference to rank 0's weights (every replica loads the same object)."""
+        return self.ranks[0].state_dict.remote()
+
+    def save_checkpoint(self, run_dir: Path, state: RunState) -> Path:
+        import ray
+
+        return Path(ray.get(self.ranks[0].save_checkpoint.remote(str(run_dir), state)))
+
+    def load_checkpoint(self, checkpoint: Path) -> None:
+        import ray
+
+        ray.get([rank.load_optimizer.remote(str(checkpoint)) for rank in self.ranks])
+
+    def greedy_completions(self, task, max_new_tokens: int | None) -> list[str]:
+        import ray
+
+        return ray.get(self.ranks[0].greedy_completions.remote(task, max_new_tokens))
+
+    def close(self) -> None:
+        import ray
+
+        for rank in self.ranks:
+            with contextlib.suppress(Exception):  # a dead rank: killed below either way
+                ray.get(rank.shutdown.remote(), timeout=30)
+            ray.kill(rank, no_restart=True)
+
+
+def actor_resources(config: RunConfig) -> dict:
+    """Ray resources of one trainer rank: its threads as CPUs, one GPU on CUDA."""
+    uses_gpu = config.train.device == "cuda" or (config.train.device == "auto" and torch.cuda.is_available())
+    return {"num_cpus": config.train.threads, "num_gpus": 1 if uses_gpu else 0, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(config.train.threads)}}}
+
