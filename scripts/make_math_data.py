@@ -1,13 +1,17 @@
-"""Write data/math_word_problems.jsonl: arithmetic word problems with a bare-number answer.
+r"""Write data/math_word_problems.jsonl: arithmetic word problems with a \boxed{} answer.
 
     python scripts/make_math_data.py [--out data/math_word_problems.jsonl] [--count 2000] [--seed 0]
 
 Deterministic (seeded, offline): the same arguments always give the same file, which is committed
 and used by configs/math.yaml. One JSON object per line, {"prompt": ..., "answer": ...}: the
 prompt is a one-sentence story (40-120 characters, printable ASCII, so the built character
-tokenizer covers it) and the answer the number alone, e.g.
+tokenizer covers it) and the answer the number in LaTeX's \boxed{}, e.g.
 
-    {"prompt": "Tom has 12 apples and buys 7 more. How many apples does he have?", "answer": "19"}
+    {"prompt": "Tom has 12 apples and buys 7 more. How many apples does he have?", "answer": "\\boxed{19}"}
+
+(JSON escapes the backslash; the answer text is \boxed{19}.) The tiny model's SFT warm-up learns
+to write the answer text, so its completion is \boxed{N} and the math_verify reward takes the
+last \boxed{} of the completion, as it would from a real model's reasoning.
 
 A third each of addition, subtraction and multiplication, over small numbers a 2.6M-parameter
 model can learn to get sometimes right.
@@ -96,12 +100,17 @@ OPERATIONS = (
 )
 
 
+def boxed(number: int) -> str:
+    r"""The answer text: the number in LaTeX's \boxed{}, e.g. 19 -> \boxed{19}."""
+    return f"\\boxed{{{number}}}"
+
+
 def problem(rng: random.Random, operation: Operation) -> dict[str, str]:
     name, he = rng.choice(NAMES)
     a, b = operation.operands(rng)
     template = rng.choice(operation.templates)
     prompt = template.format(name=name, he=he, him="him" if he == "he" else "her", items=rng.choice(ITEMS), a=a, b=b)
-    return {"prompt": prompt, "answer": str(operation.result(a, b))}
+    return {"prompt": prompt, "answer": boxed(operation.result(a, b))}
 
 
 def make_problems(count: int, seed: int) -> list[dict[str, str]]:

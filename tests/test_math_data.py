@@ -20,6 +20,7 @@ pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "math_word_problems.jsonl"
 TINY_MODEL_POSITIONS = 256  # max_position_embeddings of the built model
+BOXED_NUMBER = re.compile(r"\\boxed\{(\d+)\}")  # the whole answer text: \boxed{19}
 
 
 def _generator():
@@ -46,9 +47,11 @@ def test_problems_are_distinct_printable_and_their_answers_are_right():
     for record in records:
         prompt, answer = record["prompt"], record["answer"]
         assert 40 <= len(prompt) <= 120 and all(32 <= ord(c) < 127 for c in prompt), prompt
+        boxed = BOXED_NUMBER.fullmatch(answer)
+        assert boxed, (prompt, answer)  # the number alone in \boxed{}, nothing around it
         a, b = (int(n) for n in re.findall(r"\d+", prompt))
         candidates = {"add": a + b, "subtract": a - b, "multiply": a * b}
-        matching = [name for name, value in candidates.items() if str(value) == answer]
+        matching = [name for name, value in candidates.items() if str(value) == boxed.group(1)]
         assert matching, (prompt, answer)
         operations[matching[0]] += 1
     assert all(count > 500 for count in operations.values()), operations
@@ -62,7 +65,15 @@ def test_math_config_loads_the_file_and_fits_the_tiny_model():
     longest_prompt = max(len(p.prompt) for p in task.train + task.eval)
     # character tokenizer: one token per character, plus BOS; leave room for the completion
     assert 1 + longest_prompt + config.sampling.max_new_tokens <= TINY_MODEL_POSITIONS // 2
+    longest_answer = max(len(p.answer) for p in task.train + task.eval)
+    assert longest_answer + 1 <= config.sampling.max_new_tokens  # the SFT target and EOS fit the budget
+    # the SFT target itself scores 1: the reward extracts the completion's \boxed{} and math-verify
+    # parses the boxed gold; a bare right number scores 1 too, a wrong number (boxed or bare) 0
+    numbers = [int(BOXED_NUMBER.fullmatch(p.answer).group(1)) for p in task.eval]
     answers = [RewardItem(p.answer, p.answer, p.prompt) for p in task.eval]
     assert all(result.value == 1.0 for result in score_in_process("math_verify", answers))
-    wrong = [RewardItem(str(int(p.answer) + 1), p.answer, p.prompt) for p in task.eval[:32]]
+    bare = [RewardItem(str(n), p.answer, p.prompt) for n, p in zip(numbers[:32], task.eval)]
+    assert all(result.value == 1.0 for result in score_in_process("math_verify", bare))
+    wrong = [RewardItem(f"\\boxed{{{n + 1}}}", p.answer, p.prompt) for n, p in zip(numbers[:32], task.eval)]
+    wrong += [RewardItem(str(n + 1), p.answer, p.prompt) for n, p in zip(numbers[:32], task.eval)]
     assert all(result.value == 0.0 for result in score_in_process("math_verify", wrong))

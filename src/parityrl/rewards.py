@@ -533,10 +533,8 @@ class RewardPool:
                 worker.conn.send(("stop",))
         stop_by = time.monotonic() + 1.0
         for worker in self._workers:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 worker.process.wait(timeout=max(0.0, stop_by - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
             worker.kill()
         self._wake_reader.close()
         with self._lock:
