@@ -1,0 +1,64 @@
+"""`pipeline.backend: ray` on this CPU: two vLLM engine replicas and two DDP trainer ranks as Ray actors,
+through the real CLI. One engine actor is killed mid-run: the run finishes, the replica comes back
+with the current weights, every replica applied every version and each keeps engine/trainer parity."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+from test_faults import assert_each_step_once, logged_steps, wait_for
+
+pytestmark = pytest.mark.integration
+
+STEPS = 30
+
+
+def engine_actor_processes() -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if "ray::EngineActor" in " ".join(process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+def test_two_replicas_two_ranks_survive_a_lost_engine_actor(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "parityrl.cli", "train",
+        "--set", f"model.path={tiny_model_dir}",
+        "--set", "pipeline.backend=ray", "--set", "engine.replicas=2", "--set", "train.world_size=2",
+        "--set", f"train.steps={STEPS}", "--set", "train.eval_every=10", "--set", "task.eval_size=64",
+        "--set", "pipeline.parity_probe_prompts=2",  # one probe group per replica: parity on each
+        "--set", "engine.enforce_eager=true", "--set", "logging.tensorboard=false",
+        "--run-dir", str(run_dir), "--no-plot",
+    ]  # fmt: skip
+    log = open(tmp_path / "train.log", "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: any(r["step"] >= 8 for r in logged_steps(run_dir)), process, 600, "step 8")
+        victims = engine_actor_processes()
+        assert len(victims) == 2, victims
+        victims[0].kill()
+        assert process.wait(timeout=900) == 0, (tmp_path / "train.log").read_text()[-4000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["engine_restarts"] >= 1
+    assert set(summary["samples_per_replica"]) == {"0", "1"} and min(summary["samples_per_replica"].values()) > 0
+    assert summary["last_version_per_replica"] == {"0": STEPS, "1": STEPS}  # every replica has every version
+    records = assert_each_step_once(run_dir, STEPS)
+    assert all(r["train/world_size"] == 2 for r in records)
+    for replica in (0, 1):
+        kls = [r["parity/kl_per_replica"][replica] for r in records if r.get("parity/kl_per_replica") and len(r["parity/kl_per_replica"]) > replica]
+        kls = [kl for kl in kls if kl is not None]
+        assert kls and max(kls) <= 1e-9, (replica, kls)
+    settings = json.loads((run_dir / "engine_settings.json").read_text())
+    assert len(settings["replicas"]) == 2
