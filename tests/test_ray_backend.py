@@ -62,3 +62,35 @@ def test_two_replicas_two_ranks_survive_a_lost_engine_actor(tiny_model_dir, tmp_
         assert kls and max(kls) <= 1e-9, (replica, kls)
     settings = json.loads((run_dir / "engine_settings.json").read_text())
     assert len(settings["replicas"]) == 2
+
+
+def test_engines_and_trainer_on_two_nodes_of_a_cluster(tiny_model_dir, tmp_path):
+    """Two Ray nodes on this machine, each advertising its own custom resource: the engine replica is
+    pinned to one, the trainer rank to the other, and the run joins the cluster by address."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"trainers": 1}})
+    try:
+        cluster.add_node(num_cpus=2, resources={"engines": 1})
+        cluster.wait_for_nodes()
+        run_dir = tmp_path / "run"
+        result = subprocess.run(
+            [
+                sys.executable, "-m", "parityrl.cli", "train",
+                "--set", f"model.path={tiny_model_dir}", "--set", "pipeline.backend=ray",
+                "--set", f"ray.address={cluster.address}",
+                "--set", "ray.engine_resources={engines: 1}", "--set", "ray.trainer_resources={trainers: 1}",
+                "--set", "train.steps=4", "--set", "train.eval_every=4", "--set", "task.eval_size=16",
+                "--set", "engine.enforce_eager=true", "--set", "logging.tensorboard=false",
+                "--run-dir", str(run_dir), "--no-plot",
+            ],  # fmt: skip
+            capture_output=True, text=True, timeout=900,
+        )
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    finally:
+        cluster.shutdown()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    nodes = summary["actor_nodes"]
+    assert len(nodes["engines"]) == len(nodes["trainer_ranks"]) == 1
+    assert nodes["engines"][0] != nodes["trainer_ranks"][0], nodes
+    assert summary["last_version_per_replica"] == {"0": 4}

@@ -74,11 +74,10 @@ def trainer_ranks(config: RunConfig, model_dir: Path, pad_id: int) -> Distribute
 
 
 def node_of_each_actor(replicas: ReplicaSet, trainer: DistributedTrainer) -> dict[str, list[str]]:
-    """Node IP of every engine replica and trainer rank (which node ran what)."""
+    """Ray node id of every engine replica and trainer rank (which node ran what)."""
     import ray
 
-    ranks = ray.get([rank.rendezvous.remote() for rank in trainer.ranks])
     return {
-        "engines": [r.settings().get("node_ip", "?") for r in replicas.replicas],
-        "trainer_ranks": [address for address, _ in ranks],
+        "engines": [r.settings().get("node_id", "?") for r in replicas.replicas],
+        "trainer_ranks": ray.get([rank.node_id.remote() for rank in trainer.ranks]),
     }

@@ -248,6 +248,7 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
         if replicated:
             summary["samples_per_replica"] = dict(enumerate(engine.samples_per_replica))
             summary["last_version_per_replica"] = engine.last_version_per_replica()
+            summary["actor_nodes"] = cluster.node_of_each_actor(engine, trainer)
     finally:
         for background in (producer, probe_task):
             if background is not None:
@@ -261,10 +262,10 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
         trainer.close()
         if logger is not None:
             logger.close()
-        if config.pipeline.backend == "ray" and config.ray.address is None:
+        if config.pipeline.backend == "ray":
             import ray
 
-            ray.shutdown()  # the Ray instance this run started
+            ray.shutdown()  # stops the Ray instance this run started; only disconnects from a cluster it joined
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
 

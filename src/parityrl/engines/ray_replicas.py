@@ -57,16 +57,17 @@ class EngineActor:
         return self.engine.health()
 
     def settings(self) -> dict:
-        return self.engine.settings() | {"replica": self.replica, "node_ip": _node_ip()}
+        return self.engine.settings() | {"replica": self.replica, "node_id": _node_id()}
 
     async def close(self) -> None:
         await self.engine.close()
 
 
-def _node_ip() -> str:
+def _node_id() -> str:
+    """The Ray node this process runs on (two nodes on one machine share an IP, not an id)."""
     import ray
 
-    return ray.util.get_node_ip_address()
+    return ray.get_runtime_context().get_node_id()
 
 
 class RayEngine:

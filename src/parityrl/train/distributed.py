@@ -45,6 +45,11 @@ class TrainerRank:
             probe.bind(("", 0))
             return ray.util.get_node_ip_address(), probe.getsockname()[1]
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def init(self, master_addr: str, master_port: int) -> str:
         import torch.distributed as dist
 
