@@ -50,3 +50,16 @@ def test_progress_prints_plain_lines_when_not_a_terminal():
             progress.update(bar, completed=step + 1, info=f"loss {step}")
     lines = [line for line in output.getvalue().splitlines() if "SFT warm-up 3/4 loss 2" in line]
     assert len(lines) == 1
+
+
+def test_asset_key_follows_the_task_data_not_only_its_path(tmp_path):
+    from parityrl.assets import asset_key
+    from parityrl.config import load_config
+
+    data = tmp_path / "task.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    config = load_config(None, ["task.kind=jsonl", f"task.path={data}"])
+    before = asset_key(config)
+    data.write_text('{"prompt": "1+1=", "answer": "3"}\n')  # same path, edited data: the warm-up is stale
+    assert asset_key(config) != before
+    assert asset_key(load_config(None, [])) == asset_key(load_config(None, []))  # the embedded task: stable

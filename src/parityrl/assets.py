@@ -229,7 +229,23 @@ def _task_fields_that_shape_the_asset(config: RunConfig) -> dict:
     prompt-template fields count only when set, so caches built before they existed stay valid."""
     exclude = {"reward_timeout_s", "reward_workers"}
     exclude |= {name for name in ("chat_template", "system_prompt") if getattr(config.task, name) == TaskConfig.model_fields[name].default}
-    return config.task.model_dump(exclude=exclude)
+    fields = config.task.model_dump(exclude=exclude)
+    if config.task.path is not None:  # the data itself: an edited file must not reuse a model warmed up on the old one
+        fields["data_fingerprint"] = _data_fingerprint(Path(config.task.path))
+    return fields
+
+
+def _data_fingerprint(path: Path) -> str:
+    """sha256 of a data file, or of a dataset directory's file names and sizes (arrow files are large)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    if path.is_file():
+        digest.update(path.read_bytes())
+    elif path.is_dir():
+        for item in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{item.relative_to(path)}:{item.stat().st_size}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def asset_key(config: RunConfig) -> str:
