@@ -114,6 +114,10 @@ def test_engine_killed_mid_run_is_restarted_and_the_run_finishes(tiny_model_dir,
     assert summary["reward_errors"] == sum(r["pipeline/reward_errors"] for r in records) > 0
     assert max(r["pipeline/reward_errors"] for r in records) <= 0.1 * 64
     assert summary["eval_success_end"] is not None
+    # vLLM through the pipeline, fp32: the parity probe (lag-0 tokens) must agree with the trainer,
+    # also on the restarted engine (which loaded the current weights itself)
+    parity = [r["parity/kl"] for r in records if r.get("parity/kl") is not None]
+    assert len(parity) >= STEPS // 2 and max(parity) <= 1e-9, parity
 
 
 def test_process_group_killed_after_a_checkpoint_resumes_with_each_step_once(tiny_model_dir, tmp_path):
