@@ -10,10 +10,9 @@ import pytest
 
 from parityrl.config import ConfigError, load_config
 from parityrl.errors import InputError
+from parityrl.reward_pool import RewardPool, RewardPoolError
 from parityrl.rewards import (
     RewardItem,
-    RewardPool,
-    RewardPoolError,
     RewardResult,
     extract_answer,
     math_verify_reward,

@@ -9,7 +9,7 @@ sync: generate a batch, train on it, update, repeat (no overlap; for debugging).
 A run either finishes or stops with one message and a resumable checkpoint:
 - the engine is supervised (`engines.supervisor`): every call has a deadline, a dead or hung engine
   is restarted with the current weights and its in-flight groups are generated again;
-- rewards run in worker processes with a timeout (`rewards.RewardPool`); a failing reward scores 0
+- rewards run in worker processes with a timeout (`reward_pool.RewardPool`); a failing reward scores 0
   and is counted, more than `MAX_REWARD_ERROR_FRAC` failures in one step stop the run;
 - a step with a NaN/inf logprob, loss or gradient is skipped; `MAX_SKIPPED_IN_A_ROW` in a row stop it;
 - a failure in any background task reaches this loop; SIGINT/SIGTERM stop at the next step boundary;
@@ -34,7 +34,7 @@ from parityrl.engines.supervisor import EngineGaveUp, SupervisedEngine
 from parityrl.evaluate import success_rate
 from parityrl.metrics import MetricsLogger, truncate_metrics, write_json_atomic
 from parityrl.progress import progress_bar
-from parityrl.rewards import RewardPool
+from parityrl.reward_pool import RewardPool
 from parityrl.rollouts import Rollouts, RunStopped, StopSignals, batch_tensors
 from parityrl.tasks import Problem, check_prompt_lengths, load_task
 from parityrl.train.checkpoint import RunState, latest_checkpoint, load_run_state

@@ -21,7 +21,8 @@ from parityrl.assets import task_prompt_ids
 from parityrl.config import RunConfig
 from parityrl.engines.supervisor import SupervisedEngine
 from parityrl.errors import UserError
-from parityrl.rewards import RewardItem, RewardPool
+from parityrl.reward_pool import RewardPool
+from parityrl.rewards import RewardItem
 from parityrl.scoring import NO_VERSION, Sample
 from parityrl.tasks import Problem, Task
 from parityrl.train.objectives import group_advantages

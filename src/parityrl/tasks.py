@@ -45,7 +45,7 @@ class Task:
 
     def reward(self, completion: str, answer: str, prompt: str = "") -> float:
         """The reward of one completion, computed in this thread without a timeout (a reward that
-        raises propagates). Rollouts and evaluation score through a `parityrl.rewards.RewardPool`."""
+        raises propagates). Rollouts and evaluation score through a `parityrl.reward_pool.RewardPool`."""
         return resolve_reward(self.reward_kind)(completion, answer, prompt)
 
     def sample_train(self, rng: random.Random, count: int) -> list[Problem]:
