@@ -107,6 +107,7 @@ class Trainer:
         self.model_dir = Path(model_dir)
         self.pad_id = pad_id
         self.distributed = distributed
+        self.world_size = torch.distributed.get_world_size() if distributed else 1
         self.device = resolve_device(config.train.device)
         torch.manual_seed(config.seed)
         # fp32 master weights; bf16 models compute in bf16 via policy.compute_context
@@ -167,7 +168,9 @@ class Trainer:
                 scored = self._score(packed, self.train_model)
                 packed = packed.to(self.device)
                 out = policy_loss(scored.logprobs_safe, packed.logprobs_old, advantages[chunk], scored.in_support, train)
-                (out.loss_sum / normaliser).backward()
+                # DDP averages gradients over ranks; scaling by the world size makes that average the
+                # gradient of the whole batch's loss (sum over all ranks / the global normaliser)
+                (out.loss_sum * self.world_size / normaliser).backward()
             with torch.no_grad():
                 self._accumulate(stats, packed, scored, out)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip if train.grad_clip > 0 else float("inf")))
