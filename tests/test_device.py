@@ -1,0 +1,138 @@
+"""`train.device` and the ray-backend options, without a GPU, vLLM or Ray: where the trainer puts its
+model, optimizer state, batches and exported weights; which CPUs each engine replica gets; which
+scale-out configs are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from parityrl.assets import build_model, build_tokenizer
+from parityrl.config import ConfigError, load_config
+from parityrl.engines.ray_replicas import replica_cpu_binding
+from parityrl.scoring import Sample, pack_samples
+from parityrl.train.trainer import Trainer, resolve_device
+
+pytestmark = pytest.mark.unit
+
+
+# -- resolve_device ---------------------------------------------------------------------------------
+
+
+def test_auto_follows_cuda_availability(monkeypatch):
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"train\.device=cuda.*no CUDA device.*train\.device: cpu or auto"):
+        resolve_device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+# -- the trainer on train.device=cpu ------------------------------------------------------------------
+
+
+def _samples(tokenizer, replicas=(0, 1)) -> list[Sample]:
+    prompt = tokenizer("12+34=", add_special_tokens=False)["input_ids"]
+    completion = tokenizer("46", add_special_tokens=False)["input_ids"]
+    return [Sample(prompt, completion, [-1.0] * len(completion), [0] * len(completion), replica=r) for r in replicas]
+
+
+def test_trainer_on_cpu_keeps_params_optimizer_state_and_exports_on_cpu(tmp_path):
+    config = load_config(None, ["train.device=cpu", "train.objective=grpo"])
+    tokenizer = build_tokenizer(tmp_path)
+    build_model(config, tokenizer, tmp_path)
+    trainer = Trainer(config, tmp_path, pad_id=tokenizer.pad_token_id)
+    assert trainer.device == torch.device("cpu")
+    assert all(p.device.type == "cpu" for p in trainer.model.parameters())
+
+    metrics = trainer.step(_samples(tokenizer), torch.tensor([1.0, -1.0]))
+    assert metrics["train/skipped_steps"] == 0 and trainer.version == 1
+    state = trainer.optimizer.state
+    assert state, "AdamW has no state after a step"
+    for per_param in state.values():
+        for value in per_param.values():
+            if isinstance(value, torch.Tensor):
+                assert value.device.type == "cpu"
+
+    exported = trainer.state_dict_for_engines()
+    params = dict(trainer.model.named_parameters())
+    assert exported and all(t.device.type == "cpu" and t.is_contiguous() for t in exported.values())
+    for name, tensor in exported.items():  # copies: the trainer can keep stepping while engines load them
+        if name in params:
+            assert tensor.data_ptr() != params[name].data_ptr()
+            assert torch.equal(tensor, params[name].detach())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it)")
+def test_trainer_on_cuda_steps_on_the_gpu_and_exports_cpu_tensors(tmp_path):
+    config = load_config(None, ["train.device=cuda", "train.objective=grpo"])
+    tokenizer = build_tokenizer(tmp_path)
+    build_model(config, tokenizer, tmp_path)
+    trainer = Trainer(config, tmp_path, pad_id=tokenizer.pad_token_id)
+    assert all(p.device.type == "cuda" for p in trainer.model.parameters())
+    metrics = trainer.step(_samples(tokenizer), torch.tensor([1.0, -1.0]))
+    assert metrics["train/skipped_steps"] == 0
+    assert all(v.device.type == "cuda" for s in trainer.optimizer.state.values() for k, v in s.items() if k != "step")
+    assert all(t.device.type == "cpu" for t in trainer.state_dict_for_engines().values())  # engines load host tensors
+
+
+def test_packed_batch_to_keeps_every_field(tmp_path):
+    tokenizer = build_tokenizer(tmp_path)
+    samples = _samples(tokenizer, replicas=(1, 0)) + [Sample([5, 6], [7], [-0.5], [3])]  # last: no replica
+    packed = pack_samples(samples, tokenizer.pad_token_id)
+    moved = packed.to("cpu")
+    assert type(moved) is type(packed)
+    for field in dataclasses.fields(packed):
+        before, after = getattr(packed, field.name), getattr(moved, field.name)
+        assert after.device.type == "cpu" and after.dtype == before.dtype, field.name
+        assert torch.equal(before, after), field.name
+    assert moved.replica.tolist() == [1, 0, -1]
+    assert moved.version_per_token[2, 0].item() == 3
+
+
+# -- engine replicas' CPU binding ------------------------------------------------------------------------
+
+
+def test_replica_cpu_binding_counts_down_from_the_last_cpu_and_wraps(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert [replica_cpu_binding(r, 1) for r in range(6)] == ["3", "2", "1", "0", "3", "2"]
+    assert replica_cpu_binding(0, 2) == "2,3" and replica_cpu_binding(1, 2) == "0,1" and replica_cpu_binding(2, 2) == "2,3"
+    assert replica_cpu_binding(0, 8) == "0,1,2,3"  # never more threads than allowed CPUs
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 9}, raising=False)  # affinity, not 0..n-1
+    assert [replica_cpu_binding(r, 1) for r in range(3)] == ["9", "4", "9"]
+
+
+# -- RunConfig validation of the ray options ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override", ["engine.replicas=2", "train.world_size=2"])
+def test_scale_out_with_the_local_backend_is_refused(override):
+    with pytest.raises(ConfigError, match=r"pipeline\.backend: ray"):
+        load_config(None, [override])
+
+
+def test_samples_per_step_must_split_over_world_size():
+    # defaults: 8 prompts x 8 samples = 64
+    with pytest.raises(ConfigError, match=r"64 samples per step.*train\.world_size=3"):
+        load_config(None, ["pipeline.backend=ray", "train.world_size=3"])
+    config = load_config(None, ["pipeline.backend=ray", "train.world_size=4", "engine.replicas=2"])
+    assert (config.train.world_size, config.engine.replicas) == (4, 2)
+
+
+def test_ray_resources_parse_from_set():
+    config = load_config(
+        None,
+        ["pipeline.backend=ray", "ray.address=HEAD_IP:6379", "ray.engine_resources={engines: 1}", "ray.trainer_resources={trainers: 1}"],
+    )
+    assert config.ray.address == "HEAD_IP:6379"
+    assert config.ray.engine_resources == {"engines": 1.0} and config.ray.trainer_resources == {"trainers": 1.0}
