@@ -42,7 +42,8 @@ def test_check_fixed_v1_on_fp32_model(tiny_model_dir):
     assert result["inflight/spanning_frac"] > 0 and result["inflight/aborted_frac"] == 0
     assert result["inflight_v/kl"] <= 1e-9
     assert result["inflight_v1_kept_kv/kl"] <= 1e-9
-    assert result["pipeline/kv_staleness_kl"] > 0
+    # staleness is a real effect, not float noise: far above the kept-KV comparison of the same tokens
+    assert result["pipeline/kv_staleness_kl"] > 1e3 * max(result["inflight_v1_kept_kv/kl"], 1e-12)
     assert result["post_update/kl"] <= 1e-9
 
 
@@ -91,5 +92,6 @@ def test_check_on_a_llama_bf16_model_it_was_not_developed_on(tiny_model_dir, tmp
     result = asyncio.run(run_check(config, num_prompts=4, inflight=False))
     assert result["settings"]["dtype"] == "bfloat16" and result["settings"]["head_dtype"] == "float32"
     assert result["parity/tokens"] > 0
-    # bf16 numerics differ between engine and trainer, but the semantics are the same: small, finite
-    assert 0 <= result["parity/kl"] < 1e-2
+    # bf16 numerics differ between engine and trainer, but the semantics are the same: small, finite.
+    # The bound sits below what raw logprobs give on this setting (~4.6e-3), so a semantics bug fails it
+    assert 0 <= result["parity/kl"] < 1e-3

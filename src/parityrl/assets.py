@@ -32,7 +32,7 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ message['content'] }}"
     "{% if message['role'] == 'system' %}{{ '\\n' }}{% endif %}{% endfor %}"
 )
-MODEL_VOCAB = 128  # 4 specials + 96 printable characters, padded to a multiple of 64
+MODEL_VOCAB = 128  # 4 specials + 96 printable characters, padded to a multiple of 64 (model.vocab_size's default)
 
 
 def build_tokenizer(out_dir: Path):
@@ -58,7 +58,7 @@ def build_model(config: RunConfig, tokenizer, out_dir: Path) -> None:
 
     torch.manual_seed(config.assets.seed)
     model_config = Qwen2Config(
-        vocab_size=MODEL_VOCAB,
+        vocab_size=config.model.vocab_size,
         hidden_size=config.model.hidden_size,
         intermediate_size=config.model.intermediate_size,
         num_hidden_layers=config.model.num_layers,
@@ -251,7 +251,8 @@ def _data_fingerprint(path: Path) -> str:
 def asset_key(config: RunConfig) -> str:
     return config_hash(
         {
-            "model": config.model.model_dump(exclude={"path", "lm_head_fp32", "dtype"}),
+            # vocab_size counts only when set: caches built before the field existed stay valid
+            "model": config.model.model_dump(exclude={"path", "lm_head_fp32", "dtype"} | ({"vocab_size"} if config.model.vocab_size == MODEL_VOCAB else set())),
             "task": _task_fields_that_shape_the_asset(config),
             "assets": config.assets.model_dump(exclude={"cache_dir"}),
             "tokenizer_version": 1,

@@ -36,6 +36,9 @@ class ModelConfig(Strict):
     """Attention heads of the built tiny model."""
     intermediate_size: int = Field(512, ge=1)
     """MLP width of the built tiny model."""
+    vocab_size: int = Field(128, ge=128)
+    """Rows of the built tiny model's embedding and lm_head. The character tokenizer uses the first 100; more
+    rows (never sampled once trained) make the head realistic: fix 4, the fp32 head, matters at >= 32k rows."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype on both trainer and engine. Always explicit: vLLM's `auto` downcasts fp32 to bf16 on CPU."""
     lm_head_fp32: bool = True

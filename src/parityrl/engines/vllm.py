@@ -360,20 +360,16 @@ class VLLMEngine:
 
     # -- weights ------------------------------------------------------------------------------------
 
-    async def _send_weights(self, state_dict: Mapping[str, Tensor]) -> dict:
+    def _stage_weights(self, state_dict: Mapping[str, Tensor], directory: str) -> tuple[str, Any]:
+        """Serialise the weights for the worker before the engine pauses (blocking: run in a thread),
+        so the pause lasts only as long as the worker's load: (rpc method, its argument)."""
         if self.weight_transport == "rpc":
-            results = await self.engine.collective_rpc("parityrl_load_weights", args=(pack_tensors(state_dict),))
-            return results[0]
+            return "parityrl_load_weights", pack_tensors(state_dict)
         from safetensors.torch import save_file
 
-        weights = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}
-
-        directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        with tempfile.TemporaryDirectory(prefix="parityrl-weights-", dir=directory) as tmp:
-            path = os.path.join(tmp, "weights.safetensors")
-            save_file(weights, path)
-            results = await self.engine.collective_rpc("parityrl_load_weights_file", args=(path,))
-        return results[0]
+        path = os.path.join(directory, "weights.safetensors")
+        save_file({name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}, path)
+        return "parityrl_load_weights_file", path
 
     async def update_weights(self, state_dict: Mapping[str, Tensor], version: int) -> None:
         """Apply `state_dict` (HF names, any device) as policy `version` (see module doc, fix 3).
@@ -387,30 +383,41 @@ class VLLMEngine:
             raise RuntimeError("VLLMEngine.update_weights before start()")
         assert self._update_lock is not None
         async with self._update_lock:
-            began = time.perf_counter()
-            was_paused = self._paused
-            if not was_paused:
-                if self.config.update_mode == "keep":
-                    await self.engine.pause_generation(mode="keep", clear_cache=False)
-                else:
-                    await self.engine.pause_generation()
-                self._paused = True
-            paused_at = time.perf_counter()
-            result = await self._send_weights(state_dict)
-            loaded_at = time.perf_counter()
-            await self.engine.update_weight_version(str(int(version)))
-            self.version = int(version)
-            if not was_paused:
-                await self.engine.resume_generation()
-                self._paused = False
-            done = time.perf_counter()
-            self.last_sync = {
-                "weight_sync_s": done - began,
-                "pause_s": paused_at - began,
-                "transfer_load_s": loaded_at - paused_at,
-                "worker_load_s": float(result.get("load_s", float("nan"))),
-                "resume_s": done - loaded_at,
-            }
+            with self._staging_dir() as staging:
+                began = time.perf_counter()
+                method, argument = await asyncio.to_thread(self._stage_weights, state_dict, staging)
+                staged_at = time.perf_counter()
+                was_paused = self._paused
+                if not was_paused:
+                    if self.config.update_mode == "keep":
+                        await self.engine.pause_generation(mode="keep", clear_cache=False)
+                    else:
+                        await self.engine.pause_generation()
+                    self._paused = True
+                paused_at = time.perf_counter()
+                result = (await self.engine.collective_rpc(method, args=(argument,)))[0]
+                loaded_at = time.perf_counter()
+                await self.engine.update_weight_version(str(int(version)))
+                self.version = int(version)
+                if not was_paused:
+                    await self.engine.resume_generation()
+                    self._paused = False
+                done = time.perf_counter()
+                self.last_sync = {
+                    "weight_sync_s": done - began,
+                    "stage_s": staged_at - began,  # serialising, while the engine still generates
+                    "pause_s": paused_at - staged_at,
+                    "transfer_load_s": loaded_at - paused_at,
+                    "worker_load_s": float(result.get("load_s", float("nan"))),
+                    "resume_s": done - loaded_at,
+                    "paused_s": done - staged_at,  # how long generation stood still
+                }
+
+    @staticmethod
+    def _staging_dir():
+        """A temp dir in shared memory (/dev/shm where there is one) for the weights file."""
+        directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        return tempfile.TemporaryDirectory(prefix="parityrl-weights-", dir=directory)
 
     async def pause(self) -> None:
         """Freeze scheduling; in-flight requests keep their KV cache (mode=keep, no cache clear)."""

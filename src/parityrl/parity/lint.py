@@ -315,9 +315,7 @@ def lint_config(config: RunConfig, model_vocab_size: int | None = None, parity_c
 def read_vocab_size(config: RunConfig) -> int | None:
     """Vocabulary of the configured model: model.path/config.json, else the built tiny model's."""
     if config.model.path is None:
-        from parityrl.assets import MODEL_VOCAB  # lazy: assets imports torch
-
-        return MODEL_VOCAB
+        return config.model.vocab_size
     try:
         hf_config = json.loads((Path(config.model.path) / "config.json").read_text())
     except (OSError, ValueError):
