@@ -77,18 +77,16 @@ class TrainerRank:
         load_run_state(Path(checkpoint), self.trainer.optimizer)
 
     def save_checkpoint(self, run_dir: str, state: RunState) -> str:
-        from parityrl.assets import load_tokenizer
         from parityrl.train.checkpoint import save_checkpoint
 
         assert self.trainer is not None
-        return str(save_checkpoint(Path(run_dir), self.trainer.model, self.trainer.optimizer, load_tokenizer(Path(self.model_dir)), state))
+        return str(save_checkpoint(Path(run_dir), self.trainer.model, self.trainer.optimizer, self.trainer.tokenizer, state))
 
     def greedy_completions(self, task, max_new_tokens: int | None) -> list[str]:
-        from parityrl.assets import load_tokenizer
         from parityrl.evaluate import greedy_completions
 
         assert self.trainer is not None
-        return greedy_completions(self.trainer.model, load_tokenizer(Path(self.model_dir)), task, task.eval, self.config.model.dtype, max_new_tokens)
+        return greedy_completions(self.trainer.model, self.trainer.tokenizer, task, task.eval, self.config.model.dtype, max_new_tokens)
 
     def shutdown(self) -> None:
         import torch.distributed as dist

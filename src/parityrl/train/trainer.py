@@ -109,6 +109,10 @@ class Trainer:
         self.distributed = distributed
         self.world_size = torch.distributed.get_world_size() if distributed else 1
         self.device = resolve_device(config.train.device)
+        from parityrl.assets import load_tokenizer
+
+        # loaded now: a resumed run's model_dir is a checkpoint that a later checkpoint may prune
+        self.tokenizer = load_tokenizer(self.model_dir)
         torch.manual_seed(config.seed)
         # fp32 master weights; bf16 models compute in bf16 via policy.compute_context
         self.model = load_policy(model_dir, "float32", config.model.lm_head_fp32).to(self.device)
@@ -189,19 +193,16 @@ class Trainer:
     # -- what the pipeline asks of a trainer besides steps (the Ray ranks answer the same) ------------
 
     def save_checkpoint(self, run_dir: Path, state: RunState) -> Path:
-        from parityrl.assets import load_tokenizer
-
-        return save_checkpoint(run_dir, self.model, self.optimizer, load_tokenizer(self.model_dir), state)
+        return save_checkpoint(run_dir, self.model, self.optimizer, self.tokenizer, state)
 
     def load_checkpoint(self, checkpoint: Path) -> None:
         """Optimizer state of a checkpoint (the weights were loaded from it at construction)."""
         load_run_state(checkpoint, self.optimizer)
 
     def greedy_completions(self, task, max_new_tokens: int | None) -> list[str]:
-        from parityrl.assets import load_tokenizer
         from parityrl.evaluate import greedy_completions
 
-        return greedy_completions(self.model, load_tokenizer(self.model_dir), task, task.eval, self.config.model.dtype, max_new_tokens)
+        return greedy_completions(self.model, self.tokenizer, task, task.eval, self.config.model.dtype, max_new_tokens)
 
     def close(self) -> None:
         """Nothing to release in-process (the Ray ranks shut their process group down)."""
