@@ -148,6 +148,7 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
             producer = rollouts.start()
         # a batch can take several group deadlines (queued behind others, an engine restart or two)
         take_deadline_s = config.engine.request_timeout_s * (config.engine.max_restarts + 2)
+        rollouts.reset_idle_clock()
         rl_start = last_time = time.perf_counter()
         rl_seconds_before = counters.get("rl_seconds", 0.0)
         totals_before = dict(counters)  # run totals up to the checkpoint; this session's counts add to them

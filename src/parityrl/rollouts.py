@@ -131,6 +131,11 @@ class Rollouts:
         if self.generating == 0:
             self._idle_since = time.perf_counter()
 
+    def reset_idle_clock(self) -> None:
+        """Count engine idle time from now (the RL phase), not from before the engine started."""
+        self.engine_idle_s = 0.0
+        self._idle_since = time.perf_counter() if self.generating == 0 else None
+
     def idle_seconds(self) -> float:
         extra = time.perf_counter() - self._idle_since if self._idle_since is not None else 0.0
         return self.engine_idle_s + extra

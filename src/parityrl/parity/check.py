@@ -141,7 +141,14 @@ async def _inflight(engine, model_v0, prompts, sampling, trainer_sampling, dtype
     tokens_before = _tokens_out(engine)
     generation = asyncio.create_task(generate_all(engine, prompts, long_sampling, "inflight"))
     await _wait_for_progress(engine, generation, tokens_before)
-    await engine.update_weights(new_weights, version=engine.version + 1)
+    if getattr(getattr(engine, "config", None), "update_mode", "keep") == "keep":
+        # freeze the requests where they are first: the update then lands a few tokens in, not after the
+        # weights are serialised (past EOS a tiny model is certain, and staleness would have nothing to show)
+        await engine.pause()
+        await engine.update_weights(new_weights, version=engine.version + 1)
+        await engine.resume()
+    else:  # the naive abort-mode update, as `update_weights` does it (what the fix-3 row measures)
+        await engine.update_weights(new_weights, version=engine.version + 1)
     samples = await generation
     v1 = engine.version
     spanning = [s for s in samples if s.mixed_version]
