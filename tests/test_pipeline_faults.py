@@ -90,3 +90,34 @@ def test_failing_reward_stops_the_run_with_its_error_and_prompt(tiny_model_dir, 
     message = str(stopped.value)
     assert "8 of 8 rewards failed" in message and "ValueError: cannot score" in message and "prompt '" in message
     assert latest_checkpoint(tmp_path) is not None
+
+
+def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "parityrl.cli", "train", "--set", f"model.path={tiny_model_dir}", "--set", "engine.kind=reference",
+        "--set", "train.steps=200", "--set", "train.eval_every=100", "--set", "task.eval_size=16",
+        "--set", "logging.tensorboard=false", "--run-dir", str(run_dir), "--no-plot",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and sum(1 for _ in metrics.open()) >= 4):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 1 and "SIGTERM received" in output and "--resume" in output
+    last_step = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
+    assert load_run_state(latest_checkpoint(run_dir)).step == last_step < 200  # stopped between steps, checkpointed there
+    resumed = subprocess.run(
+        [sys.executable, "-m", "parityrl.cli", "train", "--resume", str(run_dir), "--set", f"train.steps={last_step + 3}", "--no-plot"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-2000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert [s for s in steps if s > 0] == list(range(1, last_step + 4))

@@ -127,11 +127,11 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
             trainer.save_checkpoint(run_dir, run_state)
             return run_state
 
-        async def stop_run(reason: str, extra_pending: list[Problem] = ()) -> RunStopped:
+        async def stop_run(reason: str, extra_pending: list[Problem] = (), fix_first: bool = True) -> RunStopped:
             await asyncio.to_thread(checkpoint_now, extra_pending)
             return RunStopped(
                 f"the run stopped at step {step}: {reason}. A checkpoint of step {step} is in {run_dir}/checkpoints; "
-                f"fix the cause, then continue with `parityrl train --resume {run_dir}`."
+                f"{'fix the cause, then ' if fix_first else ''}continue with `parityrl train --resume {run_dir}`."
             )
 
         if state is None:
@@ -244,7 +244,7 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
                     info=f"reward {metrics['rl/reward']:.2f} · eval {eval_success:.2f} · clip {metrics.get('rl/clip_rate') or 0:.3f}",
                 )
                 if signals.received is not None and step < config.train.steps:
-                    raise await stop_run(f"{signals.received} received")
+                    raise await stop_run(f"{signals.received} received", fix_first=False)
         summary |= _summary(counters, eval_success, config.train.steps, run_dir)
         if replicated:
             summary["samples_per_replica"] = dict(enumerate(engine.samples_per_replica))
