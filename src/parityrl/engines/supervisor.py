@@ -100,7 +100,7 @@ class SupervisedEngine:
                 if self._published is not None:
                     await asyncio.wait_for(engine.update_weights(*self._published), self.config.request_timeout_s)
                 break
-            except (TimeoutError, Exception) as error:  # noqa: B014 - TimeoutError named for the reader
+            except Exception as error:  # a start past start_timeout_s (TimeoutError) included
                 await self._dispose(engine)
                 reason = f"engine start failed: {type(error).__name__}: {error}"
                 if self.restarts >= self.config.max_restarts:
