@@ -19,7 +19,6 @@ A run either finishes or stops with one message and a resumable checkpoint:
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from parityrl.engines.ray_replicas import ReplicaSet
 from parityrl.engines.supervisor import EngineGaveUp, SupervisedEngine
 from parityrl.evaluate import success_rate
 from parityrl.metrics import MetricsLogger, truncate_metrics, write_json_atomic
+from parityrl.preflight import model_context, read_hf_config
 from parityrl.progress import progress_bar
 from parityrl.reward_pool import RewardPool
 from parityrl.rollouts import Rollouts, RunStopped, StopSignals, batch_tensors
@@ -59,7 +59,7 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
     # from here on the engine and the trainer share the cores: the split is explicit
     torch.set_num_threads(config.train.threads)
     tokenizer = load_tokenizer(model_dir)
-    context = _model_context(model_dir)
+    context = model_context(read_hf_config(model_dir))
     if context is not None:
         check_prompt_lengths(task, tokenizer, lambda tok, prompt: task_prompt_ids(tok, task, prompt), context, config.sampling.max_new_tokens)
     checkpoint = latest_checkpoint(run_dir) if resume else None
@@ -269,13 +269,6 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
             ray.shutdown()  # stops the Ray instance this run started; only disconnects from a cluster it joined
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
-
-
-def _model_context(model_dir: Path) -> int | None:
-    """The model's context length from its config.json (None if it does not say)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    value = config.get("max_position_embeddings") or config.get("n_positions") or config.get("max_sequence_length")
-    return int(value) if value else None
 
 
 def _summary(counters: dict, eval_success: float | None, steps: int, run_dir: Path) -> dict:

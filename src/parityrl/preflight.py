@@ -23,6 +23,23 @@ LFS_POINTER_PREFIX = b"version https://git-lfs"
 MODEL_DIR_HINT = "a local Hugging Face model directory (config.json, *.safetensors weights, tokenizer files)"
 
 
+def read_hf_config(model_dir: Path) -> dict:
+    """The parsed config.json of an HF model directory."""
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def model_context(hf_config: dict) -> int | None:
+    """Positions the model can hold (prompt + completion), or None when its config does not say."""
+    value = hf_config.get("max_position_embeddings") or hf_config.get("n_positions") or hf_config.get("max_sequence_length")
+    return int(value) if value else None
+
+
+def model_vocab_size(hf_config: dict) -> int | None:
+    """Rows of the model's lm_head (also for multimodal configs that nest it under text_config)."""
+    vocab = hf_config.get("vocab_size") or hf_config.get("text_config", {}).get("vocab_size")
+    return int(vocab) if vocab else None
+
+
 def _is_lfs_pointer(path: Path) -> bool:
     if path.stat().st_size > 1024:  # pointers are ~130 bytes; real weights are never this small
         return False
@@ -78,8 +95,8 @@ def check_model_dir(path: Path) -> dict:
 
 def _check_generation_fits(hf_config: dict, max_new_tokens: int, path: Path) -> None:
     """A completion of max_new_tokens must leave room for at least one prompt token."""
-    context = hf_config.get("max_position_embeddings")
-    if isinstance(context, int) and max_new_tokens >= context:
+    context = model_context(hf_config)
+    if context is not None and max_new_tokens >= context:
         raise InputError(
             f"sampling.max_new_tokens={max_new_tokens} does not fit the context of model.path {path} "
             f"(max_position_embeddings={context}), which also has to hold the prompt; set sampling.max_new_tokens "

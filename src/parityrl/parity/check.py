@@ -84,10 +84,11 @@ FULL_VOCAB_TOP_K = 1024
 
 
 def full_vocab_k(model_dir) -> int:
-    import json
-    from pathlib import Path
+    from parityrl.preflight import model_vocab_size, read_hf_config
 
-    vocab = int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
+    vocab = model_vocab_size(read_hf_config(model_dir))
+    if vocab is None:
+        raise UserError(f"check --full-vocab: {model_dir}/config.json does not say the vocabulary size (vocab_size).")
     return vocab if vocab <= FULL_VOCAB_LIMIT else FULL_VOCAB_TOP_K
 
 

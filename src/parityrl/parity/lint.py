@@ -34,7 +34,6 @@ keeps KV across updates by construction).
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -316,12 +315,12 @@ def read_vocab_size(config: RunConfig) -> int | None:
     """Vocabulary of the configured model: model.path/config.json, else the built tiny model's."""
     if config.model.path is None:
         return config.model.vocab_size
+    from parityrl.preflight import model_vocab_size, read_hf_config
+
     try:
-        hf_config = json.loads((Path(config.model.path) / "config.json").read_text())
+        return model_vocab_size(read_hf_config(Path(config.model.path)))
     except (OSError, ValueError):
         return None  # unknown: the bf16-head check stays a warning
-    vocab = hf_config.get("vocab_size") or hf_config.get("text_config", {}).get("vocab_size")
-    return int(vocab) if vocab else None
 
 
 def _invalid(message: str) -> tuple[list[Finding], int]:
