@@ -131,8 +131,12 @@ class Trainer:
     def state_dict_for_engines(self) -> dict[str, Tensor]:
         return export_state_dict(self.model)
 
+    def _pack(self, samples: list[Sample]) -> PackedBatch:
+        """Right-padded tensors of `samples`, on the trainer's device (moved once per micro-batch)."""
+        return pack_samples(samples, self.pad_id).to(self.device)
+
     def _score(self, packed: PackedBatch, model: torch.nn.Module | None = None) -> Scored:
-        return score(model or self.model, packed.to(self.device), self.config.trainer_sampling(), self.config.model.dtype)
+        return score(model or self.model, packed, self.config.trainer_sampling(), self.config.model.dtype)
 
     def step(self, samples: list[Sample], advantages: Tensor, probe: list[Sample] | None = None) -> dict[str, float | None]:
         """One optimiser step on `samples` (advantages [len(samples)]); returns metrics; version += 1.
@@ -157,7 +161,7 @@ class Trainer:
         if probe:
             self._accumulate_probe(stats, probe)
         chunks = [list(range(i, min(i + train.micro_batch_size, len(samples)))) for i in range(0, len(samples), train.micro_batch_size)]
-        packed_all = [pack_samples([samples[i] for i in chunk], self.pad_id) for chunk in chunks]
+        packed_all = [self._pack([samples[i] for i in chunk]) for chunk in chunks]
         bad_old = sum(int((~torch.isfinite(p.logprobs_old) & p.completion_mask).sum()) for p in packed_all)
         if _any_rank(bad_old > 0, self.distributed):
             return self._skip(f"{bad_old} engine logprobs are NaN/inf" if bad_old else "NaN/inf engine logprobs on another rank", start)
@@ -170,7 +174,6 @@ class Trainer:
             sync = contextlib.nullcontext() if last or not self.distributed else self.train_model.no_sync()
             with sync:
                 scored = self._score(packed, self.train_model)
-                packed = packed.to(self.device)
                 out = policy_loss(scored.logprobs_safe, packed.logprobs_old, advantages[chunk], scored.in_support, train)
                 # DDP averages gradients over ranks; scaling by the world size makes that average the
                 # gradient of the whole batch's loss (sum over all ranks / the global normaliser)
@@ -250,7 +253,7 @@ class Trainer:
     def _accumulate_probe(self, stats: StepStats, probe: list[Sample]) -> None:
         """Parity probe: samples the engine generated right after the last update, scored before the
         next optimiser step, so engine and trainer hold identical weights (lag 0 even in async mode)."""
-        packed = pack_samples(probe, self.pad_id)
+        packed = self._pack(probe)
         scored = self._score(packed)
         stats.add("probe_tokens", packed.completion_mask.sum())
         self._accumulate_versions(stats, packed, scored.logprobs, prefix="probe_")
