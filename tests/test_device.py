@@ -12,7 +12,7 @@ import torch
 
 from parityrl.assets import build_model, build_tokenizer
 from parityrl.config import ConfigError, load_config
-from parityrl.engines.ray_replicas import replica_cpu_binding
+from parityrl.engines.vllm_host import cpu_thread_binding
 from parityrl.scoring import Sample, pack_samples
 from parityrl.train.trainer import Trainer, resolve_device
 
@@ -104,12 +104,12 @@ def test_packed_batch_to_keeps_every_field(tmp_path):
 
 def test_replica_cpu_binding_counts_down_from_the_last_cpu_and_wraps(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    assert [replica_cpu_binding(r, 1) for r in range(6)] == ["3", "2", "1", "0", "3", "2"]
-    assert replica_cpu_binding(0, 2) == "2,3" and replica_cpu_binding(1, 2) == "0,1" and replica_cpu_binding(2, 2) == "2,3"
-    assert replica_cpu_binding(0, 8) == "0,1,2,3"  # never more threads than allowed CPUs
+    assert [cpu_thread_binding(1, r) for r in range(6)] == ["3", "2", "1", "0", "3", "2"]
+    assert cpu_thread_binding(2, 0) == "2,3" and cpu_thread_binding(2, 1) == "0,1" and cpu_thread_binding(2, 2) == "2,3"
+    assert cpu_thread_binding(8, 0) == "0,1,2,3"  # never more threads than allowed CPUs
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 9}, raising=False)  # affinity, not 0..n-1
-    assert [replica_cpu_binding(r, 1) for r in range(3)] == ["9", "4", "9"]
+    assert [cpu_thread_binding(1, r) for r in range(3)] == ["9", "4", "9"]
 
 
 # -- RunConfig validation of the ray options ------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from parityrl.config import RunConfig
-from parityrl.engines.ray_replicas import RayEngine, ReplicaSet, replica_cpu_binding
+from parityrl.engines.ray_replicas import RayEngine, ReplicaSet
 from parityrl.engines.supervisor import SupervisedEngine
 from parityrl.train.distributed import DistributedTrainer
 
@@ -47,7 +47,7 @@ def _no_gpu() -> bool:
 
 def engine_replicas(config: RunConfig, model_dir: Path, log) -> ReplicaSet:
     """`engine.replicas` supervised Ray engine actors (one vLLM engine each)."""
-    from parityrl.engines.vllm_host import on_cpu
+    from parityrl.engines.vllm_host import cpu_thread_binding, on_cpu
 
     options: dict[str, Any] = {"num_cpus": config.engine.omp_threads, "max_concurrency": 1000}
     if not on_cpu():
@@ -56,7 +56,7 @@ def engine_replicas(config: RunConfig, model_dir: Path, log) -> ReplicaSet:
         options["resources"] = dict(config.ray.engine_resources)
 
     def factory(replica: int):
-        binding = replica_cpu_binding(replica, config.engine.omp_threads) if on_cpu() and config.ray.address is None else None
+        binding = cpu_thread_binding(config.engine.omp_threads, replica) if on_cpu() and config.ray.address is None else None
         return lambda: RayEngine(options, config, model_dir, replica, binding)
 
     return ReplicaSet(

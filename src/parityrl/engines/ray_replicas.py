@@ -135,15 +135,6 @@ class RayEngine:
         ray.kill(self.actor, no_restart=True)
 
 
-def replica_cpu_binding(replica: int, omp_threads: int) -> str:
-    """CPU ids for replica `replica`'s vLLM worker: consecutive blocks from the last CPU down, so the
-    first cores stay with the trainer ranks (wrapping around when there are more replicas than cores)."""
-    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    count = max(1, min(omp_threads, len(allowed)))
-    start = len(allowed) - count * (replica + 1)
-    return ",".join(str(allowed[(start + i) % len(allowed)]) for i in range(count))
-
-
 class ReplicaSet:
     """The pipeline's engine when `pipeline.backend: ray`: N supervised replicas behind one interface."""
 

@@ -43,13 +43,15 @@ def kill_processes(pids: list[int], grace_s: float = 5.0) -> None:
             process.kill()
 
 
-def cpu_thread_binding(omp_threads: int) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND value: the last `omp_threads` CPUs this process may run on.
+def cpu_thread_binding(omp_threads: int, replica: int = 0) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND value: `omp_threads` CPUs this process may run on, taken from the end.
 
     vLLM-cpu binds the worker's OpenMP threads to exactly these CPU ids (a list like "1" or "2-3" or
     "0,3"; "auto" = one NUMA node minus a reserved core; "nobind" = no binding). Taking the *last* CPUs
-    leaves the first ones to the trainer.
+    leaves the first ones to the trainer. Engine replica `replica` (`pipeline.backend: ray`) gets the
+    block before replica `replica - 1`'s, wrapping around when there are more replicas than cores.
     """
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     count = max(1, min(omp_threads, len(allowed)))
-    return ",".join(str(cpu) for cpu in allowed[-count:])
+    start = len(allowed) - count * (replica + 1)
+    return ",".join(str(allowed[(start + i) % len(allowed)]) for i in range(count))
