@@ -81,3 +81,55 @@ def test_out_of_support_token_through_trainer_step_is_masked_and_counted(tmp_pat
     assert metrics["train/skipped_steps"] == 0 and math.isfinite(metrics["train/loss"])
     assert metrics["parity/outside_support_frac"] == pytest.approx(0.5)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_shared_prompt_rows_give_the_per_sample_logprobs_and_compute_each_prompt_once(tmp_path):
+    """Packing a group's completions after one copy of their prompt (block attention mask) must give
+    every token the logprob of a forward pass over that sample alone — with penalties (which count the
+    prompt), an empty completion and prompts of different lengths. Broken once: positions counted
+    along the row instead of per sequence (position_ids = arange(L)) gives |diff| 0.024."""
+    from parityrl.policy import apply_penalties, processed_logprobs, sequence_logits
+    from parityrl.scoring import ModelShape, pack_samples, score
+
+    config = load_config(None, ["sampling.temperature=0.7", "sampling.top_p=0.9", "sampling.repetition_penalty=1.3"])
+    tokenizer = build_tokenizer(tmp_path)
+    build_model(config, tokenizer, tmp_path)
+    trainer = Trainer(config, tmp_path, pad_id=tokenizer.pad_token_id)
+    model, sampling = trainer.model.eval(), config.trainer_sampling()
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for prompt_len in (4, 11, 7):
+        prompt = torch.randint(3, 100, (prompt_len,), generator=generator).tolist()
+        for length in (5, 0, 1, 8, 3):
+            completion = torch.randint(3, 100, (length,), generator=generator).tolist()
+            samples.append(Sample(prompt, completion, [0.0] * length, [0] * length))
+    with torch.no_grad():
+        packed = pack_samples(samples, tokenizer.pad_token_id, ModelShape.of(model))
+        shared = score(model, packed, sampling, "float32").logprobs
+        assert packed.input_ids.shape[0] == 3  # one row per prompt: each prompt computed once
+        for row, sample in enumerate(samples):
+            count = len(sample.completion_token_ids)
+            if not count:
+                assert not packed.completion_mask[row].any()
+                continue
+            ids = torch.tensor([sample.prompt_token_ids + sample.completion_token_ids])
+            logits = sequence_logits(model, ids, torch.ones_like(ids))[:, len(sample.prompt_token_ids) - 1 : -1]
+            completion = torch.tensor([sample.completion_token_ids])
+            prompt = ids[:, : len(sample.prompt_token_ids)]
+            every = lambda t: torch.ones_like(t, dtype=torch.bool)  # noqa: E731
+            penalised = apply_penalties(logits, prompt, every(prompt), completion, every(completion), sampling)
+            alone = processed_logprobs(penalised, completion, sampling.temperature, sampling.top_k, sampling.top_p)[0]
+            both = torch.isfinite(alone)
+            assert torch.equal(both, torch.isfinite(shared[row, :count]))
+            assert (shared[row, :count][both] - alone[both]).abs().max() <= 1e-5
+
+
+def test_completions_share_a_row_only_where_it_saves_compute():
+    from parityrl.scoring import ModelShape, completions_per_row
+
+    demo, wide = ModelShape(256, 512), ModelShape(768, 2048)
+    assert completions_per_row(9, 4.0, 8, demo) == 8  # short answers after a prompt: all share it
+    assert completions_per_row(70, 20.0, 8, demo) == 8
+    # 86-token completions after a 12-token prompt: a row of 8 would make the L×L attention dominate
+    assert completions_per_row(12, 86.0, 8, wide) <= 3
+    assert completions_per_row(12, 86.0, 8, None) == 8 and completions_per_row(5, 3.0, 1, demo) == 1

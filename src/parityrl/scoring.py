@@ -14,7 +14,8 @@ Outside-support rule: an engine-sampled token can fall outside the trainer's top
 `score` reports it as `in_support=False` with logprob 0, so no -inf or NaN reaches a loss, and
 `Mismatch` counts it as outside instead of averaging it.
 
-Shapes: `B` sequences, `L` prompt+completion positions, `T` completion positions, `V` vocabulary.
+Shapes: `B` sequences, `R` packed rows, `L` positions in a row, `P` prompt positions, `T` completion
+positions, `V` vocabulary.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from parityrl.config import SamplingConfig
-from parityrl.policy import apply_penalties, compute_context, processed_logprobs, sampling_logits, sequence_logits
+from parityrl.policy import apply_penalties, compute_context, processed_logprobs, sampling_logits
 
 NO_VERSION = 1 << 40
 """Stands in for "no token" when taking the oldest version of an empty completion."""
@@ -59,9 +60,23 @@ class Sample:
 
 @dataclass
 class PackedBatch:
-    input_ids: Tensor  # [B, L] prompt + completion, right-padded
-    attention_mask: Tensor  # [B, L]
-    completion_start: Tensor  # [B] index of the first completion token in input_ids
+    """Samples laid out for one forward pass, with each prompt computed once for all its completions.
+
+    A GRPO group's n samples share their prompt, so a packed row holds the prompt once followed by the
+    completions that share it, each completion attending to the prompt and to itself only (a block
+    mask, `attention_bias`) and positioned as if it followed the prompt directly (`position_ids`). The
+    logits predicting a completion's tokens are read from its own positions and, for its first token,
+    from the prompt's last one. Mathematically this is the per-sample forward pass; in floats it
+    differs only in summation order (masked keys add exact zeros), the same order of difference as
+    batching. `completions_per_row` decides how many completions share a row."""
+
+    input_ids: Tensor  # [R, L] packed rows: a prompt, then completions sharing it; right-padded
+    position_ids: Tensor  # [R, L] position in the sample's own sequence (a completion continues its prompt)
+    segment_ids: Tensor  # [R, L] 0 = prompt, k >= 1 = the row's k-th completion, -1 = padding
+    sample_row: Tensor  # [B] packed row of each sample
+    logit_index: Tensor  # [B, T] position in the sample's row whose logits predict each completion token
+    prompt_ids: Tensor  # [B, P] each sample's prompt, right-padded (penalties count its tokens)
+    prompt_mask: Tensor  # [B, P] bool, prompt token (not padding)
     completion_ids: Tensor  # [B, T]
     completion_mask: Tensor  # [B, T] bool, generated (not padding)
     logprobs_old: Tensor  # [B, T] engine logprobs, 0 at padding
@@ -72,6 +87,20 @@ class PackedBatch:
         """The same batch on `device` (the trainer's)."""
         return PackedBatch(*(getattr(self, name).to(device) for name in self.__dataclass_fields__))
 
+    def attention_bias(self, dtype: torch.dtype) -> Tensor:
+        """[R, 1, L, L] additive attention mask: 0 where a query may attend to a key, dtype-min elsewhere.
+
+        A key is visible when it precedes the query in the row, is not padding, and is either prompt or
+        in the query's own completion (HF models take a 4D mask as given)."""
+        segments = self.segment_ids
+        length = segments.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()  # [L, L]
+        key_segment = segments.unsqueeze(1)  # [R, 1, L]
+        same_sequence = (key_segment == 0) | (key_segment == segments.unsqueeze(2))  # [R, L, L]
+        allowed = causal & same_sequence & (key_segment >= 0)
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+        return bias.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
     def sequence_versions(self) -> tuple[Tensor, Tensor, Tensor]:
         """(oldest [B], newest [B], has_tokens [B]) policy version of each sequence's completion."""
         generated = self.completion_mask
@@ -80,36 +109,100 @@ class PackedBatch:
         return oldest, newest, generated.any(-1)
 
 
-def pack_samples(samples: list[Sample], pad_id: int) -> PackedBatch:
+@dataclass(frozen=True)
+class ModelShape:
+    """What `completions_per_row` needs to know of the model: its width and MLP width."""
+
+    hidden_size: int
+    intermediate_size: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelShape | None:
+        config = getattr(model, "config", None)
+        hidden, intermediate = getattr(config, "hidden_size", None), getattr(config, "intermediate_size", None)
+        return cls(hidden, intermediate) if hidden and intermediate else None
+
+
+def completions_per_row(prompt_len: int, completion_len: float, count: int, shape: ModelShape | None) -> int:
+    """How many of a prompt's `count` completions (mean length `completion_len`) share one packed row.
+
+    Sharing saves the prompt's projections and MLP for every extra completion (~a·d² per token, with a
+    = 4 attention projections + 3 MLP matrices of width d_ff/d), while the eager attention computes the
+    full L×L score matrix of a row, masked entries included (~4·L²·d per row). The count that minimises
+    the cost per completion wins: short completions after a long prompt share a row, long ones do not.
+    Without a shape (no model at hand) every completion of a prompt shares its row."""
+    if shape is None or count <= 1:
+        return max(count, 1)
+    d = shape.hidden_size
+    a = 4 + 3 * shape.intermediate_size / d
+
+    def cost_per_completion(k: int) -> float:
+        length = prompt_len + k * completion_len
+        return (a * d * length + 4 * length * length) / k
+
+    return min(range(1, count + 1), key=cost_per_completion)
+
+
+def pack_samples(samples: list[Sample], pad_id: int, shape: ModelShape | None = None) -> PackedBatch:
+    """Lay `samples` out in shared-prompt rows (`PackedBatch`); samples keep their order in every [B, ...]
+    tensor. `shape`: the model's (`ModelShape.of(model)`), to decide how many completions share a row."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for index, sample in enumerate(samples):
+        by_prompt.setdefault(tuple(sample.prompt_token_ids), []).append(index)
+    rows: list[tuple[tuple[int, ...], list[int]]] = []  # (prompt, sample indices) per packed row
+    for prompt, members in by_prompt.items():
+        mean_completion = sum(len(samples[i].completion_token_ids) for i in members) / len(members)
+        per_row = completions_per_row(len(prompt), mean_completion, len(members), shape)
+        rows += [(prompt, members[i : i + per_row]) for i in range(0, len(members), per_row)]
+    width = max(len(prompt) + sum(len(samples[i].completion_token_ids) for i in members) for prompt, members in rows)
     batch = len(samples)
-    width = max(len(s.prompt_token_ids) + len(s.completion_token_ids) for s in samples)
+    max_prompt = max(len(s.prompt_token_ids) for s in samples)
     max_completion = max(1, max(len(s.completion_token_ids) for s in samples))
-    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    attention = torch.zeros((batch, width), dtype=torch.long)
-    start = torch.zeros(batch, dtype=torch.long)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    segment_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    sample_row = torch.zeros(batch, dtype=torch.long)
+    logit_index = torch.zeros((batch, max_completion), dtype=torch.long)
+    prompt_ids = torch.full((batch, max_prompt), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((batch, max_prompt), dtype=torch.bool)
     completion_ids = torch.zeros((batch, max_completion), dtype=torch.long)
     completion_mask = torch.zeros((batch, max_completion), dtype=torch.bool)
     logprobs_old = torch.zeros((batch, max_completion), dtype=torch.float32)
     versions = torch.full((batch, max_completion), -1, dtype=torch.long)
     replica = torch.tensor([-1 if s.replica is None else s.replica for s in samples], dtype=torch.long)
-    for row, sample in enumerate(samples):
-        sequence = sample.prompt_token_ids + sample.completion_token_ids
+    for row, (prompt, members) in enumerate(rows):
+        plen = len(prompt)
+        input_ids[row, :plen] = torch.tensor(prompt, dtype=torch.long)
+        position_ids[row, :plen] = torch.arange(plen)
+        segment_ids[row, :plen] = 0
+        cursor = plen
+        for segment, index in enumerate(members, start=1):
+            sample = samples[index]
+            count = len(sample.completion_token_ids)
+            input_ids[row, cursor : cursor + count] = torch.tensor(sample.completion_token_ids, dtype=torch.long)
+            position_ids[row, cursor : cursor + count] = torch.arange(plen, plen + count)
+            segment_ids[row, cursor : cursor + count] = segment
+            sample_row[index] = row
+            # token t is predicted at the position before it: the prompt's last token for t = 0
+            logit_index[index, :count] = torch.tensor([plen - 1] + list(range(cursor, cursor + count - 1)), dtype=torch.long)
+            cursor += count
+    for index, sample in enumerate(samples):
         count = len(sample.completion_token_ids)
-        input_ids[row, : len(sequence)] = torch.tensor(sequence)
-        attention[row, : len(sequence)] = 1
-        start[row] = len(sample.prompt_token_ids)
-        completion_ids[row, :count] = torch.tensor(sample.completion_token_ids, dtype=torch.long)
-        completion_mask[row, :count] = True
-        logprobs_old[row, :count] = torch.tensor(sample.logprobs_old, dtype=torch.float32)
-        versions[row, :count] = torch.tensor(sample.version_per_token, dtype=torch.long)
-    return PackedBatch(input_ids, attention, start, completion_ids, completion_mask, logprobs_old, versions, replica)
+        prompt_ids[index, : len(sample.prompt_token_ids)] = torch.tensor(sample.prompt_token_ids, dtype=torch.long)
+        prompt_mask[index, : len(sample.prompt_token_ids)] = True
+        completion_ids[index, :count] = torch.tensor(sample.completion_token_ids, dtype=torch.long)
+        completion_mask[index, :count] = True
+        logprobs_old[index, :count] = torch.tensor(sample.logprobs_old, dtype=torch.float32)
+        versions[index, :count] = torch.tensor(sample.version_per_token, dtype=torch.long)
+    return PackedBatch(
+        input_ids, position_ids, segment_ids, sample_row, logit_index, prompt_ids, prompt_mask,
+        completion_ids, completion_mask, logprobs_old, versions, replica,
+    )
 
 
-def completion_logits(logits: Tensor, completion_start: Tensor, width: int) -> Tensor:
-    """Gather the logits that predict each completion token. logits [B, L, V] -> [B, width, V]."""
-    positions = completion_start.unsqueeze(-1) - 1 + torch.arange(width, device=logits.device).unsqueeze(0)  # [B, width]
-    positions = positions.clamp(max=logits.shape[1] - 1)
-    return logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+def completion_logits(logits: Tensor, packed: PackedBatch) -> Tensor:
+    """The logits that predict each sample's completion tokens. logits [R, L, V] -> [B, T, V]."""
+    return logits[packed.sample_row.unsqueeze(-1), packed.logit_index]
 
 
 @dataclass
@@ -137,16 +230,20 @@ def score(model: nn.Module, packed: PackedBatch, sampling: SamplingConfig, dtype
     whose compute precision the trainer uses (`policy.compute_context`). Differentiable; wrap in
     `torch.no_grad()` when only measuring."""
     with compute_context(dtype, packed.input_ids.device.type):
-        logits = sequence_logits(model, packed.input_ids, packed.attention_mask)
-    logits_completion = completion_logits(logits, packed.completion_start, packed.completion_ids.shape[1])
+        logits = packed_logits(model, packed)
+    logits_completion = completion_logits(logits, packed)
     # repetition/presence/frequency penalties see the prompt and the tokens generated before each position
-    positions = torch.arange(packed.input_ids.shape[1], device=packed.input_ids.device).unsqueeze(0)  # [1, L]
-    prompt_mask = (positions < packed.completion_start.unsqueeze(-1)) & packed.attention_mask.bool()  # [B, L]
-    penalised = apply_penalties(logits_completion, packed.input_ids, prompt_mask, packed.completion_ids, packed.completion_mask, sampling)
+    penalised = apply_penalties(logits_completion, packed.prompt_ids, packed.prompt_mask, packed.completion_ids, packed.completion_mask, sampling)
     logprobs = processed_logprobs(penalised, packed.completion_ids, sampling.temperature, sampling.top_k, sampling.top_p, min_p=sampling.min_p)
     in_support = packed.completion_mask & torch.isfinite(logprobs)
     logprobs = torch.where(packed.completion_mask, logprobs, torch.zeros_like(logprobs))
     return Scored(penalised, logprobs, in_support)
+
+
+def packed_logits(model: nn.Module, packed: PackedBatch) -> Tensor:
+    """[R, L, V] logits of the packed rows (shared prompts, block attention mask)."""
+    bias = packed.attention_bias(next(model.parameters()).dtype)
+    return model(input_ids=packed.input_ids, attention_mask=bias, position_ids=packed.position_ids, use_cache=False).logits
 
 
 def k3(log_ratio: Tensor) -> Tensor:

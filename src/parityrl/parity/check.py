@@ -28,7 +28,7 @@ from parityrl.engines.base import RolloutEngine
 from parityrl.engines.reference import score_with_kv_switch
 from parityrl.errors import UserError
 from parityrl.policy import compute_context, load_policy
-from parityrl.scoring import DistributionMismatch, Mismatch, Sample, listed_logprobs, pack_samples, score
+from parityrl.scoring import DistributionMismatch, Mismatch, ModelShape, Sample, listed_logprobs, pack_samples, score
 from parityrl.tasks import load_task
 
 # each fix switched off alone (what `--attribute` measures)
@@ -48,7 +48,7 @@ FIX_OFF: dict[str, list[str]] = {
 def trainer_logprobs(model: nn.Module, samples: list[Sample], sampling: SamplingConfig, dtype: str) -> list[Tensor]:
     """Full-recompute processed logprobs of each sample's completion, [len(completion)] each (-inf
     outside the trainer's support): `scoring.score`, the trainer's own recompute."""
-    scored = score(model, pack_samples(samples, pad_id=0), sampling, dtype)
+    scored = score(model, pack_samples(samples, pad_id=0, shape=ModelShape.of(model)), sampling, dtype)
     return [scored.logprobs[row, : len(s.completion_token_ids)] for row, s in enumerate(samples)]
 
 
@@ -96,7 +96,7 @@ def full_vocab_k(model_dir) -> int:
 def full_distribution_mismatch(model: nn.Module, samples: list[Sample], sampling: SamplingConfig, dtype: str) -> dict:
     """`parity/full_kl`, `parity/full_tv`, `parity/support_mismatch_frac` of the engine's listed
     processed logprobs (`Sample.top_logprobs_old`) against the trainer's whole processed distribution."""
-    packed = pack_samples(samples, pad_id=0)
+    packed = pack_samples(samples, pad_id=0, shape=ModelShape.of(model))
     log_dist = score(model, packed, sampling, dtype).log_distribution(sampling)  # [B, T, V]
     trainer_rows = log_dist[packed.completion_mask]  # [N, V], sample by sample, position by position
     ids, logprobs = listed_logprobs([entry for s in samples for entry in (s.top_logprobs_old or [])])

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from parityrl.config import RunConfig
 from parityrl.policy import export_state_dict, load_policy, processed_entropy
-from parityrl.scoring import Mismatch, PackedBatch, Sample, Scored, k3, pack_samples, score
+from parityrl.scoring import Mismatch, ModelShape, PackedBatch, Sample, Scored, k3, pack_samples, score
 from parityrl.train.checkpoint import RunState, load_run_state, save_checkpoint
 from parityrl.train.objectives import policy_loss
 
@@ -117,6 +117,7 @@ class Trainer:
         # fp32 master weights; bf16 models compute in bf16 via policy.compute_context
         self.model = load_policy(model_dir, "float32", config.model.lm_head_fp32).to(self.device)
         self.model.train()
+        self.shape = ModelShape.of(self.model)
         self.train_model = self.model
         if distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -132,8 +133,8 @@ class Trainer:
         return export_state_dict(self.model)
 
     def _pack(self, samples: list[Sample]) -> PackedBatch:
-        """Right-padded tensors of `samples`, on the trainer's device (moved once per micro-batch)."""
-        return pack_samples(samples, self.pad_id).to(self.device)
+        """`samples` in shared-prompt rows, on the trainer's device (moved once per micro-batch)."""
+        return pack_samples(samples, self.pad_id, self.shape).to(self.device)
 
     def _score(self, packed: PackedBatch, model: torch.nn.Module | None = None) -> Scored:
         return score(model or self.model, packed, self.config.trainer_sampling(), self.config.model.dtype)
