@@ -120,7 +120,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("perf/rollout_tok_s_per_replica", "`perf/rollout_tok_s` of each engine replica (`pipeline.backend: ray`), by replica id",
            "perf", scalar=False),
     Metric("perf/train_tok_s", "completion tokens per second of the optimiser step", "perf"),
-    Metric("perf/weight_sync_s", "seconds to hand the new weights to the engine (pause, load, resume)", "perf"),
+    Metric(
+        "perf/weight_sync_s",
+        "seconds the last weight publication took (stage, pause, load, resume); async mode publishes in the "
+        "background, so this is the previous step's, overlapped with this one",
+        "perf",
+    ),
     Metric("perf/engine_idle_frac", "fraction of the RL wall time so far that the engine had no request", "perf"),
     Metric("perf/trainer_idle_frac", "fraction of the RL wall time so far that the trainer waited for a batch", "perf"),
     # --- train

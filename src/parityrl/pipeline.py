@@ -96,6 +96,8 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
     rollouts: Rollouts | None = None
     producer: asyncio.Task | None = None
     probe_task: asyncio.Task | None = None
+    publishing: asyncio.Task | None = None
+    """The last weight publication, in the background while the next step computes."""
     summary: dict = {"engine": config.engine.kind, "model_dir": str(model_dir)}
     step = start_step
     try:
@@ -158,6 +160,11 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
         last_replica_tokens = list(engine.tokens_per_replica) if replicated else []
         probe_count = config.pipeline.parity_probe_prompts if producer is not None else 0
         probe_task = asyncio.create_task(rollouts.probe(probe_count)) if probe_count else None
+        loop = asyncio.get_running_loop()
+
+        def probe_waiter(task: asyncio.Task):
+            """For the trainer's thread: blocks until the probe samples are there (with a deadline)."""
+            return lambda: asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(task), take_deadline_s), loop).result()
         with StopSignals() as signals, progress_bar() as progress:
             bar = progress.add_task("RL", total=config.train.steps, completed=start_step, info="")
             for step in range(start_step + 1, config.train.steps + 1):
@@ -167,7 +174,11 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
                         groups, dropped = await rollouts.take(config.train.prompts_per_step, trainer.version, max_lag, take_deadline_s)
                     else:
                         groups, dropped = await rollouts.sync_batch(config.train.prompts_per_step), 0
-                    probe = await probe_task if probe_task is not None else None
+                    # the local trainer waits for the probe only after its backward passes (the engine
+                    # generates it meanwhile); the Ray ranks take samples, not a function of this loop
+                    probe = probe_waiter(probe_task) if probe_task is not None and not replicated else None
+                    if probe_task is not None and replicated:
+                        probe = await probe_task
                 except EngineGaveUp as error:
                     step -= 1
                     raise await stop_run(str(error)) from None
@@ -184,19 +195,34 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
                         [g.problem for g in groups],
                     ) from None
                 samples, advantages, rewards_tensor = batch_tensors(groups, config.train.advantage)
-                metrics = await asyncio.to_thread(trainer.step, samples, advantages, probe)
+                try:
+                    metrics = await asyncio.to_thread(trainer.step, samples, advantages, probe)
+                except EngineGaveUp as error:  # the probe's engine
+                    step -= 1
+                    raise await stop_run(str(error)) from None
+                publish_failure: EngineGaveUp | None = None
+                if publishing is not None:  # the previous step's weights: landed while this step computed
+                    try:
+                        metrics["perf/weight_sync_s"] = await publishing
+                    except EngineGaveUp as error:  # this step is done: logged, then the run stops
+                        publish_failure = error
+                publishing = None
                 if metrics.get("train/skipped_steps"):
                     skipped_in_a_row += 1
                     counters["skipped_steps"] = counters.get("skipped_steps", 0) + 1
                     console.print(f"[yellow]step {step} skipped: {metrics.get('train/skip_reason')}[/yellow]")
                 else:
                     skipped_in_a_row = 0
-                    sync_start = time.perf_counter()
-                    try:
-                        await engine.update_weights(trainer.state_dict_for_engines(), trainer.version)
-                    except EngineGaveUp as error:
-                        raise await stop_run(str(error)) from None
-                    metrics["perf/weight_sync_s"] = time.perf_counter() - sync_start
+                    # published in the background: the next batch is (mostly) generated already, and new
+                    # groups and the probe wait for these weights (`Rollouts.publishing`), so they are not stale
+                    publishing = asyncio.create_task(timed(engine.update_weights(trainer.state_dict_for_engines(), trainer.version)))
+                    rollouts.publishing = publishing
+                    if producer is None:  # sync mode: nothing to overlap with
+                        try:
+                            metrics["perf/weight_sync_s"] = await publishing
+                        except EngineGaveUp as error:
+                            raise await stop_run(str(error)) from None
+                        publishing = None
                 if probe_count:
                     probe_task = asyncio.create_task(rollouts.probe(probe_count))
                 now = time.perf_counter()
@@ -234,6 +260,8 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
                     "group_counter": rollouts.group_counter,
                 }
                 logger.log(step, metrics)
+                if publish_failure is not None:
+                    raise await stop_run(str(publish_failure)) from None
                 if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
                     raise await stop_run(f"{skipped_in_a_row} steps in a row were skipped (last: {metrics.get('train/skip_reason')})") from None
                 if step == config.train.steps or (config.train.checkpoint_every and step % config.train.checkpoint_every == 0):
@@ -251,7 +279,7 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
             summary["last_version_per_replica"] = engine.last_version_per_replica()
             summary["actor_nodes"] = cluster.node_of_each_actor(engine, trainer)
     finally:
-        for background in (producer, probe_task):
+        for background in (producer, probe_task, publishing):
             if background is not None:
                 background.cancel()
                 await asyncio.gather(background, return_exceptions=True)
@@ -269,6 +297,13 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
             ray.shutdown()  # stops the Ray instance this run started; only disconnects from a cluster it joined
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
+
+
+async def timed(awaitable) -> float:
+    """Seconds `awaitable` took (what a background weight publication reports as perf/weight_sync_s)."""
+    began = time.perf_counter()
+    await awaitable
+    return time.perf_counter() - began
 
 
 def _summary(counters: dict, eval_success: float | None, steps: int, run_dir: Path) -> dict:

@@ -78,6 +78,8 @@ EXTENSION_PATH = "parityrl.engines.vllm_worker.WeightUpdateExtension"
 """Dotted path vLLM imports in the worker process (`worker_extension_cls`)."""
 
 GiB = 1 << 30
+SHUTDOWN_GRACE_S = 1.0
+"""Seconds vLLM's shutdown waits for EngineCore to exit before killing it (vLLM's default: 5)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,14 +246,17 @@ class VLLMEngine:
         self._update_lock = asyncio.Lock()
 
     async def close(self) -> None:
-        """Shut the engine down (aborts what is in flight; takes ~5 s: vLLM waits for EngineCore to exit).
+        """Shut the engine down (aborts what is in flight).
 
-        Also after a crash: processes vLLM's shutdown leaves behind (a hung EngineCore, an orphaned
-        worker) are killed, so a restarted engine never shares the cores with a dead one."""
+        vLLM sends EngineCore SIGTERM and waits up to `SHUTDOWN_GRACE_S` for it to exit; its workers
+        exit within ~2 s here, but EngineCore itself then lingers until vLLM's default 5 s grace runs
+        out, which made every run end 5-10 s late. Also after a crash: processes vLLM's shutdown leaves
+        behind (a hung EngineCore, an orphaned worker) are killed, so a restarted engine never shares
+        the cores with a dead one."""
         engine, self.engine = self.engine, None
         if engine is not None:
             try:
-                engine.shutdown()
+                engine.shutdown(timeout=SHUTDOWN_GRACE_S)
             finally:
                 kill_processes(self.process_ids)
 
@@ -390,7 +395,7 @@ class VLLMEngine:
                 was_paused = self._paused
                 if not was_paused:
                     if self.config.update_mode == "keep":
-                        await self.engine.pause_generation(mode="keep", clear_cache=False)
+                        await self._pause_keep()
                     else:
                         await self.engine.pause_generation()
                     self._paused = True
@@ -419,9 +424,21 @@ class VLLMEngine:
         directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
         return tempfile.TemporaryDirectory(prefix="parityrl-weights-", dir=directory)
 
+    async def _pause_keep(self) -> None:
+        """`pause_generation(mode="keep", clear_cache=False)` without its closing 20 ms sleep.
+
+        vLLM sleeps only so that outputs computed before the pause reach the caller before the call
+        returns ("not required for correctness", says vLLM); parityrl's version tags come from the
+        engine-stamped spans, not from arrival order, and 20 ms was half of each weight update here."""
+        core = getattr(self.engine, "engine_core", None)
+        if core is None or not hasattr(core, "pause_scheduler_async"):
+            await self.engine.pause_generation(mode="keep", clear_cache=False)  # another vLLM: its own call
+            return
+        await core.pause_scheduler_async(mode="keep", clear_cache=False)
+
     async def pause(self) -> None:
         """Freeze scheduling; in-flight requests keep their KV cache (mode=keep, no cache clear)."""
-        await self.engine.pause_generation(mode="keep", clear_cache=False)
+        await self._pause_keep()
         self._paused = True
 
     async def resume(self) -> None:

@@ -22,9 +22,16 @@ def derive_seed(engine_seed: int, request_id: str, index: int) -> int:
 
 
 def child_pids() -> set[int]:
+    """This process's descendants, except multiprocessing's resource tracker: it serves the whole
+    process (not one engine) and exits with it; killing it only makes Python start another."""
     import psutil
 
-    return {child.pid for child in psutil.Process().children(recursive=True)}
+    pids = set()
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "resource_tracker" not in " ".join(child.cmdline()):
+                pids.add(child.pid)
+    return pids
 
 
 def kill_processes(pids: list[int], grace_s: float = 5.0) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from parityrl.policy import export_state_dict, load_policy, processed_entropy
 from parityrl.scoring import Mismatch, ModelShape, PackedBatch, Sample, Scored, k3, pack_samples, score
 from parityrl.train.checkpoint import RunState, load_run_state, save_checkpoint
 from parityrl.train.objectives import policy_loss
+
+Probe = list[Sample] | Callable[[], list[Sample] | None] | None
+"""Parity-probe samples for `Trainer.step`, or a function that waits for them."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -139,11 +143,13 @@ class Trainer:
     def _score(self, packed: PackedBatch, model: torch.nn.Module | None = None) -> Scored:
         return score(model or self.model, packed, self.config.trainer_sampling(), self.config.model.dtype)
 
-    def step(self, samples: list[Sample], advantages: Tensor, probe: list[Sample] | None = None) -> dict[str, float | None]:
+    def step(self, samples: list[Sample], advantages: Tensor, probe: Probe = None) -> dict[str, float | None]:
         """One optimiser step on `samples` (advantages [len(samples)]); returns metrics; version += 1.
 
-        `probe`: samples generated entirely at the current version, only scored for `parity/*`.
-        A NaN/inf engine logprob, loss or gradient skips the step: no optimiser step, same version."""
+        `probe`: samples generated entirely at the current version, only scored for `parity/*`; or a
+        function returning them, called after the backward passes (the engine generates them while
+        this step computes). A NaN/inf engine logprob, loss or gradient skips the step: no optimiser
+        step, same version."""
         result = self.step_stats(samples, advantages, probe, global_normaliser(samples, self.config.train.objective))
         if result.skip_reason is not None:
             return result.skip_metrics()
@@ -154,13 +160,11 @@ class Trainer:
             "train/skipped_steps": 0,
         }
 
-    def step_stats(self, samples: list[Sample], advantages: Tensor, probe: list[Sample] | None, normaliser: int) -> StepResult:
+    def step_stats(self, samples: list[Sample], advantages: Tensor, probe: Probe, normaliser: int) -> StepResult:
         """This rank's share of a step: `normaliser` is the whole batch's (all ranks) unit count."""
         start = time.perf_counter()
         train = self.config.train
         stats = StepStats()
-        if probe:
-            self._accumulate_probe(stats, probe)
         chunks = [list(range(i, min(i + train.micro_batch_size, len(samples)))) for i in range(0, len(samples), train.micro_batch_size)]
         packed_all = [self._pack([samples[i] for i in chunk]) for chunk in chunks]
         bad_old = sum(int((~torch.isfinite(p.logprobs_old) & p.completion_mask).sum()) for p in packed_all)
@@ -181,6 +185,10 @@ class Trainer:
                 (out.loss_sum * self.world_size / normaliser).backward()
             with torch.no_grad():
                 self._accumulate(stats, packed, scored, out)
+        # the weights are still the published version until optimizer.step: the probe's lag is 0
+        probe_samples = probe() if callable(probe) else probe
+        if probe_samples:
+            self._accumulate_probe(stats, probe_samples)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip if train.grad_clip > 0 else float("inf")))
         loss_sum = stats.sums.get("loss", 0.0)
         if _any_rank(not (math.isfinite(loss_sum) and math.isfinite(grad_norm)), self.distributed):
