@@ -30,6 +30,7 @@ from parityrl.config import RunConfig
 from parityrl.engines import make_engine
 from parityrl.engines.ray_replicas import ReplicaSet
 from parityrl.engines.supervisor import EngineGaveUp, SupervisedEngine
+from parityrl.engines.vllm_host import trainer_off_engine_cores
 from parityrl.evaluate import success_rate
 from parityrl.metrics import MetricsLogger, truncate_metrics, write_json_atomic
 from parityrl.preflight import model_context, read_hf_config
@@ -165,7 +166,9 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
         def probe_waiter(task: asyncio.Task):
             """For the trainer's thread: blocks until the probe samples are there (with a deadline)."""
             return lambda: asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(task), take_deadline_s), loop).result()
-        with StopSignals() as signals, progress_bar() as progress:
+        binding = settings.get("env", {}).get("VLLM_CPU_OMP_THREADS_BIND") if not replicated else None
+        engine_pids = list(getattr(getattr(engine, "engine", None), "process_ids", []))
+        with StopSignals() as signals, progress_bar() as progress, trainer_off_engine_cores(binding, engine_pids):
             bar = progress.add_task("RL", total=config.train.steps, completed=start_step, info="")
             for step in range(start_step + 1, config.train.steps + 1):
                 wait_start = time.perf_counter()

@@ -68,7 +68,7 @@ from torch import Tensor
 
 from parityrl.config import EngineConfig, SamplingConfig
 from parityrl.engines.base import EngineHealth
-from parityrl.engines.vllm_host import child_pids, cpu_thread_binding, derive_seed, kill_processes, on_cpu
+from parityrl.engines.vllm_host import child_pids, cpu_thread_binding, derive_seed, kill_processes, on_cpu, pin_engine
 from parityrl.engines.vllm_worker import dtype_name, pack_tensors
 from parityrl.scoring import Sample
 
@@ -140,6 +140,8 @@ class VLLMEngine:
         self._worker_report: dict = {}
         self.process_ids: list[int] = []
         """PIDs of the EngineCore and worker processes this engine started."""
+        self.engine_cpus: list[int] | None = None
+        """CPU only: the cores every thread of the engine's processes is kept on (`pin_engine`)."""
         self._paused = False
         self._update_lock: asyncio.Lock | None = None
         self._inflight = 0
@@ -239,6 +241,8 @@ class VLLMEngine:
             self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
         finally:  # EngineCore + workers: killed by close() if vLLM's own shutdown leaves any behind
             self.process_ids = sorted(child_pids() - children_before)
+        if on_cpu():
+            self.engine_cpus = pin_engine(self.process_ids, os.environ.get("VLLM_CPU_OMP_THREADS_BIND", ""))
         await self.engine.update_weight_version(str(self.version))
         reports = await self.engine.collective_rpc("parityrl_report")
         self._worker_report = reports[0] if reports else {}
@@ -509,6 +513,7 @@ class VLLMEngine:
             "weight_transport": self.weight_transport,
             "stream": self.stream,
             "env": dict(self.env),
+            "engine_cpus": self.engine_cpus,
             "extra_engine_args": {k: repr(v) for k, v in self.extra_engine_args.items()},
             "worker": dict(self._worker_report),
         }

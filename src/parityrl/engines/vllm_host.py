@@ -62,3 +62,73 @@ def cpu_thread_binding(omp_threads: int, replica: int = 0) -> str:
     count = max(1, min(omp_threads, len(allowed)))
     start = len(allowed) - count * (replica + 1)
     return ",".join(str(allowed[(start + i) % len(allowed)]) for i in range(count))
+
+
+def cpu_ids(binding: str) -> set[int] | None:
+    """The CPU ids of a VLLM_CPU_OMP_THREADS_BIND list ("1", "2-3", "0,3"); None for "auto"/"nobind"."""
+    cpus: set[int] = set()
+    try:
+        for part in binding.split(","):
+            first, _, last = part.strip().partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        return None
+    return cpus or None
+
+
+def pin_threads(pids: list[int], cpus: set[int]) -> None:
+    """Move every thread of `pids` whose CPU affinity is not inside `cpus` onto `cpus`. Threads already
+    bound inside `cpus` (vLLM's OpenMP threads, one per core) keep their own binding."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    if not os.sched_getaffinity(int(tid)) <= cpus:
+                        os.sched_setaffinity(int(tid), cpus)
+
+
+def pin_engine(engine_pids: list[int], binding: str) -> list[int] | None:
+    """CPU only: keep every thread of the engine's processes on the cores its OpenMP threads are bound
+    to (`binding`). vLLM binds only those threads; its scheduler process and other threads floated
+    over all cores, and one spawned by a pinned trainer (`trainer_off_engine_cores`) would inherit the
+    trainer's cores. Returns the engine's cores, or None without an explicit binding."""
+    engine_cpus = cpu_ids(binding)
+    if engine_cpus is None or not os.path.isdir("/proc/self/task"):
+        return None
+    pin_threads(engine_pids, engine_cpus)
+    return sorted(engine_cpus)
+
+
+@contextlib.contextmanager
+def trainer_off_engine_cores(binding: str | None, engine_pids: list[int]):
+    """CPU only, for the length of a run: this process (trainer, vLLM frontend) and its other children
+    (reward workers) stay off the engine's cores, and get their affinity back afterwards.
+
+    Without it the trainer's thread regularly landed on the engine's core, and the engine, the
+    bottleneck of the demo's loop, lost time to it. Yields the trainer's cores (None: nothing split)."""
+    import psutil
+
+    engine_cpus = cpu_ids(binding) if binding else None
+    if engine_cpus is None or not hasattr(os, "sched_getaffinity") or not os.path.isdir("/proc/self/task"):
+        yield None
+        return
+    original = set(os.sched_getaffinity(0))
+    trainer_cpus = original - engine_cpus
+    if not trainer_cpus:
+        yield None
+        return
+
+    def ours() -> list[int]:
+        children = [child.pid for child in psutil.Process().children(recursive=True) if child.pid not in set(engine_pids)]
+        return [os.getpid(), *children]
+
+    pin_threads(ours(), trainer_cpus)
+    try:
+        yield sorted(trainer_cpus)
+    finally:
+        for pid in ours():
+            with contextlib.suppress(OSError):
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with contextlib.suppress(OSError):
+                        if os.sched_getaffinity(int(tid)) == trainer_cpus:
+                            os.sched_setaffinity(int(tid), original)
