@@ -112,6 +112,33 @@ def test_replica_cpu_binding_counts_down_from_the_last_cpu_and_wraps(monkeypatch
     assert [cpu_thread_binding(1, r) for r in range(3)] == ["9", "4", "9"]
 
 
+def test_trainer_leaves_the_engine_cores_for_the_run_and_gets_its_affinity_back():
+    """The split the pipeline makes on CPU: every thread of this process (one started inside too) off
+    the engine's cores while the run lasts, the original affinity afterwards. Broken once: without the
+    restore in `finally`, the last-but-one assertion fails."""
+    import threading
+
+    from parityrl.engines.vllm_host import cpu_ids, trainer_off_engine_cores
+
+    assert cpu_ids("1") == {1} and cpu_ids("2-3") == {2, 3} and cpu_ids("0,3") == {0, 3}
+    assert cpu_ids("auto") is None and cpu_ids("nobind") is None
+    original = os.sched_getaffinity(0)
+    if len(original) < 2:
+        pytest.skip("needs two CPUs")
+    engine_cpu = max(original)
+    inside: dict[str, set[int]] = {}
+    with trainer_off_engine_cores(str(engine_cpu), []) as trainer_cpus:
+        assert set(trainer_cpus) == original - {engine_cpu}
+        worker = threading.Thread(target=lambda: inside.setdefault("thread", os.sched_getaffinity(0)))
+        worker.start()
+        worker.join()
+        assert os.sched_getaffinity(0) == original - {engine_cpu}
+    assert inside["thread"] == original - {engine_cpu}
+    assert os.sched_getaffinity(0) == original
+    with trainer_off_engine_cores("auto", []) as nothing:  # no explicit binding: nothing to split
+        assert nothing is None and os.sched_getaffinity(0) == original
+
+
 # -- RunConfig validation of the ray options ------------------------------------------------------------
 
 
