@@ -19,6 +19,7 @@ A run either finishes or stops with one message and a resumable checkpoint:
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -166,7 +167,10 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
         def probe_waiter(task: asyncio.Task):
             """For the trainer's thread: blocks until the probe samples are there (with a deadline)."""
             return lambda: asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(task), take_deadline_s), loop).result()
+        # a trainer asked for more threads than the cores the engine leaves means to share the engine's
         binding = settings.get("env", {}).get("VLLM_CPU_OMP_THREADS_BIND") if not replicated else None
+        if binding is not None and config.train.threads + config.engine.omp_threads > len(os.sched_getaffinity(0)):
+            binding = None
         engine_pids = list(getattr(getattr(engine, "engine", None), "process_ids", []))
         with StopSignals() as signals, progress_bar() as progress, trainer_off_engine_cores(binding, engine_pids):
             bar = progress.add_task("RL", total=config.train.steps, completed=start_step, info="")
