@@ -169,7 +169,8 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
             return lambda: asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(task), take_deadline_s), loop).result()
         # a trainer asked for more threads than the cores the engine leaves means to share the engine's
         binding = settings.get("env", {}).get("VLLM_CPU_OMP_THREADS_BIND") if not replicated else None
-        if binding is not None and config.train.threads + config.engine.omp_threads > len(os.sched_getaffinity(0)):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if binding is not None and config.train.threads + config.engine.omp_threads > cores:
             binding = None
         engine_pids = list(getattr(getattr(engine, "engine", None), "process_ids", []))
         with StopSignals() as signals, progress_bar() as progress, trainer_off_engine_cores(binding, engine_pids):

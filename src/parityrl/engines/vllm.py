@@ -78,8 +78,6 @@ EXTENSION_PATH = "parityrl.engines.vllm_worker.WeightUpdateExtension"
 """Dotted path vLLM imports in the worker process (`worker_extension_cls`)."""
 
 GiB = 1 << 30
-SHUTDOWN_GRACE_S = 1.0
-"""Seconds vLLM's shutdown waits for EngineCore to exit before killing it (vLLM's default: 5)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,17 +248,15 @@ class VLLMEngine:
         self._update_lock = asyncio.Lock()
 
     async def close(self) -> None:
-        """Shut the engine down (aborts what is in flight).
+        """Shut the engine down (aborts what is in flight; ~5 s: EngineCore lingers up to 4 s sending its
+        last message before it exits, and killing it sooner leaks its shared memory until exit).
 
-        vLLM sends EngineCore SIGTERM and waits up to `SHUTDOWN_GRACE_S` for it to exit; its workers
-        exit within ~2 s here, but EngineCore itself then lingers until vLLM's default 5 s grace runs
-        out, which made every run end 5-10 s late. Also after a crash: processes vLLM's shutdown leaves
-        behind (a hung EngineCore, an orphaned worker) are killed, so a restarted engine never shares
-        the cores with a dead one."""
+        Also after a crash: processes vLLM's shutdown leaves behind (a hung EngineCore, an orphaned
+        worker) are killed, so a restarted engine never shares the cores with a dead one."""
         engine, self.engine = self.engine, None
         if engine is not None:
             try:
-                engine.shutdown(timeout=SHUTDOWN_GRACE_S)
+                engine.shutdown()
             finally:
                 kill_processes(self.process_ids)
 
