@@ -26,11 +26,15 @@ presets:
 def test_shipped_spec_is_found_from_the_package_and_builds_the_matrix():
     assert ABLATION_SPEC.is_file() and ABLATION_SPEC.parent.name == "configs"
     spec = load_ablation_spec()
-    assert list(spec.configurations) == ["reference", "naive-v1", "fix1-only", "fix2-only", "fix3-only", "fix4-only", "fixed-v1"]
-    assert set(spec.presets) >= {"demo", "smoke"}
+    assert list(spec.configurations) == [
+        "reference", "naive-v1", "fix1-only", "fix2-only", "fix3-only", "fix4-only", "fixed-v1",
+        "fixed-v1-no1", "fixed-v1-no2", "fixed-v1-no3", "fixed-v1-no4",
+    ]
+    assert set(spec.presets) >= {"demo", "smoke", "showcase"}
     runs = ablation_matrix(spec, "demo", seeds=2)
-    assert len(runs) == 2 * 7 and {r.seed for r in runs} == {0, 1}
+    assert len(runs) == 2 * 11 and {r.seed for r in runs} == {0, 1}
     check_runs(spec, None, runs)  # every configuration loads as a valid RunConfig
+    check_runs(spec, ABLATION_SPEC.parent / "showcase.yaml", ablation_matrix(spec, "showcase", seeds=1))
 
 
 def test_each_configuration_switches_what_it_says():
@@ -43,6 +47,14 @@ def test_each_configuration_switches_what_it_says():
     assert configs["fix1-only"].engine.logprobs_mode == "processed_logprobs" and configs["fix1-only"].engine.update_mode == "abort"
     assert configs["fix3-only"].engine.update_mode == "keep" and configs["fix3-only"].engine.logprobs_mode == "raw_logprobs"
     assert configs["fix4-only"].model.lm_head_fp32 and configs["fix4-only"].engine.lm_head_fp32
+    # leave one out: fixed-v1 with exactly that fix at its naive value
+    for n, (field, value) in enumerate(
+        [("logprobs_mode", "raw_logprobs"), ("enable_prefix_caching", None), ("update_mode", "abort"), ("lm_head_fp32", False)], start=1
+    ):
+        off = configs[f"fixed-v1-no{n}"].engine
+        assert getattr(off, field) == value
+        others = {"logprobs_mode": "processed_logprobs", "enable_prefix_caching": False, "update_mode": "keep", "lm_head_fp32": True}
+        assert all(getattr(off, name) == kept for name, kept in others.items() if name != field)
     demo = configs["fixed-v1"]
     assert (demo.model.dtype, demo.sampling.temperature, demo.task.prompt_prefix, demo.train.objective) == ("bfloat16", 0.7, "Add two numbers: ", "grpo")
 

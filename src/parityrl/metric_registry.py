@@ -83,6 +83,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("rl/entropy", "entropy of the trainer's sampling distribution (after temperature/top-k/top-p)", "rl", compared=True),
     Metric("rl/reward", "mean reward", "rl", compared=True),
     Metric("rl/success", "fraction of samples with reward 1", "rl"),
+    Metric("rl/completion_len", "mean completion length (tokens) of the samples trained on", "rl"),
     Metric("eval/success", "greedy success on the held-out split (start, every `train.eval_every` steps, end)", "rl"),
     # --- parity
     Metric("parity/kl", "`rl/kl_new_old` restricted to sequences generated entirely by the trainer's current version: "
@@ -109,6 +110,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("pipeline/lag_mean", "trainer version minus the version that generated each token, averaged over tokens", "pipeline"),
     Metric("pipeline/lag_max", "largest lag of any token in the batch", "pipeline"),
     Metric("pipeline/mixed_version_frac", "fraction of sequences that span a weight update", "pipeline"),
+    Metric(
+        "pipeline/aborted_frac",
+        "fraction of the samples trained on that a weight update aborted (`engine.update_mode: abort`): cut short, so "
+        "long completions are under-represented",
+        "pipeline",
+    ),
     Metric("pipeline/dropped_groups", "prompt groups dropped for being more than `pipeline.max_lag` versions behind", "pipeline"),
     Metric("pipeline/reward_errors", "rewards that failed (raised, NaN or timed out; scored 0) in this step", "pipeline"),
     Metric("pipeline/requeued_groups", "prompt groups generated again after an engine failure, in this step", "pipeline"),

@@ -1,8 +1,8 @@
 """`parityrl ablate`: short RL runs that separate backend effects from objective effects.
 
 What runs is defined in `configs/ablation.yaml` (the configurations reference, naive-v1, fixN-only,
-fixed-v1, settings for every run, and the presets, each setting with why it is there); `--spec FILE`
-reads another copy. This module turns it into the matrix of runs (configuration x seed) and runs them.
+fixed-v1 and, optionally, fixed-v1 with one fix off, settings for every run, and the presets, each
+setting with why it is there); `--spec FILE` reads another copy. This module turns it into the matrix of runs (configuration x seed) and runs them.
 
 Each run is a separate `parityrl train` process writing OUT/<config>/seed<N>/; a run whose
 summary.json exists is skipped and an interrupted one continues from its checkpoint (`train --resume`),
@@ -31,6 +31,8 @@ ABLATION_SPEC = Path(__file__).resolve().parents[3] / "configs" / "ablation.yaml
 FIXED = "fixed-v1"
 SETTINGS_SECTIONS = ("reference", "naive", "fixed", "every_run")
 SECTIONS = (*SETTINGS_SECTIONS, "fixes", "presets")
+OPTIONAL_SECTIONS = ("without",)
+"""`without:` leave-one-out configurations: fixed-v1 with one fix switched off (what tells whether each fix is needed)."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,8 @@ class AblationSpec:
 
     source: Path
     configurations: dict[str, list[str]]
-    """Configuration name -> its overrides, in matrix order: reference, naive-v1, each fix alone, fixed-v1."""
+    """Configuration name -> its overrides, in matrix order: reference, naive-v1, each fix alone, fixed-v1,
+    fixed-v1 with each fix off."""
     every_run: list[str]
     presets: dict[str, list[str]]
 
@@ -86,19 +89,22 @@ def load_ablation_spec(path: Path | None = None) -> AblationSpec:
         )
     tree = read_config_mapping(source)
     missing = [s for s in SECTIONS if s not in tree]
-    unknown = [str(s) for s in tree if s not in SECTIONS]
+    unknown = [str(s) for s in tree if s not in SECTIONS + OPTIONAL_SECTIONS]
     if missing or unknown:
         found = "; ".join(f"{what}: {', '.join(names)}" for what, names in (("missing", missing), ("unknown", unknown)) if names)
-        raise ConfigError(f"{source}: the sections are {', '.join(SECTIONS)} ({found}).")
+        raise ConfigError(f"{source}: the sections are {', '.join(SECTIONS)}, optionally {', '.join(OPTIONAL_SECTIONS)} ({found}).")
     settings = {s: _as_overrides(tree[s], f"{source}: {s}") for s in SETTINGS_SECTIONS}
     naive = settings["naive"]
     fixes = _named_sections(tree["fixes"], f"{source}: fixes")
-    reserved = sorted(set(fixes) & {DEFAULT_REFERENCE, NAIVE, FIXED})
-    if reserved:
-        raise ConfigError(f"{source}: fixes: {', '.join(reserved)} is the name of another configuration; name each fix differently.")
+    without = _named_sections(tree["without"], f"{source}: without") if "without" in tree else {}
+    for section, names in (("fixes", set(fixes)), ("without", set(without))):
+        reserved = sorted(names & ({DEFAULT_REFERENCE, NAIVE, FIXED} | (set(fixes) if section == "without" else set())))
+        if reserved:
+            raise ConfigError(f"{source}: {section}: {', '.join(reserved)} is the name of another configuration; name each differently.")
     configurations = {DEFAULT_REFERENCE: settings["reference"], NAIVE: naive}
     configurations |= {name: naive + fix for name, fix in fixes.items()}
     configurations[FIXED] = settings["fixed"]
+    configurations |= {name: settings["fixed"] + off for name, off in without.items()}
     return AblationSpec(source, configurations, settings["every_run"], _named_sections(tree["presets"], f"{source}: presets"))
 
 
