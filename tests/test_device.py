@@ -112,31 +112,36 @@ def test_replica_cpu_binding_counts_down_from_the_last_cpu_and_wraps(monkeypatch
     assert [cpu_thread_binding(1, r) for r in range(3)] == ["9", "4", "9"]
 
 
-def test_trainer_leaves_the_engine_cores_for_the_run_and_gets_its_affinity_back():
-    """The split the pipeline makes on CPU: every thread of this process (one started inside too) off
-    the engine's cores while the run lasts, the original affinity afterwards. Broken once: without the
-    restore in `finally`, the last-but-one assertion fails."""
+def test_core_split_separates_shares_while_the_engine_idles_and_restores():
+    """`CoreSplit` on CPU: every thread of this process (one started inside too) off the engine's cores,
+    all cores while the engine idles (train.threads: auto), the original affinity and thread count
+    afterwards. Broken once: without the restore in `__exit__` the last affinity assertion fails."""
     import threading
 
-    from parityrl.engines.vllm_host import cpu_ids, trainer_off_engine_cores
+    from parityrl.engines.vllm_host import CoreSplit, cpu_ids
 
     assert cpu_ids("1") == {1} and cpu_ids("2-3") == {2, 3} and cpu_ids("0,3") == {0, 3}
     assert cpu_ids("auto") is None and cpu_ids("nobind") is None
-    original = os.sched_getaffinity(0)
+    original, threads_before = os.sched_getaffinity(0), torch.get_num_threads()
     if len(original) < 2:
         pytest.skip("needs two CPUs")
     engine_cpu = max(original)
+    trainer_cpus = original - {engine_cpu}
     inside: dict[str, set[int]] = {}
-    with trainer_off_engine_cores(str(engine_cpu), []) as trainer_cpus:
-        assert set(trainer_cpus) == original - {engine_cpu}
+    with CoreSplit(str(engine_cpu), [], threads=len(trainer_cpus), adaptive=True) as split:
         worker = threading.Thread(target=lambda: inside.setdefault("thread", os.sched_getaffinity(0)))
         worker.start()
         worker.join()
-        assert os.sched_getaffinity(0) == original - {engine_cpu}
-    assert inside["thread"] == original - {engine_cpu}
-    assert os.sched_getaffinity(0) == original
-    with trainer_off_engine_cores("auto", []) as nothing:  # no explicit binding: nothing to split
-        assert nothing is None and os.sched_getaffinity(0) == original
+        assert os.sched_getaffinity(0) == trainer_cpus and inside["thread"] == trainer_cpus
+        assert split.update(engine_idle_frac=0.4) == len(trainer_cpus)  # between the thresholds: no change
+        assert split.update(engine_idle_frac=0.9) == len(original) and os.sched_getaffinity(0) == original
+        assert split.update(engine_idle_frac=0.1) == len(trainer_cpus) and os.sched_getaffinity(0) == trainer_cpus
+    assert os.sched_getaffinity(0) == original and torch.get_num_threads() == threads_before
+    fixed = CoreSplit(str(engine_cpu), [], threads=len(original), adaptive=False)  # more threads than left: shares on purpose
+    with fixed:
+        assert not fixed.active and os.sched_getaffinity(0) == original
+    with CoreSplit("auto", [], threads=1, adaptive=True) as nothing:  # no explicit binding: nothing to split
+        assert not nothing.active and nothing.update(0.9) == torch.get_num_threads()
 
 
 # -- RunConfig validation of the ray options ------------------------------------------------------------

@@ -253,8 +253,18 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(20, ge=0)
     """Write a resumable checkpoint (model, optimizer, step, version, RNG, sampler position) every this many steps,
     and at the end; 0: only at the end."""
-    threads: int = Field(1, ge=1)
-    """torch threads of the trainer (per rank; the engine gets the rest of the cores)."""
+    threads: int | Literal["auto"] = "auto"
+    """torch threads of the trainer (per rank). `auto`: a local run starts with the cores the vLLM engine
+    leaves (`engine.omp_threads` are the engine's) and, on CPU, also takes the engine's cores while the
+    engine idles most of a step, handing them back when it is busy again (`perf/trainer_threads`); a
+    Ray rank takes 1. A number: that many threads, always (more than the engine leaves shares its cores)."""
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads_positive_or_auto(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("must be >= 1 or auto")
+
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the trainer's model, optimizer and batches live: `auto` = cuda when torch sees a GPU. On CUDA,
     bf16 models compute under autocast with fp32 master weights and the fp32 head, as on CPU."""
@@ -678,3 +688,8 @@ def reference_markdown() -> str:
         else:
             lines.append(f"| `{key}` | `{default}` | {doc.replace('|', '/')} |")
     return "\n".join(lines)
+
+
+def trainer_threads(train: TrainConfig, cores: int, engine_threads: int) -> int:
+    """The trainer's torch threads to start with: `train.threads`, or for `auto` the cores the engine leaves."""
+    return train.threads if isinstance(train.threads, int) else max(1, cores - engine_threads)

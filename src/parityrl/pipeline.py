@@ -27,11 +27,11 @@ import torch
 from rich.console import Console
 
 from parityrl.assets import load_tokenizer, prepare_model, task_prompt_ids
-from parityrl.config import RunConfig
+from parityrl.config import RunConfig, trainer_threads
 from parityrl.engines import make_engine
 from parityrl.engines.ray_replicas import ReplicaSet
 from parityrl.engines.supervisor import EngineGaveUp, SupervisedEngine
-from parityrl.engines.vllm_host import trainer_off_engine_cores
+from parityrl.engines.vllm_host import CoreSplit
 from parityrl.evaluate import success_rate
 from parityrl.metrics import MetricsLogger, truncate_metrics, write_json_atomic
 from parityrl.preflight import model_context, read_hf_config
@@ -59,7 +59,8 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
     task = load_task(config.task)
     model_dir = prepare_model(config, task)  # SFT warm-up if not cached (one thread, deterministic)
     # from here on the engine and the trainer share the cores: the split is explicit
-    torch.set_num_threads(config.train.threads)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(trainer_threads(config.train, cores, config.engine.omp_threads))
     tokenizer = load_tokenizer(model_dir)
     context = model_context(read_hf_config(model_dir))
     if context is not None:
@@ -156,7 +157,7 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
         rl_start = last_time = time.perf_counter()
         rl_seconds_before = counters.get("rl_seconds", 0.0)
         totals_before = dict(counters)  # run totals up to the checkpoint; this session's counts add to them
-        last_tokens, trainer_wait_s, skipped_in_a_row = 0, 0.0, 0
+        last_tokens, last_idle, trainer_wait_s, skipped_in_a_row = 0, 0.0, 0.0, 0
         restarts_seen, requeued_seen = engine.restarts, engine.requeued_groups
         replicated = isinstance(engine, ReplicaSet)
         last_replica_tokens = list(engine.tokens_per_replica) if replicated else []
@@ -167,13 +168,10 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
         def probe_waiter(task: asyncio.Task):
             """For the trainer's thread: blocks until the probe samples are there (with a deadline)."""
             return lambda: asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(task), take_deadline_s), loop).result()
-        # a trainer asked for more threads than the cores the engine leaves means to share the engine's
         binding = settings.get("env", {}).get("VLLM_CPU_OMP_THREADS_BIND") if not replicated else None
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        if binding is not None and config.train.threads + config.engine.omp_threads > cores:
-            binding = None
         engine_pids = list(getattr(getattr(engine, "engine", None), "process_ids", []))
-        with StopSignals() as signals, progress_bar() as progress, trainer_off_engine_cores(binding, engine_pids):
+        cores_split = CoreSplit(binding, engine_pids, torch.get_num_threads(), adaptive=config.train.threads == "auto")
+        with StopSignals() as signals, progress_bar() as progress, cores_split:
             bar = progress.add_task("RL", total=config.train.steps, completed=start_step, info="")
             for step in range(start_step + 1, config.train.steps + 1):
                 wait_start = time.perf_counter()
@@ -257,7 +255,9 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
                     ]
                     last_replica_tokens = list(engine.tokens_per_replica)
                 restarts_seen, requeued_seen = engine.restarts, engine.requeued_groups
-                last_time, last_tokens = now, rollouts.generated_tokens
+                idle_now = rollouts.idle_seconds()
+                metrics["perf/trainer_threads"] = cores_split.update((idle_now - last_idle) / max(now - last_time, 1e-9))
+                last_time, last_tokens, last_idle = now, rollouts.generated_tokens, idle_now
                 if step % config.train.eval_every == 0 or step == config.train.steps:
                     eval_success = await asyncio.to_thread(held_out_success)
                     metrics["eval/success"] = eval_success

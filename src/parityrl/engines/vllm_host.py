@@ -90,7 +90,7 @@ def pin_threads(pids: list[int], cpus: set[int]) -> None:
 def pin_engine(engine_pids: list[int], binding: str) -> list[int] | None:
     """CPU only: keep every thread of the engine's processes on the cores its OpenMP threads are bound
     to (`binding`). vLLM binds only those threads; its scheduler process and other threads floated
-    over all cores, and one spawned by a pinned trainer (`trainer_off_engine_cores`) would inherit the
+    over all cores, and one spawned by a pinned trainer (`CoreSplit`) would inherit the
     trainer's cores. Returns the engine's cores, or None without an explicit binding."""
     engine_cpus = cpu_ids(binding)
     if engine_cpus is None or not os.path.isdir("/proc/self/task"):
@@ -99,36 +99,64 @@ def pin_engine(engine_pids: list[int], binding: str) -> list[int] | None:
     return sorted(engine_cpus)
 
 
-@contextlib.contextmanager
-def trainer_off_engine_cores(binding: str | None, engine_pids: list[int]):
-    """CPU only, for the length of a run: this process (trainer, vLLM frontend) and its other children
-    (reward workers) stay off the engine's cores, and get their affinity back afterwards.
+class CoreSplit:
+    """CPU, local runs: which cores the trainer's process uses while the engine has its own.
 
-    Without it the trainer's thread regularly landed on the engine's core, and the engine, the
-    bottleneck of the demo's loop, lost time to it. Yields the trainer's cores (None: nothing split)."""
-    import psutil
+    Separate (the start): this process (trainer, vLLM frontend) and its other children (reward
+    workers) are kept off the engine's cores, with one torch thread per core left; without that the
+    trainer's thread regularly landed on the engine's core and the engine, the bottleneck of the demo's
+    loop, lost time to it. With `train.threads: auto` (`adaptive`), `update` moves to sharing every core
+    (affinity back, one torch thread per core) when the engine idled most of the last step (a large
+    model on short generations: the trainer is the bottleneck), and back when the engine gets busy.
+    Used as a context manager; the original affinity and thread count are restored at exit."""
 
-    engine_cpus = cpu_ids(binding) if binding else None
-    if engine_cpus is None or not hasattr(os, "sched_getaffinity") or not os.path.isdir("/proc/self/task"):
-        yield None
-        return
-    original = set(os.sched_getaffinity(0))
-    trainer_cpus = original - engine_cpus
-    if not trainer_cpus:
-        yield None
-        return
+    SHARE_ABOVE = 0.5
+    """Engine idle fraction of a step above which the trainer takes the engine's cores too."""
+    SEPARATE_BELOW = 0.25
+    """... and below which it gives them back (a gap between the two, so the split does not flap)."""
 
-    def ours() -> list[int]:
-        children = [child.pid for child in psutil.Process().children(recursive=True) if child.pid not in set(engine_pids)]
-        return [os.getpid(), *children]
+    def __init__(self, binding: str | None, engine_pids: list[int], threads: int, adaptive: bool):
+        self.engine_pids = set(engine_pids)
+        self.original = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+        engine_cpus = cpu_ids(binding) if binding else None
+        self.trainer_cpus = self.original - engine_cpus if engine_cpus is not None else set()
+        # nothing to split: no explicit binding, no /proc, the engine has every core, or the trainer was
+        # given more threads than the cores the engine leaves (then it shares them on purpose)
+        self.active = bool(self.trainer_cpus) and os.path.isdir("/proc/self/task") and threads <= len(self.trainer_cpus)
+        self.adaptive = adaptive and self.active
+        self.threads = threads
+        self.sharing = False
+        self._threads_before = torch.get_num_threads()
 
-    pin_threads(ours(), trainer_cpus)
-    try:
-        yield sorted(trainer_cpus)
-    finally:
-        for pid in ours():
+    def _ours(self) -> list[int]:
+        import psutil
+
+        return [os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True) if c.pid not in self.engine_pids)]
+
+    def _use(self, cpus: set[int], threads: int, only_from: set[int] | None = None) -> None:
+        for pid in self._ours():
             with contextlib.suppress(OSError):
                 for tid in os.listdir(f"/proc/{pid}/task"):
                     with contextlib.suppress(OSError):
-                        if os.sched_getaffinity(int(tid)) == trainer_cpus:
-                            os.sched_setaffinity(int(tid), original)
+                        if only_from is None or os.sched_getaffinity(int(tid)) == only_from:
+                            os.sched_setaffinity(int(tid), cpus)
+        torch.set_num_threads(threads)
+
+    def __enter__(self) -> CoreSplit:
+        if self.active:
+            self._use(self.trainer_cpus, self.threads)
+        return self
+
+    def update(self, engine_idle_frac: float) -> int:
+        """After a step: share or separate by how much of it the engine idled. Returns the trainer's threads."""
+        if self.adaptive and not self.sharing and engine_idle_frac > self.SHARE_ABOVE:
+            self._use(self.original, len(self.original), only_from=self.trainer_cpus)
+            self.sharing = True
+        elif self.adaptive and self.sharing and engine_idle_frac < self.SEPARATE_BELOW:
+            self._use(self.trainer_cpus, self.threads, only_from=self.original)
+            self.sharing = False
+        return torch.get_num_threads()
+
+    def __exit__(self, *exc_info) -> None:
+        if self.active:
+            self._use(self.original, self._threads_before, only_from=self.trainer_cpus)
