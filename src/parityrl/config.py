@@ -303,6 +303,11 @@ class PipelineConfig(Strict):
     """Async mode: prompt groups generated right after each weight update and scored by the trainer
     before its next step (not trained on), so `parity/*` has lag-0 tokens even when every training
     sequence is one version behind. 0 disables; sync mode never needs it."""
+    parity_probe_tokens: int = Field(16, ge=1)
+    """The probe's samples stop after this many tokens (or `sampling.max_new_tokens` if fewer). The
+    trainer scores the probe before its optimiser step, so a probe as long as the training samples
+    would make every step wait for a whole batch's generation (the probe shares the engine's batch);
+    `parityrl check` measures parity over full-length samples."""
     max_inflight_groups: int | None = Field(None, ge=1)
     """Prompt groups being generated at once; None = prompts_per_step * max(1, max_lag)."""
     backend: Literal["local", "ray"] = "local"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from parityrl.assets import task_prompt_ids
-from parityrl.config import RunConfig
+from parityrl.config import RunConfig, SamplingConfig
 from parityrl.engines.supervisor import SupervisedEngine
 from parityrl.errors import UserError
 from parityrl.reward_pool import RewardPool
@@ -107,10 +107,11 @@ class Rollouts:
     def group_counter(self) -> int:
         return self._counter
 
-    async def _generate(self, problem: Problem, request_id: str) -> list[Sample]:
+    async def _generate(self, problem: Problem, request_id: str, sampling: SamplingConfig | None = None) -> list[Sample]:
         if self.publishing is not None:
             await asyncio.shield(self.publishing)  # a failed publication raises here and reaches take()
-        return await self.engine.generate(task_prompt_ids(self.tokenizer, self.task, problem.prompt), self.config.sampling, request_id)
+        prompt_ids = task_prompt_ids(self.tokenizer, self.task, problem.prompt)
+        return await self.engine.generate(prompt_ids, sampling or self.config.sampling, request_id)
 
     async def one_group(self, problem: Problem, request_id: str, group_id: int = 0) -> Group:
         self._mark_busy()
@@ -211,7 +212,9 @@ class Rollouts:
         """Samples for the parity probe (not trained on, not counted in rollout throughput)."""
         problems = self.task.sample_train(self.rng, count)
         self._counter += 1
-        groups = await asyncio.gather(*(self._generate(p, f"probe{self._counter}-{i}") for i, p in enumerate(problems)))
+        sampling = self.config.sampling
+        short = sampling.model_copy(update={"max_new_tokens": min(sampling.max_new_tokens, self.config.pipeline.parity_probe_tokens)})
+        groups = await asyncio.gather(*(self._generate(p, f"probe{self._counter}-{i}", short) for i, p in enumerate(problems)))
         return [s for group in groups for s in group]
 
     async def sync_batch(self, count: int) -> list[Group]:
