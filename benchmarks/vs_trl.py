@@ -23,7 +23,8 @@ Each side runs in its own subprocess, one after the other, never side by side:
 
   parityrl  `python -m parityrl.cli train CONFIG --set ... --run-dir ... --overwrite --no-plot`; the
             numbers come from its summary.json and metrics.jsonl. Threads: the trainer uses
-            `train.threads` torch threads (1 by default), the vLLM worker `engine.omp_threads` (1), and
+            `train.threads` torch threads (`auto` by default: the cores the engine leaves, and the engine's
+            too while it idles), the vLLM worker `engine.omp_threads` (1), and
             the engine frontend and reward workers are further processes.
   TRL       this script with `--trl-worker`: one process, GRPOTrainer with transformers generation
             (`use_vllm=False`), `--trl-threads` torch threads (default: all cores this process may use).

@@ -168,3 +168,20 @@ def test_ray_resources_parse_from_set():
     )
     assert config.ray.address == "HEAD_IP:6379"
     assert config.ray.engine_resources == {"engines": 1.0} and config.ray.trainer_resources == {"trainers": 1.0}
+
+
+def test_threads_auto_resolves_to_counts_for_local_runs_and_ray_ranks():
+    """`train.threads: auto` must turn into a number wherever threads are counted: the local trainer
+    (the cores the engine leaves), a Ray rank (1) and the Ray CPU budget. Broken once: the Ray CPU
+    budget multiplied the string 'auto' (TypeError when a Ray run started)."""
+    from parityrl.cluster import logical_cpus_needed
+    from parityrl.config import rank_threads, trainer_threads
+    from parityrl.train.distributed import actor_resources
+
+    config = load_config(None, ["pipeline.backend=ray", "engine.replicas=2", "train.world_size=2", "train.prompts_per_step=8"])
+    assert config.train.threads == "auto"
+    assert trainer_threads(config.train, cores=2, engine_threads=1) == 1 and trainer_threads(config.train, cores=8, engine_threads=2) == 6
+    assert rank_threads(config.train) == 1 and logical_cpus_needed(config) == 2 * 1 + 2 * 1
+    assert actor_resources(config)["num_cpus"] == 1
+    fixed = load_config(None, ["train.threads=3"])
+    assert trainer_threads(fixed.train, cores=2, engine_threads=1) == 3 and rank_threads(fixed.train) == 3

@@ -13,14 +13,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from parityrl.config import RunConfig
+from parityrl.config import RunConfig, rank_threads
 from parityrl.engines.ray_replicas import RayEngine, ReplicaSet
 from parityrl.engines.supervisor import SupervisedEngine
 from parityrl.train.distributed import DistributedTrainer
 
 
 def logical_cpus_needed(config: RunConfig) -> int:
-    return config.engine.replicas * config.engine.omp_threads + config.train.world_size * config.train.threads
+    return config.engine.replicas * config.engine.omp_threads + config.train.world_size * rank_threads(config.train)
 
 
 def start_ray(config: RunConfig) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from parityrl.config import RunConfig
+from parityrl.config import RunConfig, rank_threads
 from parityrl.scoring import Sample
 from parityrl.train.checkpoint import RunState
 from parityrl.train.trainer import StepResult, StepStats, Trainer, finalise, global_normaliser
@@ -32,7 +32,7 @@ class TrainerRank:
     """One data-parallel rank (created with `ray.remote(TrainerRank)`)."""
 
     def __init__(self, config: RunConfig, model_dir: str, pad_id: int, rank: int, world_size: int):
-        torch.set_num_threads(rank_threads(config))
+        torch.set_num_threads(rank_threads(config.train))
         self.config, self.model_dir, self.pad_id = config, model_dir, pad_id
         self.rank, self.world_size = rank, world_size
         self.trainer: Trainer | None = None
@@ -178,11 +178,7 @@ class DistributedTrainer:
 def actor_resources(config: RunConfig) -> dict:
     """Ray resources of one trainer rank: its threads as CPUs, one GPU on CUDA."""
     uses_gpu = config.train.device == "cuda" or (config.train.device == "auto" and torch.cuda.is_available())
-    threads = rank_threads(config)
+    threads = rank_threads(config.train)
     return {"num_cpus": threads, "num_gpus": 1 if uses_gpu else 0, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}}
 
-
-def rank_threads(config: RunConfig) -> int:
-    """A rank's torch threads: `train.threads`, 1 for `auto` (Ray places ranks by the CPUs they ask for)."""
-    return config.train.threads if isinstance(config.train.threads, int) else 1
 
