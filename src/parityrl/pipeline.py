@@ -19,7 +19,6 @@ A run either finishes or stops with one message and a resumable checkpoint:
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from parityrl.config import RunConfig, trainer_threads
 from parityrl.engines import make_engine
 from parityrl.engines.ray_replicas import ReplicaSet
 from parityrl.engines.supervisor import EngineGaveUp, SupervisedEngine
-from parityrl.engines.vllm_host import CoreSplit
+from parityrl.engines.vllm_host import CoreSplit, allowed_cpus
 from parityrl.evaluate import success_rate
 from parityrl.metrics import MetricsLogger, truncate_metrics, write_json_atomic
 from parityrl.preflight import model_context, read_hf_config
@@ -59,8 +58,7 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
     task = load_task(config.task)
     model_dir = prepare_model(config, task)  # SFT warm-up if not cached (one thread, deterministic)
     # from here on the engine and the trainer share the cores: the split is explicit
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(trainer_threads(config.train, cores, config.engine.omp_threads))
+    torch.set_num_threads(trainer_threads(config.train, len(allowed_cpus()), config.engine.omp_threads))
     tokenizer = load_tokenizer(model_dir)
     context = model_context(read_hf_config(model_dir))
     if context is not None:

@@ -50,6 +50,11 @@ def kill_processes(pids: list[int], grace_s: float = 5.0) -> None:
             process.kill()
 
 
+def allowed_cpus() -> list[int]:
+    """The CPU ids this process may run on (its affinity where the OS has one)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
 def cpu_thread_binding(omp_threads: int, replica: int = 0) -> str:
     """VLLM_CPU_OMP_THREADS_BIND value: `omp_threads` CPUs this process may run on, taken from the end.
 
@@ -58,7 +63,7 @@ def cpu_thread_binding(omp_threads: int, replica: int = 0) -> str:
     leaves the first ones to the trainer. Engine replica `replica` (`pipeline.backend: ray`) gets the
     block before replica `replica - 1`'s, wrapping around when there are more replicas than cores.
     """
-    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    allowed = allowed_cpus()
     count = max(1, min(omp_threads, len(allowed)))
     start = len(allowed) - count * (replica + 1)
     return ",".join(str(allowed[(start + i) % len(allowed)]) for i in range(count))
@@ -76,14 +81,16 @@ def cpu_ids(binding: str) -> set[int] | None:
     return cpus or None
 
 
-def pin_threads(pids: list[int], cpus: set[int]) -> None:
-    """Move every thread of `pids` whose CPU affinity is not inside `cpus` onto `cpus`. Threads already
-    bound inside `cpus` (vLLM's OpenMP threads, one per core) keep their own binding."""
+def pin_threads(pids: list[int], cpus: set[int], only_from: set[int] | None = None) -> None:
+    """Move threads of `pids` onto `cpus`: those whose affinity is exactly `only_from`, or by default
+    every thread whose affinity is not inside `cpus` (threads already bound inside it, such as vLLM's
+    OpenMP threads, one per core, keep their own binding)."""
     for pid in pids:
         with contextlib.suppress(OSError):
             for tid in os.listdir(f"/proc/{pid}/task"):
                 with contextlib.suppress(OSError):
-                    if not os.sched_getaffinity(int(tid)) <= cpus:
+                    current = os.sched_getaffinity(int(tid))
+                    if (current == only_from) if only_from is not None else not (current <= cpus):
                         os.sched_setaffinity(int(tid), cpus)
 
 
@@ -117,7 +124,7 @@ class CoreSplit:
 
     def __init__(self, binding: str | None, engine_pids: list[int], threads: int, adaptive: bool):
         self.engine_pids = set(engine_pids)
-        self.original = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+        self.original = set(allowed_cpus())
         engine_cpus = cpu_ids(binding) if binding else None
         self.trainer_cpus = self.original - engine_cpus if engine_cpus is not None else set()
         # nothing to split: no explicit binding, no /proc, the engine has every core, or the trainer was
@@ -134,12 +141,7 @@ class CoreSplit:
         return [os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True) if c.pid not in self.engine_pids)]
 
     def _use(self, cpus: set[int], threads: int, only_from: set[int] | None = None) -> None:
-        for pid in self._ours():
-            with contextlib.suppress(OSError):
-                for tid in os.listdir(f"/proc/{pid}/task"):
-                    with contextlib.suppress(OSError):
-                        if only_from is None or os.sched_getaffinity(int(tid)) == only_from:
-                            os.sched_setaffinity(int(tid), cpus)
+        pin_threads(self._ours(), cpus, only_from)
         torch.set_num_threads(threads)
 
     def __enter__(self) -> CoreSplit:
