@@ -42,8 +42,11 @@ def test_check_fixed_v1_on_fp32_model(tiny_model_dir):
     assert result["inflight/spanning_frac"] > 0 and result["inflight/aborted_frac"] == 0
     assert result["inflight_v/kl"] <= 1e-9
     assert result["inflight_v1_kept_kv/kl"] <= 1e-9
-    # staleness is a real effect, not float noise: far above the kept-KV comparison of the same tokens
-    assert result["pipeline/kv_staleness_kl"] > 1e3 * max(result["inflight_v1_kept_kv/kl"], 1e-12)
+    # no staleness bound here: at T 0.7 / top-p 0.9 the tokens after the switch are often all inside a
+    # one-token support (logprob exactly 0 under both weights), so the measured staleness is 0 or not
+    # depending on where the update lands (CI's clone measured 0.0, this machine 5.8e-7). Staleness on
+    # vLLM is asserted where it cannot vanish: test_inflight_update_keep_mode (T 1.1, top-k 50)
+    assert result["pipeline/kv_staleness_kl"] is not None and result["pipeline/kv_staleness_kl"] >= 0
     assert result["post_update/kl"] <= 1e-9
 
 
