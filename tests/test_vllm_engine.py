@@ -19,6 +19,7 @@ from parityrl.assets import encode_prompt, load_tokenizer
 from parityrl.config import EngineConfig, SamplingConfig
 from parityrl.engines.base import RolloutEngine
 from parityrl.engines.reference import score_with_kv_switch
+from parityrl.engines.vllm_host import on_cpu
 from parityrl.parity.check import trainer_logprobs
 from parityrl.policy import export_state_dict, load_policy, processed_logprobs
 from parityrl.scoring import Sample
@@ -109,12 +110,16 @@ class EngineSlot:
         self.start_times: dict[str, float] = {}
 
     def get(self, logprobs_mode: str = "processed_logprobs"):
+        """processed_logprobs: weights updated in place (the default); raw_logprobs: vLLM's reload, so
+        both update paths run against the trainer."""
         from parityrl.engines.vllm import VLLMEngine
 
         if self.engine is not None and self.mode == logprobs_mode:
             return self.engine
         self.close()
-        engine = VLLMEngine(self.model_dir, "float32", EngineConfig(logprobs_mode=logprobs_mode), seed=1234)
+        weight_update = "inplace" if logprobs_mode == "processed_logprobs" else "reload"
+        config = EngineConfig(logprobs_mode=logprobs_mode, weight_update=weight_update)
+        engine = VLLMEngine(self.model_dir, "float32", config, seed=1234)
         began = time.perf_counter()
         self.run(engine.start())
         self.start_times[logprobs_mode] = time.perf_counter() - began
@@ -182,6 +187,8 @@ def test_protocol_and_settings(slot):
     assert worker["param_dtypes"] == ["float32"]
     assert worker["sampler_logprobs_mode"] == "processed_logprobs"
     assert worker["enable_prefix_caching"] is False and worker["async_scheduling"] is False
+    assert settings["weight_update"] == "inplace" and settings["weight_transport"] == "shm"
+    assert worker["cpu_weights_kept"] is on_cpu()  # inplace updates: linear weights kept next to the packed ones
     assert settings["vllm_version"] and settings["torch_version"]
     health = engine.health()
     assert health.ok and health.version == 0 and health.inflight_requests == 0
@@ -196,8 +203,6 @@ def test_prompts_beyond_the_batched_token_budget_do_not_kill_the_engine(slot, to
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=6, n=8)
     prompts = [encode_prompt(tokenizer, f"Problem {i}: Tom has {i + 3} apples and buys 7 more apples. How many now?") for i in range(8)]
     assert sum(len(p) for p in prompts) * sampling.n > settings["max_num_batched_tokens"]
-    from parityrl.engines.vllm import on_cpu
-
     if not on_cpu():
         pytest.skip("on GPU chunked prefill stays on: CUDA generators can rewind")
     assert settings["chunked_prefill"] is False and settings["per_request_seeds"] is True
@@ -363,3 +368,27 @@ def test_raw_logprobs_mismatch(slot, tokenizer, hf_model):
         print(f"\n[vllm] raw {sampling.temperature=} {sampling.top_k=} {sampling.top_p=}: tokens={count} "
               f"k3={raw_k3:.3e} max|d|={raw_max:.3e} (processed k3={PROCESSED_K3[index]:.3e}, ratio={ratio:.2e})")
         assert raw_k3 >= 1e5 * PROCESSED_K3[index]
+
+
+def test_reload_update_reaches_the_model(slot, tokenizer, hf_model):
+    """`weight_update: reload` (vLLM's layer-wise reload and CPU repacking): after an update the engine
+    samples from the new weights. At T 1 without truncation raw logprobs are the processed ones, so the
+    raw-mode engine can be checked against the trainer directly."""
+    engine = slot.get("raw_logprobs")
+    assert engine.settings()["weight_update"] == "reload" and engine.settings()["weight_transport"] == "file"
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=12, n=8, ignore_eos=True)
+    state_v1 = perturbed(export_state_dict(hf_model), 0.05, seed=11)
+    model_v1 = load_policy(slot.model_dir, "float32", lm_head_fp32=True)
+    model_v1.load_state_dict(state_v1)
+    model_v1.eval()
+    slot.run(engine.update_weights(state_v1, engine.version + 1))
+    try:
+        samples = generate_all(slot, engine, tokenizer, sampling, "reloaded")
+        assert all(set(s.version_per_token) == {engine.version} for s in samples)
+        k3_v1, max_v1, _ = parity_stats(samples, model_v1, sampling)
+        k3_v0, _, _ = parity_stats(samples, hf_model, sampling)
+        print(f"\n[vllm] reload update: k3 vs new weights {k3_v1:.3e} (max|d| {max_v1:.3e}), vs old {k3_v0:.3e}")
+        assert k3_v1 <= 1e-9 and max_v1 <= 1e-5
+        assert k3_v0 > 1e4 * max(k3_v1, 1e-14)  # the old weights are far: the update really landed
+    finally:
+        slot.run(engine.update_weights(export_state_dict(hf_model), engine.version + 1))

