@@ -47,3 +47,40 @@ def test_shared_buffer_written_by_one_mapping_is_read_by_another(tmp_path):
         write_tensors(writer, {name: tensor * scale for name, tensor in weights.items()}, layout)
         for name, view in tensor_views(reader, layout):
             assert torch.equal(view, weights[name] * scale), (name, scale)
+
+
+def tied_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return model
+
+
+def test_check_perturbs_a_tied_embedding_and_head_alike():
+    """`check`'s stand-in for an optimiser step must keep tied weights tied: vLLM loads only the
+    embedding of a tied pair and the trainer the last name, so noised apart they ran different heads
+    (post_update/kl 2.4e-4 on a tied Llama, 2.4e-14 once tied)."""
+    from parityrl.parity.check import perturbed_weights
+
+    perturbed = perturbed_weights(tied_llama(), scale=0.05, seed=3)
+    assert torch.equal(perturbed["lm_head.weight"], perturbed["model.embed_tokens.weight"])
+    assert not torch.equal(perturbed["lm_head.weight"], tied_llama().lm_head.weight)  # it does perturb
+
+
+def test_file_transport_stages_tied_weights(tmp_path):
+    """safetensors refuses two names on one tensor; the `file` transport must still ship a tied model."""
+    from safetensors.torch import load_file
+
+    from parityrl.config import EngineConfig
+    from parityrl.engines.vllm import VLLMEngine
+
+    model = tied_llama()
+    engine = VLLMEngine(tmp_path, "float32", EngineConfig(weight_update="reload"), seed=0)
+    assert engine.weight_transport == "file"
+    method, path = engine._stage_weights(model.state_dict(), str(tmp_path))
+    loaded = load_file(path)
+    assert method == "parityrl_load_weights_file" and set(loaded) == set(model.state_dict())
+    assert torch.equal(loaded["lm_head.weight"], model.lm_head.weight)

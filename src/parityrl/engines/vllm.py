@@ -276,10 +276,15 @@ class VLLMEngine:
         self._release_shared()
 
     def _release_shared(self) -> None:
-        shared, self._shared = self._shared, None
-        if shared is not None:
+        self._unlink_shared()
+        self._shared = None
+
+    def _unlink_shared(self) -> None:
+        """Remove the shared buffer's file once the worker has mapped it: both mappings stay valid, and
+        a killed run leaves nothing behind in /dev/shm (the memory goes with the last process)."""
+        if self._shared is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(shared[0])
+                os.unlink(self._shared[0])
 
     # -- generation ---------------------------------------------------------------------------------
 
@@ -398,7 +403,13 @@ class VLLMEngine:
         from safetensors.torch import save_file
 
         path = os.path.join(directory, "weights.safetensors")
-        save_file({name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}, path)
+        tensors, seen = {}, set()
+        for name, tensor in state_dict.items():
+            tensor = tensor.detach().to("cpu").contiguous()
+            # safetensors refuses two names on one tensor (a tied embedding and head): copy the second
+            tensors[name] = tensor.clone() if tensor.data_ptr() in seen else tensor
+            seen.add(tensor.data_ptr())
+        save_file(tensors, path)
         return "parityrl_load_weights_file", path
 
     async def update_weights(self, state_dict: Mapping[str, Tensor], version: int) -> None:
@@ -427,6 +438,8 @@ class VLLMEngine:
                 paused_at = time.perf_counter()
                 result = (await self.engine.collective_rpc(method, args=(argument,)))[0]
                 loaded_at = time.perf_counter()
+                if method == "parityrl_load_weights_shared":
+                    self._unlink_shared()
                 await self.engine.update_weight_version(str(int(version)))
                 self.version = int(version)
                 if not was_paused:
@@ -447,7 +460,8 @@ class VLLMEngine:
     def _shared_buffer(self, nbytes: int) -> Tensor:
         """The persistent shared-memory buffer of the `shm` transport (made again if the size changes).
         Safe to rewrite at each update: updates hold `_update_lock`, and the worker reads it only
-        inside the update's RPC."""
+        inside the update's RPC. Its file is unlinked after the first load (the worker keeps its
+        mapping), so the worker never opens it again."""
         if self._shared is not None and self._shared[1].numel() == nbytes:
             return self._shared[1]
         self._release_shared()
@@ -458,9 +472,10 @@ class VLLMEngine:
         self._shared = (path, map_shared_file(path, nbytes))
         return self._shared[1]
 
-    @staticmethod
-    def _staging_dir():
-        """A temp dir in shared memory (/dev/shm where there is one) for the weights file."""
+    def _staging_dir(self):
+        """`file` transport: a temp dir in shared memory (/dev/shm where there is one) for the weights file."""
+        if self.weight_transport != "file":
+            return contextlib.nullcontext("")
         directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
         return tempfile.TemporaryDirectory(prefix="parityrl-weights-", dir=directory)
 

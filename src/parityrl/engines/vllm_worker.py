@@ -52,12 +52,16 @@ def repack_cpu_linear(model: torch.nn.Module) -> int:
     returns how many. The handles hold copies of the weights (oneDNN reorders them), so until this runs
     the model still computes with the old ones."""
     from vllm.model_executor.layers import utils
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
+    head = getattr(model, "lm_head", None)  # with tied embeddings vLLM's Qwen2/Llama point it at embed_tokens
     repacked = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if not hasattr(module, "cpu_linear") or getattr(module, "_cpu_skip_gemm_dispatch", False):
             continue
+        if isinstance(module, VocabParallelEmbedding) and module is not head:
+            continue  # an input embedding only looks rows up in its weight; its packed handle is never used
         if isinstance(weight, Tensor) and weight.ndim == 2 and weight.numel():
             utils.dispatch_cpu_unquantized_gemm(module, remove_weight=False)
             repacked += 1

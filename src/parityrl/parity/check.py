@@ -62,12 +62,19 @@ def compare(samples: list[Sample], recomputed: list[Tensor], select=None) -> Mis
 
 
 def perturbed_weights(model: nn.Module, scale: float, seed: int) -> dict[str, Tensor]:
-    """Weights + gaussian noise of `scale` × each tensor's std: a stand-in for one optimiser step."""
+    """Weights + gaussian noise of `scale` × each tensor's std: a stand-in for one optimiser step.
+    Names that share one tensor (tied input embedding and head) get the same noise, as an optimiser
+    step would give them: noised apart, the engine (which loads only the embedding of a tied pair)
+    and the trainer (whose last-loaded name wins) ran different heads (post_update/kl 1e-4)."""
     generator = torch.Generator().manual_seed(seed)
-    perturbed = {}
+    perturbed: dict[str, Tensor] = {}
+    by_storage: dict[int, Tensor] = {}
     for name, tensor in model.state_dict().items():
-        std = tensor.float().std().nan_to_num(0.0) if tensor.numel() > 1 else torch.tensor(0.0)
-        perturbed[name] = (tensor.float() + scale * std * torch.randn(tensor.shape, generator=generator)).to(tensor.dtype)
+        key = tensor.data_ptr()
+        if key not in by_storage:
+            std = tensor.float().std().nan_to_num(0.0) if tensor.numel() > 1 else torch.tensor(0.0)
+            by_storage[key] = (tensor.float() + scale * std * torch.randn(tensor.shape, generator=generator)).to(tensor.dtype)
+        perturbed[name] = by_storage[key]
     return perturbed
 
 
