@@ -19,6 +19,7 @@ A run either finishes or stops with one message and a resumable checkpoint:
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from pathlib import Path
 
@@ -151,6 +152,11 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
             producer = rollouts.start()
         # a batch can take several group deadlines (queued behind others, an engine restart or two)
         take_deadline_s = config.engine.request_timeout_s * (config.engine.max_restarts + 2)
+        # everything alive now (torch, transformers, vLLM's frontend, the model) stays alive for the run:
+        # frozen, the collector stops rescanning it, and a full collection no longer stalls a step every
+        # ~20 steps (0.35 s each in the demo)
+        gc.collect()
+        gc.freeze()
         rollouts.reset_idle_clock()
         rl_start = last_time = time.perf_counter()
         rl_seconds_before = counters.get("rl_seconds", 0.0)
