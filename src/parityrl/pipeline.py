@@ -293,6 +293,7 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
             summary["last_version_per_replica"] = engine.last_version_per_replica()
             summary["actor_nodes"] = cluster.node_of_each_actor(engine, trainer)
     finally:
+        gc.unfreeze()  # frozen objects are never freed: at exit, triton's bindings reported them as leaks
         for background in (producer, probe_task, publishing):
             if background is not None:
                 background.cancel()
