@@ -137,6 +137,34 @@ def test_core_split_separates_shares_while_the_engine_idles_and_restores():
         assert split.update(engine_idle_frac=0.9) == len(original) and os.sched_getaffinity(0) == original
         assert split.update(engine_idle_frac=0.1) == len(trainer_cpus) and os.sched_getaffinity(0) == trainer_cpus
     assert os.sched_getaffinity(0) == original and torch.get_num_threads() == threads_before
+
+
+def test_core_split_gives_the_core_back_when_sharing_does_not_pay():
+    """A sharing trial whose steps are not faster than the separate steps before it ends, and no new
+    trial starts for HOLD_STEPS steps, however idle the engine looks; a trial that pays goes on. (Without
+    the trial the demo shared after each evaluation and lost 0.24 s per step; broken once by judging
+    the trial against the wrong side of PAYS_BELOW: the first block of assertions failed.)"""
+    from parityrl.engines.vllm_host import CoreSplit
+
+    original = os.sched_getaffinity(0)
+    if len(original) < 2:
+        pytest.skip("needs two CPUs")
+    engine_cpu = max(original)
+    trainer_cpus = original - {engine_cpu}
+    separate, shared = len(trainer_cpus), len(original)
+    with CoreSplit(str(engine_cpu), [], threads=separate, adaptive=True) as split:
+        for _ in range(split.TRIAL_STEPS):
+            assert split.update(engine_idle_frac=0.3, step_s=0.20) == separate
+        assert split.update(engine_idle_frac=0.6, step_s=0.20) == shared  # trial starts
+        for _ in range(split.TRIAL_STEPS - 1):
+            assert split.update(engine_idle_frac=0.4, step_s=0.30) == shared
+        assert split.update(engine_idle_frac=0.4, step_s=0.30) == separate  # slower than 3 x 0.20: back
+        for _ in range(split.HOLD_STEPS):
+            assert split.update(engine_idle_frac=0.9, step_s=0.20) == separate  # held
+        assert split.update(engine_idle_frac=0.9, step_s=0.20) == shared  # a new trial, judged on 3 x 0.20
+        for _ in range(split.TRIAL_STEPS + 5):
+            assert split.update(engine_idle_frac=0.4, step_s=0.10) == shared  # it pays: sharing goes on
+        assert split.update(engine_idle_frac=0.1, step_s=0.10) == separate  # the engine got busy
     fixed = CoreSplit(str(engine_cpu), [], threads=len(original), adaptive=False)  # more threads than left: shares on purpose
     with fixed:
         assert not fixed.active and os.sched_getaffinity(0) == original

@@ -260,7 +260,7 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
                     last_replica_tokens = list(engine.tokens_per_replica)
                 restarts_seen, requeued_seen = engine.restarts, engine.requeued_groups
                 idle_now = rollouts.idle_seconds()
-                metrics["perf/trainer_threads"] = cores_split.update((idle_now - last_idle) / max(now - last_time, 1e-9))
+                metrics["perf/trainer_threads"] = cores_split.update((idle_now - last_idle) / max(now - last_time, 1e-9), now - last_time)
                 last_time, last_tokens, last_idle = now, rollouts.generated_tokens, idle_now
                 if step % config.train.eval_every == 0 or step == config.train.steps:
                     eval_success = await asyncio.to_thread(held_out_success)
@@ -280,6 +280,11 @@ async def run_training(config: RunConfig, run_dir: Path, console: Console | None
                     raise await stop_run(f"{skipped_in_a_row} steps in a row were skipped (last: {metrics.get('train/skip_reason')})") from None
                 if step == config.train.steps or (config.train.checkpoint_every and step % config.train.checkpoint_every == 0):
                     await asyncio.to_thread(checkpoint_now)
+                if "eval/success" in metrics or time.perf_counter() - now > 0.05:
+                    # the next step's rates (tokens/s, engine idle, the core split's step time) leave out
+                    # this evaluation and checkpoint: the engine idles through them, which is no reason to
+                    # hand the trainer its core
+                    last_time, last_tokens, last_idle = time.perf_counter(), rollouts.generated_tokens, rollouts.idle_seconds()
                 progress.update(
                     bar,
                     advance=1,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections import deque
 
 import torch
 
@@ -115,12 +116,21 @@ class CoreSplit:
     loop, lost time to it. With `train.threads: auto` (`adaptive`), `update` moves to sharing every core
     (affinity back, one torch thread per core) when the engine idled most of the last step (a large
     model on short generations: the trainer is the bottleneck), and back when the engine gets busy.
+    Sharing is a trial: if its first `TRIAL_STEPS` steps are not faster than the separate steps before
+    them, the split goes back and stays separate for `HOLD_STEPS` steps. (In the demo, sharing after an
+    evaluation left the trainer no faster and added ~0.24 s per step: 36.2 s of RL against 28.1 s.)
     Used as a context manager; the original affinity and thread count are restored at exit."""
 
     SHARE_ABOVE = 0.5
     """Engine idle fraction of a step above which the trainer takes the engine's cores too."""
     SEPARATE_BELOW = 0.25
     """... and below which it gives them back (a gap between the two, so the split does not flap)."""
+    TRIAL_STEPS = 3
+    """Sharing steps judged against as many separate steps before them."""
+    PAYS_BELOW = 0.95
+    """Sharing goes on only if its steps took at most this fraction of the separate ones' time."""
+    HOLD_STEPS = 50
+    """Separate steps after a sharing trial that did not pay, before another trial."""
 
     def __init__(self, binding: str | None, engine_pids: list[int], threads: int, adaptive: bool):
         self.engine_pids = set(engine_pids)
@@ -134,6 +144,10 @@ class CoreSplit:
         self.threads = threads
         self.sharing = False
         self._threads_before = torch.get_num_threads()
+        self._separate_steps: deque[float] = deque(maxlen=self.TRIAL_STEPS)
+        self._trial_steps: list[float] = []
+        self._baseline_s: float | None = None
+        self._hold = 0
 
     def _ours(self) -> list[int]:
         import psutil
@@ -149,15 +163,37 @@ class CoreSplit:
             self._use(self.trainer_cpus, self.threads)
         return self
 
-    def update(self, engine_idle_frac: float) -> int:
-        """After a step: share or separate by how much of it the engine idled. Returns the trainer's threads."""
-        if self.adaptive and not self.sharing and engine_idle_frac > self.SHARE_ABOVE:
+    def update(self, engine_idle_frac: float, step_s: float | None = None) -> int:
+        """After a step (`step_s`: its wall time without evaluation or checkpoint): share or separate by
+        how much of it the engine idled, and by whether sharing paid. Returns the trainer's threads."""
+        if not self.adaptive:
+            return torch.get_num_threads()
+        if self.sharing:
+            if step_s is not None and self._baseline_s is not None and len(self._trial_steps) < self.TRIAL_STEPS:
+                self._trial_steps.append(step_s)
+                if len(self._trial_steps) == self.TRIAL_STEPS and sum(self._trial_steps) > self.PAYS_BELOW * self._baseline_s:
+                    self._hold = self.HOLD_STEPS
+                    self._separate()
+                    return torch.get_num_threads()
+            if engine_idle_frac < self.SEPARATE_BELOW:
+                self._separate()
+            return torch.get_num_threads()
+        if step_s is not None:
+            self._separate_steps.append(step_s)
+        if self._hold > 0:
+            self._hold -= 1
+        elif engine_idle_frac > self.SHARE_ABOVE:
+            full = len(self._separate_steps) == self.TRIAL_STEPS
+            self._baseline_s = sum(self._separate_steps) if full else None  # too few to judge: no trial
+            self._trial_steps = []
             self._use(self.original, len(self.original), only_from=self.trainer_cpus)
             self.sharing = True
-        elif self.adaptive and self.sharing and engine_idle_frac < self.SEPARATE_BELOW:
-            self._use(self.trainer_cpus, self.threads, only_from=self.original)
-            self.sharing = False
         return torch.get_num_threads()
+
+    def _separate(self) -> None:
+        self._use(self.trainer_cpus, self.threads, only_from=self.original)
+        self.sharing = False
+        self._separate_steps.clear()
 
     def __exit__(self, *exc_info) -> None:
         if self.active:
