@@ -213,3 +213,27 @@ def test_threads_auto_resolves_to_counts_for_local_runs_and_ray_ranks():
     assert actor_resources(config)["num_cpus"] == 1
     fixed = load_config(None, ["train.threads=3"])
     assert trainer_threads(fixed.train, cores=2, engine_threads=1) == 3 and rank_threads(fixed.train) == 3
+
+
+def test_the_trainer_step_runs_with_the_thread_count_the_core_split_set():
+    """torch's thread count belongs to each thread: an executor thread that has computed once keeps its
+    count, so `torch.set_num_threads` in the loop's thread never reached `trainer.step` (the demo's
+    "2 threads" steps ran on 1). `with_torch_threads` carries the count into the executor thread; without
+    it this test sees 1 thread in the second call."""
+    import asyncio
+
+    from parityrl.pipeline import with_torch_threads
+
+    before = torch.get_num_threads()
+
+    async def counts() -> tuple[int, int]:
+        torch.set_num_threads(1)
+        first = await asyncio.to_thread(with_torch_threads, torch.get_num_threads(), torch.get_num_threads)
+        torch.set_num_threads(2)  # what CoreSplit does when the trainer takes the engine's core
+        second = await asyncio.to_thread(with_torch_threads, torch.get_num_threads(), torch.get_num_threads)
+        return first, second
+
+    try:
+        assert asyncio.run(counts()) == (1, 2)
+    finally:
+        torch.set_num_threads(before)

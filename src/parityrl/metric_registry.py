@@ -133,7 +133,7 @@ METRICS: tuple[Metric, ...] = (
         "background, so this is the previous step's, overlapped with this one",
         "perf",
     ),
-    Metric("perf/trainer_threads", "torch threads of the trainer after this step (`train.threads: auto` adapts them)", "perf"),
+    Metric("perf/trainer_threads", "torch threads this step's forward and backward ran with (`train.threads: auto` adapts them)", "perf"),
     Metric("perf/engine_idle_frac", "fraction of the RL wall time so far that the engine had no request", "perf"),
     Metric("perf/trainer_idle_frac", "fraction of the RL wall time so far that the trainer waited for a batch", "perf"),
     # --- train

@@ -23,6 +23,7 @@ import gc
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -213,7 +214,8 @@ async def run_training(
                     ) from None
                 samples, advantages, rewards_tensor = batch_tensors(groups, config.train.advantage)
                 try:
-                    metrics = await asyncio.to_thread(trainer.step, samples, advantages, probe)
+                    step_threads = torch.get_num_threads()  # this thread's count is the one `cores_split` sets
+                    metrics = await asyncio.to_thread(with_torch_threads, step_threads, trainer.step, samples, advantages, probe)
                 except EngineGaveUp as error:  # the probe's engine
                     step -= 1
                     raise await stop_run(str(error)) from None
@@ -267,10 +269,11 @@ async def run_training(
                     last_replica_tokens = list(engine.tokens_per_replica)
                 restarts_seen, requeued_seen = engine.restarts, engine.requeued_groups
                 idle_now = rollouts.idle_seconds()
-                metrics["perf/trainer_threads"] = cores_split.update((idle_now - last_idle) / max(now - last_time, 1e-9), now - last_time)
+                metrics["perf/trainer_threads"] = step_threads
+                cores_split.update((idle_now - last_idle) / max(now - last_time, 1e-9), now - last_time)  # the next step's
                 last_time, last_tokens, last_idle = now, rollouts.generated_tokens, idle_now
                 if step % config.train.eval_every == 0 or step == config.train.steps:
-                    eval_success = await asyncio.to_thread(held_out_success)
+                    eval_success = await asyncio.to_thread(with_torch_threads, torch.get_num_threads(), held_out_success)
                     metrics["eval/success"] = eval_success
                 counters |= {
                     "engine_restarts": totals_before.get("engine_restarts", 0) + engine.restarts,
@@ -331,6 +334,16 @@ async def run_training(
                 console.print(f"[yellow]the plots could not be drawn ({type(error).__name__}: {error}); retry with `parityrl plot {run_dir}`[/yellow]")
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
+
+
+def with_torch_threads(threads: int, function: Callable[..., Any], *args: Any) -> Any:
+    """`function(*args)` with `threads` torch threads, in the calling (executor) thread. torch's thread
+    count belongs to each thread: one executor thread keeps the count it first computed with, so
+    `torch.set_num_threads` in the event loop's thread (`CoreSplit`) never reached the trainer's step
+    until the step set it itself."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return function(*args)
 
 
 async def timed(awaitable) -> float:
