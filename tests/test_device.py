@@ -237,3 +237,37 @@ def test_the_trainer_step_runs_with_the_thread_count_the_core_split_set():
         assert asyncio.run(counts()) == (1, 2)
     finally:
         torch.set_num_threads(before)
+
+
+def test_thread_count_follows_the_engine_within_a_step():
+    """`follow_thread_count`: the count is set before each decoder layer's forward and again in the
+    backward pass, in the step's own thread, so the trainer can take the engine's core when the engine
+    stops generating halfway through a step. Each call records the count in force when it ran: every
+    call after the first sees the count the previous one set (the forward and backward passes call it
+    once per layer each)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from parityrl.train.trainer import follow_thread_count
+
+    before = torch.get_num_threads()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2))
+    calls: list[tuple[int, int]] = []
+
+    def threads_now() -> int:
+        wanted = 1 + len(calls) % 2
+        calls.append((wanted, torch.get_num_threads()))
+        return wanted
+
+    handles = follow_thread_count(model, threads_now)
+    try:
+        torch.set_num_threads(2)
+        model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+        assert len(calls) == 6  # 3 layers: a forward pre-hook and a gradient hook each
+        assert all(seen == calls[i - 1][0] for i, (_, seen) in enumerate(calls) if i > 0)
+        for handle in handles:
+            handle.remove()
+        model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+        assert len(calls) == 6
+    finally:
+        torch.set_num_threads(before)

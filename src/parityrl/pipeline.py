@@ -183,6 +183,8 @@ async def run_training(
         binding = settings.get("env", {}).get("VLLM_CPU_OMP_THREADS_BIND") if not replicated else None
         engine_pids = list(getattr(getattr(engine, "engine", None), "process_ids", []))
         cores_split = CoreSplit(binding, engine_pids, torch.get_num_threads(), adaptive=config.train.threads == "auto")
+        if cores_split.adaptive and not replicated:
+            trainer.follow_thread_count(lambda: cores_split.threads_now(engine_generating=rollouts.generating > 0))
         with StopSignals() as signals, progress_bar() as progress, cores_split:
             bar = progress.add_task("RL", total=config.train.steps, completed=start_step, info="")
             for step in range(start_step + 1, config.train.steps + 1):
@@ -311,6 +313,8 @@ async def run_training(
             summary["actor_nodes"] = cluster.node_of_each_actor(engine, trainer)
     finally:
         gc.unfreeze()  # frozen objects are never freed: at exit, triton's bindings reported them as leaks
+        if isinstance(trainer, Trainer):
+            trainer.follow_thread_count(None)
         for background in (producer, probe_task, publishing):
             if background is not None:
                 background.cancel()

@@ -190,6 +190,13 @@ class CoreSplit:
             self.sharing = True
         return torch.get_num_threads()
 
+    def threads_now(self, engine_generating: bool) -> int:
+        """The trainer's thread count at this moment, within a step (`Trainer.follow_thread_count`):
+        while sharing, every core only when the engine is not generating; else the trainer's own cores."""
+        if self.sharing and not engine_generating:
+            return len(self.original)
+        return self.threads if self.active else torch.get_num_threads()
+
     def _separate(self) -> None:
         self._use(self.trainer_cpus, self.threads, only_from=self.original)
         self.sharing = False
