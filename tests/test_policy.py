@@ -86,6 +86,24 @@ def test_top_k_keeps_ties_and_support_sums_to_one():
     assert abs(lp[:3].exp().sum().item() - 1.0) < 1e-6
 
 
+@pytest.mark.parametrize("top_k", [1, 2, 7, 39])
+def test_top_k_alone_masks_exactly_what_the_sorted_threshold_masks(top_k):
+    """Top-k without top-p skips the sort (a threshold from `topk`, as vLLM's `apply_top_k_only`): the
+    result must be bitwise the sorted definition's, with ties at the threshold and min-p's -inf entries
+    among the candidates (fewer than k finite logits: nothing more is masked)."""
+    from parityrl.policy import sampling_logits
+
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randint(-4, 5, (3, 8, 40), generator=generator).float()  # many ties
+    for min_p in (0.0, 0.2):
+        got = sampling_logits(logits, 0.7, top_k=top_k, min_p=min_p)
+        scaled = sampling_logits(logits, 0.7, min_p=min_p)  # temperature and min-p only
+        kth_largest = scaled.sort(dim=-1, descending=True).values[..., top_k - 1 : top_k]
+        expected = scaled.masked_fill(scaled < kth_largest, float("-inf"))
+        assert torch.equal(got, expected), (top_k, min_p)
+        assert ((got > float("-inf")).sum(-1) >= min(top_k, 1)).all()
+
+
 def test_raw_differs_from_processed_only_when_sampling_is_shaped():
     logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(1))
     tokens = logits.argmax(-1)
