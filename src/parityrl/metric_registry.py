@@ -133,6 +133,7 @@ METRICS: tuple[Metric, ...] = (
         "background, so this is the previous step's, overlapped with this one",
         "perf",
     ),
+    Metric("perf/probe_wait_s", "seconds this step waited, after its backward passes, for the parity probe's samples (part of train/step_s)", "perf"),
     Metric("perf/trainer_threads", "torch threads this step's forward and backward ran with (`train.threads: auto` adapts them)", "perf"),
     Metric("perf/engine_idle_frac", "fraction of the RL wall time so far that the engine had no request", "perf"),
     Metric("perf/trainer_idle_frac", "fraction of the RL wall time so far that the trainer waited for a batch", "perf"),

@@ -52,6 +52,8 @@ class StepStats:
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
         self.lag_max = 0
+        self.probe_wait_s = 0.0
+        """Seconds the step waited for the parity probe's samples after its backward passes."""
         self.parity = Mismatch()
         """Tokens of sequences entirely at the trainer's version: training batch and probe."""
         self.parity_by_replica: dict[int, Mismatch] = {}
@@ -64,6 +66,7 @@ class StepStats:
         for name in self.sums.keys() | other.sums.keys():
             merged.sums[name] = self.sums.get(name, 0.0) + other.sums.get(name, 0.0)
         merged.lag_max = max(self.lag_max, other.lag_max)
+        merged.probe_wait_s = max(self.probe_wait_s, other.probe_wait_s)
         merged.parity, merged.stale = self.parity + other.parity, self.stale + other.stale
         for replica in self.parity_by_replica.keys() | other.parity_by_replica.keys():
             merged.parity_by_replica[replica] = self.parity_by_replica.get(replica, Mismatch()) + other.parity_by_replica.get(replica, Mismatch())
@@ -221,7 +224,9 @@ class Trainer:
             with torch.no_grad():
                 self._accumulate(stats, packed, scored, out)
         # the weights are still the published version until optimizer.step: the probe's lag is 0
+        waiting = time.perf_counter()
         probe_samples = probe() if callable(probe) else probe
+        stats.probe_wait_s = time.perf_counter() - waiting
         if probe_samples:
             self._accumulate_probe(stats, probe_samples)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip if train.grad_clip > 0 else float("inf")))
@@ -322,6 +327,7 @@ def finalise(stats: StepStats) -> dict[str, float | list | None]:
         "pipeline/kv_staleness_kl": stats.stale.summary("stale")["stale/kl"],
         "pipeline/lag_mean": stats.ratio("lag", "tokens"),
         "pipeline/lag_max": float(stats.lag_max),
+        "perf/probe_wait_s": stats.probe_wait_s,
         "pipeline/mixed_version_frac": stats.ratio("mixed", "sequences"),
         "train/tokens": stats.sums.get("tokens", 0.0),
         "parity/kl_per_replica": [by_replica.get(i) for i in range(max(by_replica) + 1)] if by_replica else None,
