@@ -156,6 +156,12 @@ def sampling_logits(logits: Tensor, temperature: float, top_k: int = -1, top_p: 
     return masked.reshape(scaled.shape)
 
 
+def processed_log_distribution(logits: Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
+    """[..., vocab] fp32 log-probabilities of the whole distribution sampled from (-inf outside the
+    min-p/top-k/top-p support). logits: [..., vocab], penalised (`apply_penalties`) when penalties are on."""
+    return sampling_logits(logits, temperature, top_k, top_p, min_p).log_softmax(dim=-1)
+
+
 def processed_logprobs(
     logits: Tensor, tokens: Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0, min_p: float = 0.0
 ) -> Tensor:
@@ -165,8 +171,12 @@ def processed_logprobs(
     Returns [...] float32; -inf for a token outside the min-p/top-k/top-p support (callers decide what
     to do with those, see `scoring.score`).
     """
-    logprobs_all = sampling_logits(logits, temperature, top_k, top_p, min_p).log_softmax(dim=-1)
-    return logprobs_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return token_logprobs(processed_log_distribution(logits, temperature, top_k, top_p, min_p), tokens)
+
+
+def token_logprobs(log_distribution: Tensor, tokens: Tensor) -> Tensor:
+    """[...] entries of `log_distribution` [..., vocab] at `tokens` [...]."""
+    return log_distribution.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def raw_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
@@ -176,7 +186,12 @@ def raw_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
 
 def processed_entropy(logits: Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
     """Entropy (nats) of the sampling distribution per position. logits [..., vocab] (penalised) -> [...] fp32."""
-    logprobs_all = sampling_logits(logits, temperature, top_k, top_p, min_p).log_softmax(dim=-1)
+    return entropy_of(processed_log_distribution(logits, temperature, top_k, top_p, min_p))
+
+
+def entropy_of(log_distribution: Tensor) -> Tensor:
+    """Entropy (nats) per position of a [..., vocab] log-distribution with -inf outside its support."""
+    logprobs_all = log_distribution
     probs = logprobs_all.exp()
     # masked tokens have p = 0 and logp = -inf; 0 * -inf is NaN, so zero them explicitly
     return -(probs * logprobs_all.masked_fill(probs == 0, 0.0)).sum(dim=-1)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from parityrl.config import SamplingConfig
-from parityrl.policy import apply_penalties, compute_context, processed_logprobs, sampling_logits
+from parityrl.policy import apply_penalties, compute_context, processed_log_distribution, token_logprobs
 
 NO_VERSION = 1 << 40
 """Stands in for "no token" when taking the oldest version of an empty completion."""
@@ -210,12 +210,9 @@ class Scored:
     """The trainer's view of a packed batch under its current weights."""
 
     logits: Tensor  # [B, T, V] fp32 logits predicting each completion token, penalised (before temperature/truncation)
+    log_distribution: Tensor  # [B, T, V] the whole processed distribution's log-probabilities (-inf outside support)
     logprobs: Tensor  # [B, T] processed logprobs of the sampled tokens; -inf outside support, 0 at padding
     in_support: Tensor  # [B, T] bool: generated and inside the trainer's sampling support
-
-    def log_distribution(self, sampling: SamplingConfig) -> Tensor:
-        """[B, T, V] log-probabilities of the whole processed distribution at each position (-inf outside support)."""
-        return sampling_logits(self.logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p).log_softmax(dim=-1)
 
     @property
     def logprobs_safe(self) -> Tensor:
@@ -234,10 +231,13 @@ def score(model: nn.Module, packed: PackedBatch, sampling: SamplingConfig, dtype
     logits_completion = completion_logits(logits, packed)
     # repetition/presence/frequency penalties see the prompt and the tokens generated before each position
     penalised = apply_penalties(logits_completion, packed.prompt_ids, packed.prompt_mask, packed.completion_ids, packed.completion_mask, sampling)
-    logprobs = processed_logprobs(penalised, packed.completion_ids, sampling.temperature, sampling.top_k, sampling.top_p, min_p=sampling.min_p)
+    # computed once: the sampled tokens' logprobs and the entropy metric both read it (with top-p it is
+    # a sort of the whole vocabulary per position)
+    log_distribution = processed_log_distribution(penalised, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
+    logprobs = token_logprobs(log_distribution, packed.completion_ids)
     in_support = packed.completion_mask & torch.isfinite(logprobs)
     logprobs = torch.where(packed.completion_mask, logprobs, torch.zeros_like(logprobs))
-    return Scored(penalised, logprobs, in_support)
+    return Scored(penalised, log_distribution, logprobs, in_support)
 
 
 def packed_logits(model: nn.Module, packed: PackedBatch) -> Tensor:

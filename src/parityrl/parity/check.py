@@ -104,7 +104,7 @@ def full_distribution_mismatch(model: nn.Module, samples: list[Sample], sampling
     """`parity/full_kl`, `parity/full_tv`, `parity/support_mismatch_frac` of the engine's listed
     processed logprobs (`Sample.top_logprobs_old`) against the trainer's whole processed distribution."""
     packed = pack_samples(samples, pad_id=0, shape=ModelShape.of(model))
-    log_dist = score(model, packed, sampling, dtype).log_distribution(sampling)  # [B, T, V]
+    log_dist = score(model, packed, sampling, dtype).log_distribution  # [B, T, V]
     trainer_rows = log_dist[packed.completion_mask]  # [N, V], sample by sample, position by position
     ids, logprobs = listed_logprobs([entry for s in samples for entry in (s.top_logprobs_old or [])])
     if ids.shape[0] != trainer_rows.shape[0]:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from parityrl.config import RunConfig
-from parityrl.policy import export_state_dict, load_policy, processed_entropy
+from parityrl.policy import entropy_of, export_state_dict, load_policy
 from parityrl.scoring import Mismatch, ModelShape, PackedBatch, Sample, Scored, k3, pack_samples, score
 from parityrl.train.checkpoint import RunState, load_run_state, save_checkpoint
 from parityrl.train.objectives import policy_loss
@@ -260,10 +260,9 @@ class Trainer:
         """Nothing to release in-process (the Ray ranks shut their process group down)."""
 
     def _accumulate(self, stats: StepStats, packed: PackedBatch, scored: Scored, out) -> None:
-        sampling = self.config.trainer_sampling()
         generated, valid = packed.completion_mask, scored.in_support
         logprobs_new = scored.logprobs.detach()
-        entropy = processed_entropy(scored.logits.detach(), sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
+        entropy = entropy_of(scored.log_distribution.detach())
         stats.add("loss", out.loss_sum.detach())
         stats.add("units", out.units)
         stats.add("clipped", out.clipped)
