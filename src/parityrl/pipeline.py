@@ -42,7 +42,7 @@ from parityrl.reward_pool import RewardPool
 from parityrl.rollouts import Rollouts, RunStopped, StopSignals, batch_tensors
 from parityrl.tasks import Problem, check_prompt_lengths, load_task
 from parityrl.train.checkpoint import RunState, latest_checkpoint, load_run_state
-from parityrl.train.trainer import Trainer
+from parityrl.train.trainer import Trainer, use_torch_threads
 
 MAX_REWARD_ERROR_FRAC = 0.10
 """More failed rewards than this in one step's batch stop the run: the reward itself is broken."""
@@ -345,8 +345,7 @@ def with_torch_threads(threads: int, function: Callable[..., Any], *args: Any) -
     count belongs to each thread: one executor thread keeps the count it first computed with, so
     `torch.set_num_threads` in the event loop's thread (`CoreSplit`) never reached the trainer's step
     until the step set it itself."""
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    use_torch_threads(threads)
     return function(*args)
 
 

@@ -191,10 +191,9 @@ def processed_entropy(logits: Tensor, temperature: float, top_k: int = -1, top_p
 
 def entropy_of(log_distribution: Tensor) -> Tensor:
     """Entropy (nats) per position of a [..., vocab] log-distribution with -inf outside its support."""
-    logprobs_all = log_distribution
-    probs = logprobs_all.exp()
+    probs = log_distribution.exp()
     # masked tokens have p = 0 and logp = -inf; 0 * -inf is NaN, so zero them explicitly
-    return -(probs * logprobs_all.masked_fill(probs == 0, 0.0)).sum(dim=-1)
+    return -(probs * log_distribution.masked_fill(probs == 0, 0.0)).sum(dim=-1)
 
 
 def sample_tokens(

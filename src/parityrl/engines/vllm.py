@@ -85,6 +85,11 @@ EXTENSION_PATH = "parityrl.engines.vllm_worker.WeightUpdateExtension"
 GiB = 1 << 30
 
 
+def shared_memory_dir() -> str | None:
+    """Where weight files and buffers go: /dev/shm where there is one (RAM), else the temp dir."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
 # ---------------------------------------------------------------------------------------------------
 # Frontend
 # ---------------------------------------------------------------------------------------------------
@@ -465,8 +470,7 @@ class VLLMEngine:
         if self._shared is not None and self._shared[1].numel() == nbytes:
             return self._shared[1]
         self._release_shared()
-        directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        handle, path = tempfile.mkstemp(prefix=f"parityrl-weights-{os.getpid()}-", dir=directory)
+        handle, path = tempfile.mkstemp(prefix=f"parityrl-weights-{os.getpid()}-", dir=shared_memory_dir())
         os.close(handle)
         os.truncate(path, nbytes)
         self._shared = (path, map_shared_file(path, nbytes))
@@ -476,8 +480,7 @@ class VLLMEngine:
         """`file` transport: a temp dir in shared memory (/dev/shm where there is one) for the weights file."""
         if self.weight_transport != "file":
             return contextlib.nullcontext("")
-        directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        return tempfile.TemporaryDirectory(prefix="parityrl-weights-", dir=directory)
+        return tempfile.TemporaryDirectory(prefix="parityrl-weights-", dir=shared_memory_dir())
 
     async def _pause_keep(self) -> None:
         """`pause_generation(mode="keep", clear_cache=False)` without its closing 20 ms sleep.

@@ -115,9 +115,7 @@ def follow_thread_count(model: torch.nn.Module, threads_now: Callable[[], int]) 
     thread, so only the step's own thread can change it."""
 
     def follow(*_: object) -> None:
-        wanted = threads_now()
-        if torch.get_num_threads() != wanted:
-            torch.set_num_threads(wanted)
+        use_torch_threads(threads_now())
 
     handles = []
     for layer in decoder_layers(model):
@@ -126,6 +124,12 @@ def follow_thread_count(model: torch.nn.Module, threads_now: Callable[[], int]) 
         if first is not None:  # fires in the backward pass, in the thread that runs it (CPU autograd)
             handles.append(first.register_hook(follow))
     return handles
+
+
+def use_torch_threads(threads: int) -> None:
+    """Set this thread's torch thread count (a no-op when it already has it)."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
