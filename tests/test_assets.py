@@ -63,3 +63,38 @@ def test_asset_key_follows_the_task_data_not_only_its_path(tmp_path):
     data.write_text('{"prompt": "1+1=", "answer": "3"}\n')  # same path, edited data: the warm-up is stale
     assert asset_key(config) != before
     assert asset_key(load_config(None, [])) == asset_key(load_config(None, []))  # the embedded task: stable
+
+
+def test_init_from_grows_the_base_model_and_keys_the_cache_on_the_base_asset(tmp_path):
+    """A large-vocabulary asset starts from a small one: the base rows are kept bit for bit, the new rows
+    are drawn like a fresh model's (not at zero, not at the used rows' mean), and editing the base
+    config builds a new asset rather than reusing one grown from the old base."""
+    from safetensors.torch import load_file
+
+    from parityrl.assets import asset_key, prepare_model
+    from parityrl.errors import InputError
+
+    small = "model:\n  hidden_size: 32\n  intermediate_size: 64\n  num_layers: 1\n  num_heads: 2\n"
+    base = tmp_path / "base.yaml"
+    base.write_text(small + "assets:\n  sft:\n    steps: 2\n    batch_size: 4\n    target_success: null\n")
+    grown_overrides = [
+        f"assets.cache_dir={tmp_path / 'cache'}", f"assets.init_from={base}", "model.hidden_size=32",
+        "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2", "model.vocab_size=1024",
+        "assets.sft.steps=0",
+    ]
+    config = load_config(None, grown_overrides)
+    grown_dir = prepare_model(config, load_task(config.task))
+    base_dir = next(p for p in (tmp_path / "cache").iterdir() if p != grown_dir)
+    grown, original = load_file(str(grown_dir / "model.safetensors")), load_file(str(base_dir / "model.safetensors"))
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):
+        assert grown[name].shape == (1024, 32)
+        assert torch.equal(grown[name][:128], original[name])
+        assert 0.015 < grown[name][128:].std().item() < 0.025  # initializer_range 0.02
+        assert grown[name][128:].mean(0).abs().max().item() < 0.01
+    assert torch.equal(grown["model.norm.weight"], original["model.norm.weight"])
+
+    key = asset_key(config)
+    base.write_text(base.read_text().replace("steps: 2", "steps: 3"))
+    assert asset_key(config) != key
+    with pytest.raises(InputError, match="another shape"):
+        asset_key(load_config(None, grown_overrides + ["model.hidden_size=64"]))

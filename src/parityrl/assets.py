@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from parityrl.config import RunConfig, TaskConfig, config_hash
+from parityrl.config import RunConfig, TaskConfig, config_hash, load_config
 from parityrl.errors import InputError
 from parityrl.policy import load_policy, sequence_logits
 from parityrl.preflight import check_model_dir
 from parityrl.progress import progress_bar
-from parityrl.tasks import Task
+from parityrl.tasks import Task, load_task
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 # BOS in every prompt, SFT and RL alike: the tiny model needs an anchor for position 0. A system
@@ -76,6 +76,42 @@ def build_model(config: RunConfig, tokenizer, out_dir: Path) -> None:
     GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     ).save_pretrained(str(out_dir))
+
+
+SHAPE_FIELDS = {"hidden_size", "num_layers", "num_heads", "intermediate_size"}
+
+
+def base_config(config: RunConfig) -> RunConfig | None:
+    """The config named by `assets.init_from` (its asset cached next to this one's), or None when unset."""
+    if config.assets.init_from is None:
+        return None
+    base = load_config(config.assets.init_from)  # a ConfigError names the file and the key
+    source = f"assets.init_from ({config.assets.init_from})"
+    if base.model.path is not None or base.assets.init_from is not None:
+        raise InputError(f"{source} must build its model from scratch (model.path and assets.init_from unset there); point init_from at a config that does")
+    ours, theirs = config.model.model_dump(include=SHAPE_FIELDS), base.model.model_dump(include=SHAPE_FIELDS)
+    if ours != theirs:
+        raise InputError(f"{source} builds a model of another shape ({theirs}) than this config ({ours}); set the same model sizes in both files")
+    if base.model.vocab_size > config.model.vocab_size:
+        raise InputError(
+            f"{source} has model.vocab_size {base.model.vocab_size}, more than this config's {config.model.vocab_size}; a head can be grown, not cut"
+        )
+    return base.model_copy(update={"assets": base.assets.model_copy(update={"cache_dir": config.assets.cache_dir})})
+
+
+def grow_model(config: RunConfig, base_dir: Path, out_dir: Path) -> None:
+    """Save the model of `base_dir` in `out_dir` with its embedding and head grown to `model.vocab_size` rows.
+
+    The new rows are drawn as in a freshly built model (normal, std `initializer_range`, seeded by
+    `assets.seed`) rather than at the old rows' mean: at the mean, every unused token would start
+    as likely as an average used one. The warm-up that follows pushes them down."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
+    torch.manual_seed(config.assets.seed)
+    model.resize_token_embeddings(config.model.vocab_size, mean_resizing=False)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    GenerationConfig.from_pretrained(str(base_dir)).save_pretrained(str(out_dir))
 
 
 def encode_prompt(tokenizer, prompt: str, *, chat_template: str = "auto", system_prompt: str | None = None) -> list[int]:
@@ -254,7 +290,9 @@ def asset_key(config: RunConfig) -> str:
             # vocab_size counts only when set: caches built before the field existed stay valid
             "model": config.model.model_dump(exclude={"path", "lm_head_fp32", "dtype"} | ({"vocab_size"} if config.model.vocab_size == MODEL_VOCAB else set())),
             "task": _task_fields_that_shape_the_asset(config),
-            "assets": config.assets.model_dump(exclude={"cache_dir"}),
+            "assets": config.assets.model_dump(exclude={"cache_dir", "init_from"}),
+            # the base asset's own key, not the file's name: a moved or edited base file is seen as such
+            **({"init_from": asset_key(base)} if (base := base_config(config)) is not None else {}),
             "tokenizer_version": 1,
             "sft_version": 2,  # bump when the SFT procedure changes: old caches must not be reused
         }
@@ -274,8 +312,14 @@ def prepare_model(config: RunConfig, task: Task) -> Path:
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
     tokenizer = build_tokenizer(building)
-    build_model(config, tokenizer, building)
     summary = {"asset_key": asset_key(config), "seed": config.assets.seed}
+    base = base_config(config)
+    if base is None:
+        build_model(config, tokenizer, building)
+    else:
+        base_dir = prepare_model(base, load_task(base.task))
+        grow_model(config, base_dir, building)
+        summary["init_from"] = {"config": config.assets.init_from, "asset": base_dir.name}
     if config.assets.sft.steps > 0:
         summary |= sft_warmup(config, task, building)
     (building / "parityrl_assets.json").write_text(json.dumps(summary, indent=2))

@@ -78,6 +78,12 @@ class AssetsConfig(Strict):
     """Seed of the built model's initialisation and SFT data order (independent of the RL seed)."""
     sft: SFTConfig = Field(default_factory=SFTConfig)
     """SFT warm-up that takes the built model from random to 'sometimes right'."""
+    init_from: str | None = None
+    """A config YAML whose asset this one starts from instead of a random model: that asset is built (or
+    read from the cache), its embedding and head are grown to `model.vocab_size` rows (new rows drawn
+    like a fresh model's), and `sft` then runs on top. A large-vocabulary variant of a task reuses the
+    cheap warm-up of the small one (configs/showcase.yaml starts from configs/demo.yaml). Every model
+    size but `vocab_size` must match that config's."""
 
 
 class TaskConfig(Strict):
