@@ -111,3 +111,30 @@ def test_band_test_resample_inside_shift_outside() -> None:
     assert band_test("shifted", "m", ref, 1.5 + rng.normal(0, 0.1, (3, 30))).verdict == "outside"
     empty = band_test("none", "m", ref, np.full((3, 30), np.nan))
     assert empty.verdict == "n/a" and empty.mean is None
+
+
+def test_measured_table_summarises_each_run_robustly(tmp_path: Path) -> None:
+    """The table of mismatch measured in the runs: a KL-like metric is a run's median over steps, so
+    one probe spike does not move it (a mean would be ~100x larger); a fraction is a run's mean, so
+    aborts in a few steps still show; a metric no step logged is None, not 0."""
+    from parityrl.parity.compare import load_configurations
+    from parityrl.parity.compare_stats import judge
+
+    rng = np.random.default_rng(7)
+    for name, kl in (("reference", 1e-12), ("naive-v1", 1e-2)):
+        for seed in range(2):
+            run = tmp_path / name / f"seed{seed}"
+            write_run(run, rng, 1.0, {"kind": name})
+            records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for record in records[1:]:
+                step = record["step"]
+                record["parity/kl"] = kl * (1000.0 if step == 5 else 1.0 + 0.01 * seed)  # one spike per run
+                record["pipeline/aborted_frac"] = 0.5 if (name == "naive-v1" and step <= 4) else 0.0
+            (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    measured = judge(load_configurations([tmp_path]), "reference").measured
+    assert measured["naive-v1"]["parity/kl"]["mean"] == pytest.approx(1.005e-2)
+    assert measured["naive-v1"]["parity/kl"]["min"] == pytest.approx(1e-2)
+    assert measured["reference"]["parity/kl"]["max"] == pytest.approx(1.01e-12)
+    assert measured["naive-v1"]["pipeline/aborted_frac"]["mean"] == pytest.approx(4 * 0.5 / STEPS)
+    assert measured["reference"]["pipeline/aborted_frac"]["mean"] == 0.0
+    assert measured["reference"]["pipeline/kv_staleness_kl"] == {"mean": None, "min": None, "max": None}

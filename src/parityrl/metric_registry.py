@@ -41,6 +41,9 @@ class Metric:
     mismatch_signal: bool = False
     """Positive and grows multiplicatively with engine/trainer mismatch: `compare` tests its level on a log
     scale and reports the share of the naive->reference gap each fix closes on it."""
+    tabulated: bool = False
+    """`parityrl compare` also lists it per configuration, without a verdict: the mismatch, staleness or abort
+    that a fix acts on, measured in the RL runs themselves (`run_level` says how a run is summarised)."""
     family: str | None = None
     """Metrics with the same family share one README row (the statistics of one check comparison)."""
 
@@ -83,18 +86,19 @@ METRICS: tuple[Metric, ...] = (
     Metric("rl/entropy", "entropy of the trainer's sampling distribution (after temperature/top-k/top-p)", "rl", compared=True),
     Metric("rl/reward", "mean reward", "rl", compared=True),
     Metric("rl/success", "fraction of samples with reward 1", "rl"),
-    Metric("rl/completion_len", "mean completion length (tokens) of the samples trained on", "rl"),
+    Metric("rl/completion_len", "mean completion length (tokens) of the samples trained on", "rl", tabulated=True),
     Metric("eval/success", "greedy success on the held-out split (start, every `train.eval_every` steps, end)", "rl"),
     # --- parity
     Metric("parity/kl", "`rl/kl_new_old` restricted to sequences generated entirely by the trainer's current version: "
-           "pure engine-vs-trainer mismatch (in `check`: k3 per token at the same weights)", "parity", log_scale=True, check_title="kl"),
+           "pure engine-vs-trainer mismatch (in `check`: k3 per token at the same weights)", "parity", log_scale=True, check_title="kl",
+           tabulated=True),
     Metric("parity/abs_diff_mean", "mean |new − old| on the tokens of `parity/kl`", "parity", log_scale=True, check_title="mean|Δ|"),
     Metric("parity/abs_diff_max", "max |new − old| on the tokens of `parity/kl`", "parity", log_scale=True, check_title="max|Δ|"),
     Metric("parity/coverage", "fraction of tokens that qualified for `parity/*`", "parity"),
     Metric("parity/probe_tokens", "tokens of the parity probe (`pipeline.parity_probe_prompts`: generated right after each update, "
            "scored before the next step, not trained on) that qualified for `parity/*`", "parity"),
     Metric("parity/outside_support_frac", "sampled tokens outside the trainer's top-k/top-p support; they are masked out of the loss "
-           "(never −inf/NaN)", "parity", check_title="outside"),
+           "(never −inf/NaN)", "parity", check_title="outside", tabulated=True),
     Metric("parity/kl_per_replica", "`parity/kl` of each engine replica (`pipeline.backend: ray`), by replica id", "parity", scalar=False),
     # full-distribution parity (`parityrl check --full-vocab`): the engine lists its top-K processed logprobs per position;
     # with K < vocabulary size the unlisted tokens are pooled into one outcome on both sides (lower bounds of KL and TV)
@@ -106,7 +110,7 @@ METRICS: tuple[Metric, ...] = (
            "engine and trainer (a token with mass on one side only)", "parity", check_title="supp≠"),
     # --- pipeline
     Metric("pipeline/kv_staleness_kl", "k3 of tokens produced after an inflight update (on KV built by old weights) vs a full recompute",
-           "pipeline", log_scale=True, check_title="kv stale"),
+           "pipeline", log_scale=True, check_title="kv stale", tabulated=True),
     Metric("pipeline/lag_mean", "trainer version minus the version that generated each token, averaged over tokens", "pipeline"),
     Metric("pipeline/lag_max", "largest lag of any token in the batch", "pipeline"),
     Metric("pipeline/mixed_version_frac", "fraction of sequences that span a weight update", "pipeline"),
@@ -115,6 +119,7 @@ METRICS: tuple[Metric, ...] = (
         "fraction of the samples trained on that a weight update aborted (`engine.update_mode: abort`): cut short, so "
         "long completions are under-represented",
         "pipeline",
+        tabulated=True,
     ),
     Metric("pipeline/dropped_groups", "prompt groups dropped for being more than `pipeline.max_lag` versions behind", "pipeline"),
     Metric("pipeline/reward_errors", "rewards that failed (raised, NaN or timed out; scored 0) in this step", "pipeline"),
@@ -185,6 +190,23 @@ def check_columns() -> tuple[Metric, ...]:
 def compared_metrics() -> tuple[Metric, ...]:
     """The Figure-1 metrics of `parityrl compare`, in panel order (clip rate, KL, entropy, reward)."""
     return tuple(m for m in METRICS if m.compared)
+
+
+def tabulated_metrics() -> tuple[Metric, ...]:
+    """The metrics `parityrl compare` lists per configuration next to its verdict (no band test)."""
+    return tuple(m for m in METRICS if m.tabulated)
+
+
+def run_level(metric: Metric, values: list[float]) -> float:
+    """One run's value of a tabulated metric: the median over its steps for a log-scale metric (a KL over
+    the ~30 tokens of one step's probe has rare spikes a mean would follow), else the mean; NaN if none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    if not metric.log_scale:
+        return sum(ordered) / len(ordered)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def _table_cell(text: str) -> str:

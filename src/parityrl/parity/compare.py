@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from parityrl.metric_registry import compared_metrics
+from parityrl.metric_registry import compared_metrics, run_level, tabulated_metrics
 from parityrl.metrics import read_metrics, write_json_atomic, write_text_atomic
 from parityrl.parity.compare_stats import (
     DEFAULT_REFERENCE,
@@ -106,9 +106,19 @@ def _load_configuration(name: str, runs: list[Path]) -> Configuration:
                 continue
             for metric in METRICS:
                 value = record.get(metric)
-                if isinstance(value, (int, float)) and math.isfinite(value):
+                if _finite(value):
                     values[metric][seed, column] = float(value)
-    return Configuration(name, runs, np.array(steps, dtype=int), values, _read_settings(runs[0]))
+    measured = {
+        metric.name: [
+            run_level(metric, [float(r[metric.name]) for r in recs if r.get("step", 0) > 0 and _finite(r.get(metric.name))]) for recs in records
+        ]
+        for metric in tabulated_metrics()
+    }
+    return Configuration(name, runs, np.array(steps, dtype=int), values, _read_settings(runs[0]), measured)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_configurations(run_dirs: list[Path]) -> dict[str, Configuration]:
@@ -147,6 +157,25 @@ def _gap_lines(result: CompareResult) -> list[str]:
     return lines
 
 
+MEASURED_NOTE = (
+    "Measured in the runs, no verdict: each run's median over its steps for KL-like metrics (a step's parity probe "
+    "has ~30 tokens and rare spikes), its mean otherwise; then the mean over seeds, with the seeds' min–max."
+)
+
+
+def _measured_rows(result: CompareResult) -> tuple[list[str], list[list[str]]]:
+    metrics = [m.name for m in tabulated_metrics()]
+    rows = []
+    for name, table in result.measured.items():
+        cells = []
+        for metric in metrics:
+            level = table.get(metric, {})
+            mean, low, high = level.get("mean"), level.get("min"), level.get("max")
+            cells.append("–" if mean is None else f"{_fmt(mean)} [{_fmt(low, 2)}–{_fmt(high, 2)}]")
+        rows.append([name, *cells])
+    return ["configuration", *metrics], rows
+
+
 def _rule_text() -> str:
     """The inside/outside rule in one paragraph, with the statistic's current constants."""
     return (
@@ -166,6 +195,11 @@ def render_markdown(result: CompareResult) -> str:
     lines += ["", _rule_text()]
     if result.gap_closed:
         lines += ["", "## Share of the naive→reference gap closed", ""] + [f"- {line}" for line in _gap_lines(result)]
+    header, rows = _measured_rows(result)
+    if rows:
+        lines += ["", "## Mismatch, staleness and aborts measured in the runs", "", MEASURED_NOTE, ""]
+        lines += ["| " + " | ".join(f"`{h}`" if "/" in h else h for h in header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
     diffs = {k: d for k, d in result.settings_diff.items() if d}
     if diffs:
         lines += ["", "## Settings that differ from the reference", ""]
@@ -181,6 +215,15 @@ def render_html(result: CompareResult, png: bytes) -> str:
         cls = ' class="outside"' if row[-1] == "outside" else ""
         body += f"<tr{cls}>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>\n"
     gaps = "".join(f"<li>{esc(line)}</li>" for line in _gap_lines(result))
+    measured_header, measured_rows = _measured_rows(result)
+    measured = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>\n" for row in measured_rows)
+    measured_head = "".join(f"<th>{esc(h)}</th>" for h in measured_header)
+    measured_section = (
+        f"<h2>Mismatch, staleness and aborts measured in the runs</h2><p>{esc(MEASURED_NOTE)}</p>"
+        f"<table id='measured'><thead><tr>{measured_head}</tr></thead><tbody>{measured}</tbody></table>"
+        if measured_rows
+        else ""
+    )
     image = base64.b64encode(png).decode()
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>parityrl compare: {esc(result.reference)}</title>
@@ -194,6 +237,7 @@ img{{max-width:100%}}</style></head><body>
 {body}</tbody></table>
 <p>{esc(_rule_text())}</p>
 {f"<h2>Share of the naive&rarr;reference gap closed</h2><ul>{gaps}</ul>" if gaps else ""}
+{measured_section}
 </body></html>
 """
 
@@ -211,6 +255,14 @@ def render_verdict(result: CompareResult, console: Any) -> None:
     console.print(table)
     for line in _gap_lines(result):
         console.print(line, markup=False, highlight=False)
+    header, rows = _measured_rows(result)
+    if rows:
+        measured = Table(title="measured in the runs (no verdict)", caption=MEASURED_NOTE)
+        for name in header:
+            measured.add_column(name, justify="left" if name == "configuration" else "right")
+        for row in rows:
+            measured.add_row(*row)
+        console.print(measured)
     console.print(result.summary, markup=False)
 
 

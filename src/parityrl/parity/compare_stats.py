@@ -70,6 +70,8 @@ class Configuration:
     """metric -> [seeds, steps] with NaN where a seed logged nothing."""
     settings: dict[str, Any] = field(default_factory=dict)
     """Flattened config.yaml of the first seed (empty if absent)."""
+    measured: dict[str, list[float]] = field(default_factory=dict)
+    """tabulated metric -> one level per seed (`metric_registry.run_level`; NaN where a seed logged none)."""
 
 
 @dataclass
@@ -218,6 +220,8 @@ class CompareResult:
     settings_diff: dict[str, dict[str, Any]]
     """config -> config.yaml keys whose value differs from the reference's."""
     summary: str
+    measured: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
+    """config -> tabulated metric -> {"mean", "min", "max"} over its seeds' levels (None where no seed logged it)."""
     markdown: str = ""
     paths: dict[str, Path] = field(default_factory=dict)
 
@@ -238,7 +242,20 @@ class CompareResult:
             "gap_closed": self.gap_closed,
             "settings_diff": self.settings_diff,
             "summary": self.summary,
+            "measured": self.measured,
         }
+
+
+def _measured(cfg: Configuration) -> dict[str, dict[str, float | None]]:
+    table: dict[str, dict[str, float | None]] = {}
+    for metric, levels in cfg.measured.items():
+        finite = [level for level in levels if math.isfinite(level)]
+        table[metric] = {
+            "mean": sum(finite) / len(finite) if finite else None,
+            "min": min(finite) if finite else None,
+            "max": max(finite) if finite else None,
+        }
+    return table
 
 
 def _settings_diff(ref: Configuration, cfg: Configuration) -> dict[str, Any]:
@@ -279,4 +296,5 @@ def judge(configs: dict[str, Configuration], reference: str) -> CompareResult:
         gap_closed=_gaps_closed(verdicts, others),
         settings_diff={n: _settings_diff(ref, configs[n]) for n in others},
         summary=_summary(reference, verdicts, len(ref.runs)),
+        measured={name: _measured(configs[name]) for name in [reference, *others]},
     )
