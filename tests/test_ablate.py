@@ -30,11 +30,12 @@ def test_shipped_spec_is_found_from_the_package_and_builds_the_matrix():
         "reference", "naive-v1", "fix1-only", "fix2-only", "fix3-only", "fix4-only", "fixed-v1",
         "fixed-v1-no1", "fixed-v1-no2", "fixed-v1-no3", "fixed-v1-no4",
     ]
-    assert set(spec.presets) >= {"demo", "smoke", "showcase"}
+    assert set(spec.presets) >= {"demo", "smoke", "showcase", "longgen"}
     runs = ablation_matrix(spec, "demo", seeds=2)
     assert len(runs) == 2 * 11 and {r.seed for r in runs} == {0, 1}
     check_runs(spec, None, runs)  # every configuration loads as a valid RunConfig
     check_runs(spec, ABLATION_SPEC.parent / "showcase.yaml", ablation_matrix(spec, "showcase", seeds=1))
+    check_runs(spec, ABLATION_SPEC.parent / "longgen.yaml", ablation_matrix(spec, "longgen", seeds=1))
 
 
 def test_each_configuration_switches_what_it_says():

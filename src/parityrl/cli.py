@@ -307,7 +307,9 @@ def compare_command(
 def ablate_command(
     config_path: Optional[Path] = typer.Argument(None, help="Base YAML config (default: built-in defaults)."),
     seeds: int = typer.Option(3, "--seeds", help="Seeds per configuration (the same seeds for all)."),
-    preset: str = typer.Option("demo", "--preset", help="A preset of the spec: demo (bf16, T=0.7/top-p 0.9, shared prefix) or smoke."),
+    preset: str = typer.Option(
+        "demo", "--preset", help="A preset of configs/ablation.yaml (demo, demo-bf16, showcase, longgen, smoke: each says what it is for)."
+    ),
     out_dir: Path = typer.Option(Path("runs/ablate"), "--out", help="Run directories go to OUT/<config>/seed<N>/."),
     only: list[str] = typer.Option([], "--only", help="Run only these configurations (repeatable)."),
     compare: bool = typer.Option(True, help="Run `compare` on the results at the end."),
