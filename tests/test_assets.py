@@ -98,3 +98,18 @@ def test_init_from_grows_the_base_model_and_keys_the_cache_on_the_base_asset(tmp
     assert asset_key(config) != key
     with pytest.raises(InputError, match="another shape"):
         asset_key(load_config(None, grown_overrides + ["model.hidden_size=64"]))
+
+
+def test_the_built_tokenizer_keeps_spaces_and_newlines_next_to_a_qwen2_config(tmp_path):
+    """transformers 5's AutoTokenizer swaps a Qwen2 directory's generic tokenizer for Qwen2's byte-level
+    one, which silently dropped every space and newline of every prompt and answer ("23 24" -> "2324")."""
+    from parityrl.assets import encode_prompt, load_tokenizer
+
+    config = load_config(None, ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2"])
+    build_model(config, build_tokenizer(tmp_path), tmp_path)
+    assert '"model_type": "qwen2"' in (tmp_path / "config.json").read_text()  # the setting that triggered the swap
+    tokenizer = load_tokenizer(tmp_path)
+    text = "count 23 to 25:\n23 24 25"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tokenizer.decode(ids) == text
+    assert tokenizer.decode(encode_prompt(tokenizer, "a b", system_prompt="sys"), skip_special_tokens=True) == "sys\na b"

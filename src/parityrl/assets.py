@@ -196,12 +196,10 @@ SUCCESS_CHECK_EVERY = 50
 
 def sft_warmup(config: RunConfig, task: Task, model_dir: Path) -> dict:
     """Teacher-forced warm-up on the task's training split; returns a summary written next to the model."""
-    from transformers import AutoTokenizer
-
     from parityrl.evaluate import greedy_success  # evaluation sits above assets (it uses the prompt template)
 
     sft = config.assets.sft
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    tokenizer = load_tokenizer(model_dir)
     model = load_policy(model_dir, "float32", lm_head_fp32=True)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=sft.lr, weight_decay=0.0)
@@ -293,7 +291,8 @@ def asset_key(config: RunConfig) -> str:
             "assets": config.assets.model_dump(exclude={"cache_dir", "init_from"}),
             # the base asset's own key, not the file's name: a moved or edited base file is seen as such
             **({"init_from": asset_key(base)} if (base := base_config(config)) is not None else {}),
-            "tokenizer_version": 1,
+            # 2: spaces are tokens (version 1 assets were warmed up on text whose spaces the loader dropped)
+            "tokenizer_version": 2,
             "sft_version": 2,  # bump when the SFT procedure changes: old caches must not be reused
         }
     )
@@ -330,8 +329,22 @@ def prepare_model(config: RunConfig, task: Task) -> Path:
     return final_dir
 
 
-def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+
+def load_tokenizer(model_dir: Path):
+    """The tokenizer of a model directory, as its tokenizer_config.json declares it.
+
+    A directory that declares the generic class (the built character tokenizer, any tokenizer saved
+    from a `tokenizers` object) is loaded as exactly that: for a Qwen2 or Llama `config.json`,
+    transformers 5's AutoTokenizer swaps in the model type's own tokenizer class, whose byte-level
+    pre-tokenizer turns a space into a symbol the character vocabulary lacks, and every space of
+    every prompt and answer was silently dropped ("23 24" became "2324")."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    declared = None
+    with contextlib.suppress(OSError, ValueError):
+        declared = json.loads((Path(model_dir) / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    loader = PreTrainedTokenizerFast if declared in GENERIC_TOKENIZER_CLASSES else AutoTokenizer
+    return loader.from_pretrained(str(model_dir), local_files_only=True)
 
