@@ -340,9 +340,10 @@ def trl_worker(spec_path: Path, out_path: Path) -> None:
 
     torch.set_num_threads(spec["threads"])
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOTrainer
 
+    from parityrl.assets import load_tokenizer
     from parityrl.config import load_config
     from parityrl.evaluate import greedy_completions, success_rate
     from parityrl.rewards import RewardItem, score_in_process
@@ -352,7 +353,7 @@ def trl_worker(spec_path: Path, out_path: Path) -> None:
     config = load_config(spec["config"], spec["overrides"])
     task = load_task(config.task)
     model_dir = spec["model_dir"]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tokenizer = load_tokenizer(model_dir)  # the tokenizer parityrl uses, so both see the same token ids
     # the model as a TRL user loads it: plain transformers (the default attention unless --trl-attn), fp32
     # weights as parityrl's trainer keeps them; model.dtype=bfloat16 becomes GRPOConfig(bf16=True) autocast
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True, attn_implementation=spec["attn"])

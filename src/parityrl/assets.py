@@ -336,7 +336,7 @@ def load_tokenizer(model_dir: Path):
     """The tokenizer of a model directory, as its tokenizer_config.json declares it.
 
     A directory that declares the generic class (the built character tokenizer, any tokenizer saved
-    from a `tokenizers` object) is loaded as exactly that: for a Qwen2 or Llama `config.json`,
+    from a `tokenizers` object) is loaded as exactly that: next to a Qwen2 `config.json`,
     transformers 5's AutoTokenizer swaps in the model type's own tokenizer class, whose byte-level
     pre-tokenizer turns a space into a symbol the character vocabulary lacks, and every space of
     every prompt and answer was silently dropped ("23 24" became "2324")."""
