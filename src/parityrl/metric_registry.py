@@ -87,6 +87,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("rl/reward", "mean reward", "rl", compared=True),
     Metric("rl/success", "fraction of samples with reward 1", "rl"),
     Metric("rl/completion_len", "mean completion length (tokens) of the samples trained on", "rl", tabulated=True),
+    Metric("rl/completion_lens", "length (tokens) of each sample trained on, in batch order: the distribution behind "
+           "`rl/completion_len` (an abort-mode update cuts long samples short)", "rl", scalar=False),
     Metric("eval/success", "greedy success on the held-out split (start, every `train.eval_every` steps, end)", "rl"),
     # --- parity
     Metric("parity/kl", "`rl/kl_new_old` restricted to sequences generated entirely by the trainer's current version: "

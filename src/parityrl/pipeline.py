@@ -252,6 +252,7 @@ async def run_training(
                     "rl/reward": float(rewards_tensor.mean()),
                     "rl/success": float((rewards_tensor >= 1).float().mean()),
                     "rl/completion_len": sum(len(s.completion_token_ids) for s in samples) / max(len(samples), 1),
+                    "rl/completion_lens": [len(s.completion_token_ids) for s in samples],
                     "pipeline/aborted_frac": sum(s.finish_reason == "abort" for s in samples) / max(len(samples), 1),
                     "pipeline/dropped_groups": dropped,
                     "pipeline/group_ids": [g.group_id for g in groups],
