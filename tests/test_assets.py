@@ -113,3 +113,12 @@ def test_the_built_tokenizer_keeps_spaces_and_newlines_next_to_a_qwen2_config(tm
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(text) and tokenizer.decode(ids) == text
     assert tokenizer.decode(encode_prompt(tokenizer, "a b", system_prompt="sys"), skip_special_tokens=True) == "sys\na b"
+
+
+def test_progress_goes_to_stderr_so_stdout_holds_only_results(capsys):
+    """`parityrl check --json > out.json` had the SFT warm-up's final progress line in front of the JSON."""
+    with progress_bar() as progress:
+        bar = progress.add_task("SFT warm-up", total=2, info="")
+        progress.update(bar, completed=2, info="loss 0.1")
+    captured = capsys.readouterr()
+    assert captured.out == "" and "SFT warm-up" in captured.err

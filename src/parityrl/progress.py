@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -35,6 +36,8 @@ class LoggedProgress(Progress):
 
 
 def progress_bar(transient: bool = False, console=None) -> Progress:
+    """A progress bar on stderr (unless `console` says otherwise): stdout carries results alone, so
+    `parityrl check --json > file` stays JSON even when the check has to warm up an asset first."""
     return LoggedProgress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -43,5 +46,5 @@ def progress_bar(transient: bool = False, console=None) -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         transient=transient,
-        console=console,
+        console=console if console is not None else Console(stderr=True),
     )
