@@ -138,3 +138,15 @@ def test_measured_table_summarises_each_run_robustly(tmp_path: Path) -> None:
     assert measured["naive-v1"]["pipeline/aborted_frac"]["mean"] == pytest.approx(4 * 0.5 / STEPS)
     assert measured["reference"]["pipeline/aborted_frac"]["mean"] == 0.0
     assert measured["reference"]["pipeline/kv_staleness_kl"] == {"mean": None, "min": None, "max": None}
+
+
+@pytest.mark.parametrize("folder", ["docs/ablation", "docs/ablation/demo-bf16"])
+def test_the_committed_ablation_verdict_is_what_its_committed_runs_give(folder: str, tmp_path: Path) -> None:
+    """docs/ablation/verdict.json is written by `compare`, never by hand: re-deriving it from the committed
+    runs with the current statistic gives the same outside/inside calls and ratios."""
+    root = Path(__file__).resolve().parents[1] / folder
+    committed = json.loads((root / "verdict.json").read_text())
+    result = compare_runs([root / "runs"], None, tmp_path)
+    assert result.outside() == committed["outside"]
+    ratios = {(v["configuration"], v["metric"]): v["ratio"] for v in committed["verdicts"]}
+    assert {(v.configuration, v.metric): v.ratio for v in result.verdicts} == pytest.approx(ratios)
