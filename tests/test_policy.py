@@ -13,7 +13,8 @@ from parityrl.policy import (
     EmulatedLowPrecision,
     Fp32LMHead,
     apply_penalties,
-    processed_entropy,
+    entropy_of,
+    processed_log_distribution,
     processed_logprobs,
     raw_logprobs,
     use_fp32_head,
@@ -113,13 +114,13 @@ def test_raw_differs_from_processed_only_when_sampling_is_shaped():
 
 def test_entropy_of_truncated_distribution_is_finite_and_matches_definition():
     logits = torch.randn(3, 12, generator=torch.Generator().manual_seed(2))
-    entropy = processed_entropy(logits, 0.8, top_k=4, top_p=0.9)
+    entropy = entropy_of(processed_log_distribution(logits, 0.8, top_k=4, top_p=0.9))
     assert torch.isfinite(entropy).all()
     for row in range(3):
         lps = [brute_force_logprob(logits[row].tolist(), t, 0.8, 4, 0.9) for t in range(12)]
         expected = -sum(math.exp(lp) * lp for lp in lps if not math.isinf(lp))
         assert abs(float(entropy[row]) - expected) < 1e-5
-    assert float(processed_entropy(logits, 1.0, top_k=1).abs().max()) == 0.0
+    assert float(entropy_of(processed_log_distribution(logits, 1.0, top_k=1)).abs().max()) == 0.0
 
 
 def test_fp32_head_outputs_fp32_and_is_closer_to_fp32_reference():
@@ -394,7 +395,7 @@ def test_entropy_with_min_p_and_penalties_matches_brute_force():
     penalised = apply_penalties(
         batch["logits"], batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"], sampling
     )
-    entropy = processed_entropy(penalised, sampling.temperature, sampling.top_k, sampling.top_p, min_p=sampling.min_p)
+    entropy = entropy_of(processed_log_distribution(penalised, sampling.temperature, sampling.top_k, sampling.top_p, min_p=sampling.min_p))
     for row, completion in enumerate(batch["completions"]):
         for step in range(len(completion)):
             lps = oracle_logprobs(batch, setting, row, step)

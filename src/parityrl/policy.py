@@ -102,7 +102,7 @@ def apply_penalties(
     padding, mask True on prompt tokens); completion_ids, completion_mask [B, T] (mask True on
     generated tokens). Position t is penalised for the prompt and completion[:t], exactly what vLLM
     had seen when it sampled token t. Returns [B, T, V] fp32 (the logits unchanged, in fp32, when every
-    penalty is off). Feed the result to `processed_logprobs` / `processed_entropy`.
+    penalty is off). Feed the result to `processed_logprobs` / `processed_log_distribution`.
     """
     if not has_penalties(sampling):
         return logits.float()
@@ -182,11 +182,6 @@ def token_logprobs(log_distribution: Tensor, tokens: Tensor) -> Tensor:
 def raw_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     """Logprob of `tokens` under log_softmax of the unscaled logits (vLLM `raw_logprobs`). [...] fp32."""
     return logits.float().log_softmax(dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def processed_entropy(logits: Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
-    """Entropy (nats) of the sampling distribution per position. logits [..., vocab] (penalised) -> [...] fp32."""
-    return entropy_of(processed_log_distribution(logits, temperature, top_k, top_p, min_p))
 
 
 def entropy_of(log_distribution: Tensor) -> Tensor:
