@@ -304,14 +304,15 @@ def prepare_model(config: RunConfig, task: Task) -> Path:
         path = Path(config.model.path)
         check_model_dir(path)  # InputError naming what is missing (config.json, weights, tokenizer) and the fix
         return path
-    final_dir = Path(config.assets.cache_dir) / f"tiny-{asset_key(config)}"
+    key = asset_key(config)
+    final_dir = Path(config.assets.cache_dir) / f"tiny-{key}"
     if (final_dir / "parityrl_assets.json").is_file():
         return final_dir
     building = final_dir.with_name(final_dir.name + f".building-{os.getpid()}")
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
     tokenizer = build_tokenizer(building)
-    summary = {"asset_key": asset_key(config), "seed": config.assets.seed}
+    summary = {"asset_key": key, "seed": config.assets.seed}
     base = base_config(config)
     if base is None:
         build_model(config, tokenizer, building)

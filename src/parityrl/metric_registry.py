@@ -11,6 +11,7 @@ the trainer's under its current weights, `r = new − old`.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from itertools import groupby
 
@@ -204,11 +205,7 @@ def run_level(metric: Metric, values: list[float]) -> float:
     the ~30 tokens of one step's probe has rare spikes a mean would follow), else the mean; NaN if none."""
     if not values:
         return float("nan")
-    ordered = sorted(values)
-    if not metric.log_scale:
-        return sum(ordered) / len(ordered)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return statistics.median(values) if metric.log_scale else statistics.fmean(values)
 
 
 def _table_cell(text: str) -> str:
