@@ -247,12 +247,13 @@ async def run_training(
                 if probe_count:
                     probe_task = asyncio.create_task(rollouts.probe(probe_count))
                 now = time.perf_counter()
+                lengths = [len(s.completion_token_ids) for s in samples]
                 counters["reward_errors"] = counters.get("reward_errors", 0) + reward_errors
                 metrics |= {
                     "rl/reward": float(rewards_tensor.mean()),
                     "rl/success": float((rewards_tensor >= 1).float().mean()),
-                    "rl/completion_len": sum(len(s.completion_token_ids) for s in samples) / max(len(samples), 1),
-                    "rl/completion_lens": [len(s.completion_token_ids) for s in samples],
+                    "rl/completion_len": sum(lengths) / max(len(lengths), 1),
+                    "rl/completion_lens": lengths,
                     "pipeline/aborted_frac": sum(s.finish_reason == "abort" for s in samples) / max(len(samples), 1),
                     "pipeline/dropped_groups": dropped,
                     "pipeline/group_ids": [g.group_id for g in groups],
