@@ -133,3 +133,75 @@ def test_completions_share_a_row_only_where_it_saves_compute():
     # 86-token completions after a 12-token prompt: a row of 8 would make the L×L attention dominate
     assert completions_per_row(12, 86.0, 8, wide) <= 3
     assert completions_per_row(12, 86.0, 8, None) == 8 and completions_per_row(5, 3.0, 1, demo) == 1
+
+
+def full_logits_logprobs(model, packed, sampling) -> torch.Tensor:
+    """The unchunked recompute the trainer used before chunking: [B, T, V] logits for the whole batch,
+    penalised and processed at once. The oracle the chunked path must equal."""
+    from parityrl.policy import apply_penalties, processed_logprobs
+
+    bias = packed.attention_bias(torch.float32)
+    logits = model(input_ids=packed.input_ids, attention_mask=bias, position_ids=packed.position_ids, use_cache=False).logits
+    logits_completion = logits[packed.sample_row.unsqueeze(-1), packed.logit_index]  # [B, T, V]
+    penalised = apply_penalties(logits_completion, packed.prompt_ids, packed.prompt_mask, packed.completion_ids, packed.completion_mask, sampling)
+    logprobs = processed_logprobs(penalised, packed.completion_ids, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
+    return torch.where(packed.completion_mask, logprobs, torch.zeros_like(logprobs))
+
+
+def test_chunked_scoring_equals_the_whole_batch_logits_and_their_gradient(tmp_path, monkeypatch):
+    """The trainer never holds [tokens x vocabulary]: head, penalties and the processed distribution run on
+    chunks of positions, recomputed in backward. Logprobs and every parameter's gradient must equal the
+    whole-batch computation (fp32, top-k + top-p + min-p + all three penalties, 7-position chunks so a
+    chunk boundary falls inside sequences). Broken once: a chunk's penalties counted one token too many
+    (positions + 1 in PolicyScorer) moved tokens across the support boundary."""
+    import parityrl.scoring as scoring
+
+    overrides = [
+        "sampling.temperature=0.7", "sampling.top_k=80", "sampling.top_p=0.9", "sampling.min_p=0.02",
+        "sampling.repetition_penalty=1.3", "sampling.presence_penalty=0.4", "sampling.frequency_penalty=0.2",
+        "train.activation_checkpointing=false",
+    ]
+    config = load_config(None, overrides)
+    tokenizer = build_tokenizer(tmp_path)
+    build_model(config, tokenizer, tmp_path)
+    model = Trainer(config, tmp_path, pad_id=tokenizer.pad_token_id).model.eval()
+    sampling = config.trainer_sampling()
+    generator = torch.Generator().manual_seed(1)
+    samples = []
+    for prompt_len in (5, 9, 7, 4):
+        prompt = torch.randint(3, 100, (prompt_len,), generator=generator).tolist()
+        for length in (6, 0, 11, 3):
+            # few distinct tokens, so the penalties' counts are > 1
+            completion = torch.randint(3, 20, (length,), generator=generator).tolist()
+            samples.append(Sample(prompt, completion, [0.0] * length, [0] * length))
+    packed = scoring.pack_samples(samples, tokenizer.pad_token_id, scoring.ModelShape.of(model))
+    weights = torch.randn(packed.completion_ids.shape, generator=generator)
+
+    def loss_and_grads(logprobs: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        (torch.where(valid, logprobs, torch.zeros_like(logprobs)) * weights).sum().backward()
+        return logprobs.detach(), [p.grad.clone() for p in model.parameters()]
+
+    expected = full_logits_logprobs(model, packed, sampling)
+    valid = packed.completion_mask & torch.isfinite(expected)
+    assert valid.sum() >= 15 and (packed.completion_mask & ~valid).sum() > 0  # some tokens fall outside top-k/top-p/min-p
+    expected, expected_grads = loss_and_grads(expected, valid)
+    monkeypatch.setattr(scoring, "SCORE_CHUNK_ELEMENTS", 7 * config.model.vocab_size)
+    scored = scoring.score(model, packed, sampling, "float32")
+    assert torch.equal(scored.in_support, valid)
+    got, grads = loss_and_grads(scored.logprobs, scored.in_support)
+    assert (got[valid] - expected[valid]).abs().max() <= 1e-6
+    # gradients: relative to each tensor's largest entry (the sums run in another order)
+    relative = max(float((g - e).abs().max() / e.abs().max().clamp(min=1e-12)) for g, e in zip(grads, expected_grads))
+    assert relative <= 1e-5
+
+
+def test_micro_batches_respect_the_token_budget_and_keep_order():
+    from parityrl.train.trainer import micro_batches
+
+    def sample(prompt: int, completion: int) -> Sample:
+        return Sample([1] * prompt, [2] * completion, [0.0] * completion, [0] * completion)
+
+    samples = [sample(10, 30), sample(10, 50), sample(10, 100), sample(10, 5), sample(10, 5), sample(10, 5)]
+    assert micro_batches(samples, max_sequences=64, max_tokens=100) == [[0, 1], [2], [3, 4, 5]]  # 40+60; 110 alone; 3x15
+    assert micro_batches(samples, max_sequences=2, max_tokens=10_000) == [[0, 1], [2, 3], [4, 5]]

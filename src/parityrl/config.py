@@ -246,7 +246,15 @@ class TrainConfig(Strict):
     grad_clip: float = 1.0
     """Global gradient-norm clip (<= 0 disables)."""
     micro_batch_size: int = Field(64, ge=1)
-    """Sequences per forward/backward; gradients are accumulated over micro-batches."""
+    """At most this many sequences per forward/backward; gradients are accumulated over micro-batches."""
+    micro_batch_tokens: int = Field(4096, ge=1)
+    """At most this many tokens (prompt + completion of each sequence) per forward/backward: what the
+    activation memory grows with. A sequence longer than this is a micro-batch of its own. The preflight
+    memory estimate (`parityrl.memory`) uses it; lower it when the estimate says the trainer will not fit."""
+    activation_checkpointing: bool = True
+    """Keep only each decoder layer's input for the backward pass and recompute the layer (~1.3x the
+    compute of a step, a fraction of the memory: at 4096 tokens per micro-batch SmolLM2-135M keeps ~0.3
+    GB instead of several). The head and the processed distribution are always recomputed per chunk."""
     objective: Literal["gspo", "grpo", "reinforce"] = "gspo"
     """`gspo`: sequence ratio exp(mean token log-ratio), clipped; `grpo`: token-level PPO-clip; `reinforce`."""
     advantage: Literal["group_norm", "leave_one_out"] = "group_norm"

@@ -96,24 +96,45 @@ def penalize_logits(logits: Tensor, in_prompt: Tensor, output_counts: Tensor, sa
 def apply_penalties(
     logits: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor, sampling: SamplingConfig
 ) -> Tensor:
-    """Penalised fp32 logits for every completion position at once (the trainer's replay).
+    """Penalised fp32 logits for every completion position at once (the reference engine's replay).
 
     logits [B, T, V]: position t predicts completion token t; prompt_ids, prompt_mask [B, P] (any
     padding, mask True on prompt tokens); completion_ids, completion_mask [B, T] (mask True on
     generated tokens). Position t is penalised for the prompt and completion[:t], exactly what vLLM
     had seen when it sampled token t. Returns [B, T, V] fp32 (the logits unchanged, in fp32, when every
-    penalty is off). Feed the result to `processed_logprobs` / `processed_log_distribution`.
+    penalty is off). The trainer penalises chunks of positions instead (`apply_penalties_at`).
+    """
+    batch, steps, vocab = logits.shape
+    rows = torch.arange(batch, device=logits.device).repeat_interleave(steps)  # [B*T]
+    positions = torch.arange(steps, device=logits.device).repeat(batch)  # [B*T]
+    flat = apply_penalties_at(logits.reshape(batch * steps, vocab), prompt_ids, prompt_mask, completion_ids, completion_mask, rows, positions, sampling)
+    return flat.reshape(batch, steps, vocab)
+
+
+def apply_penalties_at(
+    logits: Tensor,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    rows: Tensor,
+    positions: Tensor,
+    sampling: SamplingConfig,
+) -> Tensor:
+    """Penalised fp32 logits of N chosen completion positions. logits [N, V]: entry i predicts
+    completion token `positions[i]` of sequence `rows[i]` of the [B, P] prompt and [B, T] completion
+    tensors. Counts are built for these N positions only ([N, V]), never for the whole [B, T, V]
+    batch: that is what bounds the trainer's memory by the chunk, not by the batch times the vocabulary.
     """
     if not has_penalties(sampling):
         return logits.float()
     vocab = logits.shape[-1]
-    in_prompt = token_counts(prompt_ids, prompt_mask, vocab) > 0  # [B, V]
-    # one-hot of each generated token, [B, T, V]; padding rows stay zero so they never count
-    one_hot = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
-    one_hot.scatter_(2, completion_ids.long().unsqueeze(-1), completion_mask.float().unsqueeze(-1))
-    # counts of completion[:t]: the running count up to and including t, minus token t itself
-    counts_before = one_hot.cumsum(dim=1) - one_hot  # [B, T, V]
-    return penalize_logits(logits, in_prompt.unsqueeze(1), counts_before, sampling)
+    in_prompt = token_counts(prompt_ids[rows], prompt_mask[rows], vocab) > 0  # [N, V]
+    steps = torch.arange(completion_ids.shape[1], device=completion_ids.device)
+    # completion[:t] of each position's own sequence: the tokens vLLM had generated when it sampled t
+    before = completion_mask[rows] & (steps.unsqueeze(0) < positions.unsqueeze(-1))  # [N, T]
+    counts_before = token_counts(completion_ids[rows], before, vocab)  # [N, V]
+    return penalize_logits(logits, in_prompt, counts_before, sampling)
 
 
 def sampling_logits(logits: Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from parityrl.config import SamplingConfig
-from parityrl.policy import apply_penalties, compute_context, processed_log_distribution, token_logprobs
+from parityrl.policy import apply_penalties_at, compute_context, entropy_of, processed_log_distribution, token_logprobs
 
 NO_VERSION = 1 << 40
 """Stands in for "no token" when taking the oldest version of an empty completion."""
@@ -200,19 +201,23 @@ def pack_samples(samples: list[Sample], pad_id: int, shape: ModelShape | None = 
     )
 
 
-def completion_logits(logits: Tensor, packed: PackedBatch) -> Tensor:
-    """The logits that predict each sample's completion tokens. logits [R, L, V] -> [B, T, V]."""
-    return logits[packed.sample_row.unsqueeze(-1), packed.logit_index]
+SCORE_CHUNK_ELEMENTS = 1 << 22
+"""Positions x vocabulary entries the head, penalties and processed distribution handle at once
+(16 MiB per fp32 [positions, V] copy; a chunk makes a handful of them): 85 positions of a 49k
+vocabulary, 32k of the tiny model's 128. The trainer's extra memory over the model body's is this,
+whatever the batch."""
 
 
 @dataclass
 class Scored:
     """The trainer's view of a packed batch under its current weights."""
 
-    logits: Tensor  # [B, T, V] fp32 logits predicting each completion token, penalised (before temperature/truncation)
-    log_distribution: Tensor  # [B, T, V] the whole processed distribution's log-probabilities (-inf outside support)
     logprobs: Tensor  # [B, T] processed logprobs of the sampled tokens; -inf outside support, 0 at padding
     in_support: Tensor  # [B, T] bool: generated and inside the trainer's sampling support
+    entropy: Tensor  # [B, T] entropy (nats) of the processed distribution at each position, 0 at padding; no gradient
+    log_distribution: Tensor | None = None
+    """[N, V] the whole processed distribution's log-probabilities (-inf outside support) at each generated
+    position, sample by sample (`completion_mask` order); only when asked for (`parityrl check --full-vocab`)."""
 
     @property
     def logprobs_safe(self) -> Tensor:
@@ -220,30 +225,74 @@ class Scored:
         return torch.where(self.in_support, self.logprobs, torch.zeros_like(self.logprobs))
 
 
-def score(model: nn.Module, packed: PackedBatch, sampling: SamplingConfig, dtype: str) -> Scored:
+class PolicyScorer(nn.Module):
+    """An HF causal LM seen as the trainer sees it: packed batch in, processed logprobs out.
+
+    The model body runs once over the packed rows; the head, the penalties and the processed
+    log-distribution then run on chunks of `SCORE_CHUNK_ELEMENTS // V` generated positions under
+    activation checkpointing, so neither the forward nor the backward pass ever holds
+    [tokens x vocabulary] for the batch (a 49k-vocabulary model at 8 x 8 x 256 tokens held ~20 GB
+    of logits and their copies). One module, so DDP (and FSDP) see one forward that covers every
+    parameter the loss touches."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        config = getattr(model, "config", None)
+        for unsupported in ("final_logit_softcapping", "logit_scale"):
+            if getattr(config, unsupported, None) not in (None, 1.0):
+                raise ValueError(f"{type(model).__name__} transforms its logits ({unsupported}); parityrl's chunked head does not replay that")
+
+    def forward(self, packed: PackedBatch, sampling: SamplingConfig, dtype: str, keep_distribution: bool = False) -> Scored:
+        device_type = packed.input_ids.device.type
+        body = self.model.get_decoder()
+        bias = packed.attention_bias(next(self.model.parameters()).dtype)
+        with compute_context(dtype, device_type):
+            hidden = body(input_ids=packed.input_ids, attention_mask=bias, position_ids=packed.position_ids, use_cache=False).last_hidden_state  # [R, L, H]
+        rows, positions = packed.completion_mask.nonzero(as_tuple=True)  # [N] each: generated positions, sample by sample
+        # the hidden state that predicts completion token t: its row's position logit_index[b, t]
+        hidden_generated = hidden[packed.sample_row[rows], packed.logit_index[rows, positions]]  # [N, H]
+        tokens = packed.completion_ids[rows, positions]  # [N]
+        head = self.model.get_output_embeddings()
+        chunk = max(1, SCORE_CHUNK_ELEMENTS // head.weight.shape[0])
+
+        def score_chunk(hidden_chunk: Tensor, rows_chunk: Tensor, positions_chunk: Tensor, tokens_chunk: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+            with compute_context(dtype, device_type):
+                logits = head(hidden_chunk)  # [n, V]; fp32 with the fp32 head (fix 4)
+            # penalties see the prompt and the tokens generated before each position
+            penalised = apply_penalties_at(
+                logits, packed.prompt_ids, packed.prompt_mask, packed.completion_ids, packed.completion_mask, rows_chunk, positions_chunk, sampling
+            )
+            log_distribution = processed_log_distribution(penalised, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
+            with torch.no_grad():
+                entropy = entropy_of(log_distribution)
+            kept = log_distribution.detach() if keep_distribution else None
+            return token_logprobs(log_distribution, tokens_chunk), entropy, kept
+
+        pieces = []
+        for start in range(0, tokens.shape[0], chunk):
+            args = (hidden_generated[start : start + chunk], rows[start : start + chunk], positions[start : start + chunk], tokens[start : start + chunk])
+            # recomputed in backward: only the [n, H] hidden states of a chunk are kept, never its [n, V]
+            pieces.append(checkpoint(score_chunk, *args, use_reentrant=False) if torch.is_grad_enabled() else score_chunk(*args))
+        flat_logprobs = torch.cat([p[0] for p in pieces]) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+        flat_entropy = torch.cat([p[1] for p in pieces]) if pieces else flat_logprobs.detach()
+        logprobs = torch.zeros(packed.completion_ids.shape, dtype=torch.float32, device=hidden.device).index_put((rows, positions), flat_logprobs)
+        entropy = torch.zeros_like(logprobs, requires_grad=False).index_put((rows, positions), flat_entropy.detach())
+        in_support = packed.completion_mask & torch.isfinite(logprobs)
+        distribution = torch.cat([p[2] for p in pieces]) if keep_distribution and pieces else None
+        return Scored(logprobs, in_support, entropy, distribution)
+
+
+def score(model: nn.Module, packed: PackedBatch, sampling: SamplingConfig, dtype: str, keep_distribution: bool = False) -> Scored:
     """THE trainer-side recompute: processed logprobs of the sampled tokens under `model`.
 
-    `sampling` is what the trainer replays (`RunConfig.trainer_sampling()`); `dtype` the model dtype
-    whose compute precision the trainer uses (`policy.compute_context`). Differentiable; wrap in
-    `torch.no_grad()` when only measuring."""
-    with compute_context(dtype, packed.input_ids.device.type):
-        logits = packed_logits(model, packed)
-    logits_completion = completion_logits(logits, packed)
-    # repetition/presence/frequency penalties see the prompt and the tokens generated before each position
-    penalised = apply_penalties(logits_completion, packed.prompt_ids, packed.prompt_mask, packed.completion_ids, packed.completion_mask, sampling)
-    # computed once: the sampled tokens' logprobs and the entropy metric both read it (with top-p it is
-    # a sort of the whole vocabulary per position)
-    log_distribution = processed_log_distribution(penalised, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
-    logprobs = token_logprobs(log_distribution, packed.completion_ids)
-    in_support = packed.completion_mask & torch.isfinite(logprobs)
-    logprobs = torch.where(packed.completion_mask, logprobs, torch.zeros_like(logprobs))
-    return Scored(penalised, log_distribution, logprobs, in_support)
-
-
-def packed_logits(model: nn.Module, packed: PackedBatch) -> Tensor:
-    """[R, L, V] logits of the packed rows (shared prompts, block attention mask)."""
-    bias = packed.attention_bias(next(model.parameters()).dtype)
-    return model(input_ids=packed.input_ids, attention_mask=bias, position_ids=packed.position_ids, use_cache=False).logits
+    `model`: an HF causal LM, or a `PolicyScorer` (possibly wrapped by DDP) around one. `sampling` is
+    what the trainer replays (`RunConfig.trainer_sampling()`); `dtype` the model dtype whose compute
+    precision the trainer uses (`policy.compute_context`). Differentiable; wrap in `torch.no_grad()`
+    when only measuring. `keep_distribution`: also return the whole processed distribution at each
+    generated position ([N, V], no gradient; for checks on small batches)."""
+    scorer = model if isinstance(model, PolicyScorer) or isinstance(getattr(model, "module", None), PolicyScorer) else PolicyScorer(model)
+    return scorer(packed, sampling, dtype, keep_distribution)
 
 
 def k3(log_ratio: Tensor) -> Tensor:

@@ -104,12 +104,11 @@ def full_distribution_mismatch(model: nn.Module, samples: list[Sample], sampling
     """`parity/full_kl`, `parity/full_tv`, `parity/support_mismatch_frac` of the engine's listed
     processed logprobs (`Sample.top_logprobs_old`) against the trainer's whole processed distribution."""
     packed = pack_samples(samples, pad_id=0, shape=ModelShape.of(model))
-    log_dist = score(model, packed, sampling, dtype).log_distribution  # [B, T, V]
-    trainer_rows = log_dist[packed.completion_mask]  # [N, V], sample by sample, position by position
+    trainer_rows = score(model, packed, sampling, dtype, keep_distribution=True).log_distribution  # [N, V], sample by sample
     ids, logprobs = listed_logprobs([entry for s in samples for entry in (s.top_logprobs_old or [])])
     if ids.shape[0] != trainer_rows.shape[0]:
         raise RuntimeError(f"the engine listed top logprobs for {ids.shape[0]} positions, the samples have {trainer_rows.shape[0]}")
-    return DistributionMismatch.of(trainer_rows, ids, logprobs, log_dist.shape[-1]).summary("parity")
+    return DistributionMismatch.of(trainer_rows, ids, logprobs, trainer_rows.shape[-1]).summary("parity")
 
 
 async def run_check(

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from parityrl.config import RunConfig
-from parityrl.policy import entropy_of, export_state_dict, load_policy
-from parityrl.scoring import Mismatch, ModelShape, PackedBatch, Sample, Scored, k3, pack_samples, score
+from parityrl.policy import export_state_dict, load_policy
+from parityrl.scoring import Mismatch, ModelShape, PackedBatch, PolicyScorer, Sample, Scored, k3, pack_samples, score
 from parityrl.train.checkpoint import RunState, load_run_state, save_checkpoint
 from parityrl.train.objectives import policy_loss
 
@@ -44,6 +44,23 @@ def global_normaliser(samples: list[Sample], objective: str) -> int:
     if objective == "gspo":
         return max(sum(1 for s in samples if s.completion_token_ids), 1)
     return max(sum(len(s.completion_token_ids) for s in samples), 1)
+
+
+def micro_batches(samples: list[Sample], max_sequences: int, max_tokens: int) -> list[list[int]]:
+    """Consecutive runs of sample indices with at most `max_sequences` samples and `max_tokens` prompt +
+    completion tokens each (a longer sample alone). Counting each sample's prompt overestimates a
+    packed row, which holds a shared prompt once: the budget is an upper bound on what is computed."""
+    batches: list[list[int]] = []
+    tokens = 0
+    for index, sample in enumerate(samples):
+        length = len(sample.prompt_token_ids) + len(sample.completion_token_ids)
+        if batches and len(batches[-1]) < max_sequences and tokens + length <= max_tokens:
+            batches[-1].append(index)
+            tokens += length
+        else:
+            batches.append([index])
+            tokens = length
+    return batches
 
 
 class StepStats:
@@ -156,13 +173,17 @@ class Trainer:
         # fp32 master weights; bf16 models compute in bf16 via policy.compute_context
         self.model = load_policy(model_dir, "float32", config.model.lm_head_fp32).to(self.device)
         self.model.train()
+        if config.train.activation_checkpointing:
+            # non-reentrant: works under DDP and with inputs that need no gradient (token ids)
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.shape = ModelShape.of(self.model)
-        self.train_model = self.model
+        # the module whose forward the loss goes through: body + chunked head (`scoring.PolicyScorer`)
+        self.train_model: torch.nn.Module = PolicyScorer(self.model)
         if distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             # no buffers to sync (rotary tables are recomputed); probe and eval use the bare module
-            self.train_model = DistributedDataParallel(self.model, broadcast_buffers=False)
+            self.train_model = DistributedDataParallel(self.train_model, broadcast_buffers=False)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay
         )
@@ -207,7 +228,7 @@ class Trainer:
         start = time.perf_counter()
         train = self.config.train
         stats = StepStats()
-        chunks = [list(range(i, min(i + train.micro_batch_size, len(samples)))) for i in range(0, len(samples), train.micro_batch_size)]
+        chunks = micro_batches(samples, train.micro_batch_size, train.micro_batch_tokens)
         packed_all = [self._pack([samples[i] for i in chunk]) for chunk in chunks]
         bad_old = sum(int((~torch.isfinite(p.logprobs_old) & p.completion_mask).sum()) for p in packed_all)
         if _any_rank(bad_old > 0, self.distributed):
@@ -266,7 +287,7 @@ class Trainer:
     def _accumulate(self, stats: StepStats, packed: PackedBatch, scored: Scored, out) -> None:
         generated, valid = packed.completion_mask, scored.in_support
         logprobs_new = scored.logprobs.detach()
-        entropy = entropy_of(scored.log_distribution.detach())
+        entropy = scored.entropy
         stats.add("loss", out.loss_sum.detach())
         stats.add("units", out.units)
         stats.add("clipped", out.clipped)
