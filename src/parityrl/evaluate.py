@@ -36,6 +36,15 @@ def greedy_completions(model, tokenizer, task: Task, problems, dtype: str = "flo
     return tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
 
+async def engine_greedy_completions(engine, tokenizer, task: Task, problems, max_new_tokens: int, request_id: str) -> list[str]:
+    """Greedy completion text of each problem decoded by the rollout engine with its current weights
+    (`RolloutEngine.greedy`): the held-out evaluation of a run. The trainer never decodes; the engine
+    does it in the same batches as rollouts, at the engine's speed."""
+    prompts = [task_prompt_ids(tokenizer, task, p.prompt) for p in problems]
+    tokens = await engine.greedy(prompts, max_new_tokens, request_id)
+    return tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+
 def success_rate(completions: list[str], problems, score: Scorer | None, reward_kind: str = "exact") -> float:
     """Fraction of completions whose reward is >= 1. `score`: e.g. `RewardPool.score_sync` (user rewards,
     timeouts); None scores in this thread without a timeout (fine for the built-in rewards). A reward

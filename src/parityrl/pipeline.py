@@ -34,7 +34,7 @@ from parityrl.engines import make_engine
 from parityrl.engines.ray_replicas import ReplicaSet
 from parityrl.engines.supervisor import EngineGaveUp, SupervisedEngine
 from parityrl.engines.vllm_host import CoreSplit, allowed_cpus
-from parityrl.evaluate import success_rate
+from parityrl.evaluate import engine_greedy_completions, success_rate
 from parityrl.metrics import MetricsLogger, truncate_metrics, write_json_atomic
 from parityrl.preflight import model_context, read_hf_config
 from parityrl.progress import progress_bar
@@ -123,9 +123,14 @@ async def run_training(
             group_counter=int(counters.get("group_counter", 0)),
         )
 
-        def held_out_success() -> float:
-            completions = trainer.greedy_completions(task, config.sampling.max_new_tokens)
-            return success_rate(completions, task.eval, rewards.score_sync)
+        async def held_out_success() -> float:
+            """Greedy success on the held-out problems, decoded by the engine with the trainer's current weights."""
+            nonlocal publishing
+            if publishing is not None:  # the engine must hold the trainer's version before it is evaluated
+                metrics["perf/weight_sync_s"] = await publishing
+                publishing = None
+            completions = await engine_greedy_completions(engine, tokenizer, task, task.eval, config.sampling.max_new_tokens, f"eval-v{trainer.version}")
+            return await asyncio.to_thread(success_rate, completions, task.eval, rewards.score_sync)
 
         def checkpoint_now(extra_pending: list[Problem] = ()) -> RunState:
             run_state = RunState(
@@ -146,8 +151,9 @@ async def run_training(
                 f"{'fix the cause, then ' if fix_first else ''}continue with `parityrl train --resume {run_dir}`."
             )
 
+        metrics: dict = {}
         if state is None:
-            eval_success = await asyncio.to_thread(held_out_success)
+            eval_success = await held_out_success()
             logger.log(0, {"eval/success": eval_success})
             counters["eval_success_start"] = eval_success
         else:
@@ -277,8 +283,11 @@ async def run_training(
                 cores_split.update((idle_now - last_idle) / max(now - last_time, 1e-9), now - last_time)  # the next step's
                 last_time, last_tokens, last_idle = now, rollouts.generated_tokens, idle_now
                 if step % config.train.eval_every == 0 or step == config.train.steps:
-                    eval_success = await asyncio.to_thread(with_torch_threads, torch.get_num_threads(), held_out_success)
-                    metrics["eval/success"] = eval_success
+                    try:
+                        eval_success = await held_out_success()
+                        metrics["eval/success"] = eval_success
+                    except EngineGaveUp as error:  # the evaluating engine, or its last update: logged, then the run stops
+                        publish_failure = error
                 counters |= {
                     "engine_restarts": totals_before.get("engine_restarts", 0) + engine.restarts,
                     "requeued_groups": totals_before.get("requeued_groups", 0) + engine.requeued_groups,

@@ -131,9 +131,7 @@ def pretrained_key(source: PretrainedSource, fingerprint: dict, dtype: str) -> s
     """Hash of everything that changes the built directory: the wheel, the file (`gguf_fingerprint`),
     the dtype and the builder. The content hash makes an edited or re-released file a new directory
     whatever its version says."""
-    return config_hash(
-        {"distribution": source.distribution, "version": source.version, **fingerprint, "dtype": dtype, "builder_version": BUILDER_VERSION}
-    )
+    return config_hash({"distribution": source.distribution, "version": source.version, **fingerprint, "dtype": dtype, "builder_version": BUILDER_VERSION})
 
 
 @contextlib.contextmanager
@@ -208,7 +206,9 @@ def check_tied_embeddings(model) -> None:
     transformers ties them; this checks the fresh model kept that."""
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     if bool(model.config.tie_word_embeddings) != tied:
-        raise RuntimeError(f"config.tie_word_embeddings={model.config.tie_word_embeddings} but the head and the embedding are {'' if tied else 'not '}one tensor")
+        raise RuntimeError(
+            f"config.tie_word_embeddings={model.config.tie_word_embeddings} but the head and the embedding are {'' if tied else 'not '}one tensor"
+        )
 
 
 CHATML_EXAMPLE = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
@@ -311,7 +311,9 @@ def prepare_pretrained(name: str, cache_dir: str | Path, dtype: str = "bfloat16"
     if (final_dir / ASSET_RECORD).is_file():
         return final_dir
     check_build_modules(source)
-    Console(stderr=True).print(f"Building {name} ({source.upstream}, from {source.distribution} {source.version}) in {final_dir}", highlight=False, soft_wrap=True)
+    Console(stderr=True).print(
+        f"Building {name} ({source.upstream}, from {source.distribution} {source.version}) in {final_dir}", highlight=False, soft_wrap=True
+    )
     building = final_dir.with_name(final_dir.name + f".building-{os.getpid()}")
     shutil.rmtree(building, ignore_errors=True)
     start = time.time()

@@ -40,6 +40,10 @@ class RolloutEngine(Protocol):
     async def generate(self, prompt_token_ids: list[int], sampling: SamplingConfig, request_id: str) -> list[Sample]:
         """Sample `sampling.n` completions of one prompt; returns when all are finished."""
 
+    async def greedy(self, prompts: list[list[int]], max_new_tokens: int, request_id: str) -> list[list[int]]:
+        """Greedy (temperature 0) completion token ids of each prompt under the current weights, up to
+        EOS (included) or `max_new_tokens`: held-out evaluation decodes here, not in the trainer."""
+
     async def update_weights(self, state_dict: Mapping[str, Tensor], version: int) -> None:
         """Apply new weights inflight (fix 3: block, load, resume; in-flight KV kept)."""
 

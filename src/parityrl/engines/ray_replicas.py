@@ -50,6 +50,9 @@ class EngineActor:
             sample.replica = self.replica
         return samples
 
+    async def greedy(self, prompts: list[list[int]], max_new_tokens: int, request_id: str) -> list[list[int]]:
+        return await self.engine.greedy(prompts, max_new_tokens, request_id)
+
     async def update_weights(self, state_dict: Mapping[str, Tensor], version: int) -> None:
         await self.engine.update_weights(state_dict, version)
 
@@ -108,6 +111,9 @@ class RayEngine:
 
     async def generate(self, prompt_token_ids: list[int], sampling: SamplingConfig, request_id: str) -> list[Sample]:
         return await self._call("generate", prompt_token_ids, sampling, request_id)
+
+    async def greedy(self, prompts: list[list[int]], max_new_tokens: int, request_id: str) -> list[list[int]]:
+        return await self._call("greedy", prompts, max_new_tokens, request_id)
 
     async def update_weights(self, state_dict, version: int) -> None:
         await self._call("update_weights", state_dict, version)
@@ -188,6 +194,14 @@ class ReplicaSet:
         self.samples_per_replica[index] += len(samples)
         self.tokens_per_replica[index] += sum(len(s.completion_token_ids) for s in samples)
         return samples
+
+    async def greedy(self, prompts: list[list[int]], max_new_tokens: int, request_id: str) -> list[list[int]]:
+        """The prompts split in contiguous shares over the replicas (all hold the same version between steps)."""
+        share = -(-len(prompts) // len(self.replicas))
+        parts = await asyncio.gather(
+            *(r.greedy(prompts[i * share : (i + 1) * share], max_new_tokens, f"{request_id}-r{i}") for i, r in enumerate(self.replicas))
+        )
+        return [tokens for part in parts for tokens in part]
 
     async def update_weights(self, state_dict, version: int) -> None:
         """One object-store put, every replica loads it; returns once all have version `version`."""

@@ -181,6 +181,8 @@ class _Request:
     sampling: SamplingConfig
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    greedy_max_new_tokens: int | None = None
+    """Set for a greedy (evaluation) request: decode argmax up to this many tokens; result = token ids."""
 
 
 @dataclass
@@ -229,6 +231,18 @@ class ReferenceEngine:
             self._queue.append(_Request(list(prompt_token_ids), sampling, future, loop))
             self._cond.notify_all()
         return await future
+
+    async def greedy(self, prompts: list[list[int]], max_new_tokens: int, request_id: str) -> list[list[int]]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        with self._cond:
+            for prompt in prompts:
+                future: asyncio.Future = loop.create_future()
+                # the sampling field only groups greedy requests into waves of their own (its n counts toward the wave size)
+                self._queue.append(_Request(list(prompt), SamplingConfig(n=2, max_new_tokens=max_new_tokens), future, loop, max_new_tokens))
+                futures.append(future)
+            self._cond.notify_all()
+        return list(await asyncio.gather(*futures))
 
     async def update_weights(self, state_dict: Mapping[str, Tensor], version: int) -> None:
         update = _Update(state_dict, version)
@@ -297,7 +311,8 @@ class ReferenceEngine:
         first = self._queue[0]
         wave, rest, rows = [], [], 0
         for request in self._queue:
-            if request.sampling == first.sampling and rows + request.sampling.n <= max(self.max_batch, first.sampling.n):
+            same = request.sampling == first.sampling and request.greedy_max_new_tokens == first.greedy_max_new_tokens
+            if same and rows + request.sampling.n <= max(self.max_batch, first.sampling.n):
                 wave.append(request)
                 rows += request.sampling.n
             else:
@@ -334,8 +349,13 @@ class ReferenceEngine:
             finally:
                 self._inflight = 0
 
-    def _run_wave(self, wave: list[_Request]) -> list[list[Sample]]:
+    def _run_wave(self, wave: list[_Request]) -> list:
         assert self.model is not None and self.eos_id is not None
+        if wave[0].greedy_max_new_tokens is not None:
+            tokens, _, _ = decode_batch(
+                self.model, [r.prompt_token_ids for r in wave], wave[0].greedy_max_new_tokens, self.eos_id, greedy_picker, self._between_steps
+            )
+            return tokens
         sampling = wave[0].sampling
         prompts = [request.prompt_token_ids for request in wave for _ in range(request.sampling.n)]
         versions_at_step: list[int] = []

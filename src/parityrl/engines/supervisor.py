@@ -232,6 +232,15 @@ class SupervisedEngine:
                 self.requeued_groups += 1
                 await self._recover(epoch)
 
+    async def greedy(self, prompts: list[list[int]], max_new_tokens: int, request_id: str) -> list[list[int]]:
+        """Greedy completions; if the engine dies meanwhile, decoded again on the restarted engine."""
+        while True:
+            epoch = self._epoch
+            try:
+                return await self._guarded(lambda engine: engine.greedy(prompts, max_new_tokens, request_id), f"evaluation {request_id}")
+            except EngineFailure:
+                await self._recover(epoch)
+
     async def update_weights(self, state_dict: Mapping[str, Tensor], version: int) -> None:
         """Apply weights; they are also kept so a restarted engine starts from them."""
         self._published = (state_dict, version)

@@ -394,6 +394,32 @@ class VLLMEngine:
         ]
         return list(await asyncio.gather(*jobs))
 
+    async def greedy(self, prompts: list[list[int]], max_new_tokens: int, request_id: str) -> list[list[int]]:
+        """Greedy completions (vLLM temperature 0: argmax of the logits), batched with whatever is in flight."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        if self.engine is None:
+            raise RuntimeError("VLLMEngine.greedy before start()")
+        stop = [] if self.eos_token_id is None else [self.eos_token_id]
+        params = SamplingParams(
+            n=1, temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop, detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+
+        async def one(index: int, prompt: list[int]) -> list[int]:
+            tokens: list[int] = []
+            self._inflight += 1
+            try:
+                async for output in self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt)), params, f"{request_id}/{index}"):
+                    tokens = list(output.outputs[0].token_ids)
+            finally:
+                self._inflight -= 1
+            self._streamed_tokens += len(tokens)  # the stall watchdog sees progress
+            return tokens
+
+        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
     # -- weights ------------------------------------------------------------------------------------
 
     def _stage_weights(self, state_dict: Mapping[str, Tensor], directory: str) -> tuple[str, Any]:

@@ -82,12 +82,6 @@ class TrainerRank:
         assert self.trainer is not None
         return str(save_checkpoint(Path(run_dir), self.trainer.model, self.trainer.optimizer, self.trainer.tokenizer, state))
 
-    def greedy_completions(self, task, max_new_tokens: int | None) -> list[str]:
-        from parityrl.evaluate import greedy_completions
-
-        assert self.trainer is not None
-        return greedy_completions(self.trainer.model, self.trainer.tokenizer, task, task.eval, self.config.model.dtype, max_new_tokens)
-
     def shutdown(self) -> None:
         import torch.distributed as dist
 
@@ -160,11 +154,6 @@ class DistributedTrainer:
         import ray
 
         ray.get([rank.load_optimizer.remote(str(checkpoint)) for rank in self.ranks])
-
-    def greedy_completions(self, task, max_new_tokens: int | None) -> list[str]:
-        import ray
-
-        return ray.get(self.ranks[0].greedy_completions.remote(task, max_new_tokens))
 
     def close(self) -> None:
         import ray

@@ -276,11 +276,6 @@ class Trainer:
         """Optimizer state of a checkpoint (the weights were loaded from it at construction)."""
         load_run_state(checkpoint, self.optimizer)
 
-    def greedy_completions(self, task, max_new_tokens: int | None) -> list[str]:
-        from parityrl.evaluate import greedy_completions
-
-        return greedy_completions(self.model, self.tokenizer, task, task.eval, self.config.model.dtype, max_new_tokens)
-
     def close(self) -> None:
         """Nothing to release in-process (the Ray ranks shut their process group down)."""
 

