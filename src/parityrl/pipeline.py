@@ -35,6 +35,7 @@ from parityrl.engines.ray_replicas import ReplicaSet
 from parityrl.engines.supervisor import EngineGaveUp, SupervisedEngine
 from parityrl.engines.vllm_host import CoreSplit, allowed_cpus
 from parityrl.evaluate import engine_greedy_completions, success_rate
+from parityrl.memory import check_trainer_fits, engine_memory, estimate_trainer_memory
 from parityrl.metrics import MetricsLogger, truncate_metrics, write_json_atomic
 from parityrl.preflight import model_context, read_hf_config
 from parityrl.progress import progress_bar
@@ -68,9 +69,10 @@ async def run_training(
     # from here on the engine and the trainer share the cores: the split is explicit
     torch.set_num_threads(trainer_threads(config.train, len(allowed_cpus()), config.engine.omp_threads))
     tokenizer = load_tokenizer(model_dir)
-    context = model_context(read_hf_config(model_dir))
-    if context is not None:
-        check_prompt_lengths(task, tokenizer, lambda tok, prompt: task_prompt_ids(tok, task, prompt), context, config.sampling.max_new_tokens)
+    hf_config = read_hf_config(model_dir)
+    context = model_context(hf_config) or 1 << 40
+    longest_prompt = check_prompt_lengths(task, tokenizer, lambda tok, prompt: task_prompt_ids(tok, task, prompt), context, config.sampling.max_new_tokens)
+    check_memory(config, hf_config, longest_prompt, console)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         console.print(f"[yellow]{run_dir} has no complete checkpoint yet: starting from step 0[/yellow]")
@@ -349,6 +351,17 @@ async def run_training(
                 console.print(f"[yellow]the plots could not be drawn ({type(error).__name__}: {error}); retry with `parityrl plot {run_dir}`[/yellow]")
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
+
+
+def check_memory(config: RunConfig, hf_config: dict, longest_prompt: int, console: Console) -> None:
+    """Refuse, before the engine starts, a trainer that would not fit beside a local engine (`parityrl.memory`)."""
+    import psutil
+
+    estimate = estimate_trainer_memory(config, hf_config, longest_prompt)
+    # a local engine starts after this check and takes its share; Ray places engines and ranks itself
+    engine_share = engine_memory(config, hf_config) if config.pipeline.backend == "local" and config.engine.kind == "vllm" else 0
+    console.print(f"[bold]trainer memory (estimate)[/bold]: {estimate.describe()}")
+    check_trainer_fits(estimate, psutil.virtual_memory().available - engine_share, config)
 
 
 def with_torch_threads(threads: int, function: Callable[..., Any], *args: Any) -> Any:

@@ -228,6 +228,10 @@ def check_chat_template(tokenizer) -> None:
         raise RuntimeError(f"a ChatML model's EOS token must be <|im_end|>, the tokenizer's is {tokenizer.eos_token!r}")
 
 
+LOAD_OPTIONS = ("is_local", "local_files_only")
+"""`from_pretrained` arguments transformers 5 records in a tokenizer's init kwargs and would write into tokenizer_config.json."""
+
+
 def settle_special_tokens(tokenizer, max_positions: int) -> None:
     """Padding and length settings of the saved tokenizer.
 
@@ -235,10 +239,13 @@ def settle_special_tokens(tokenizer, max_positions: int) -> None:
     upstream repository), else the EOS token. parityrl pads with `tokenizer.pad_token_id or 0` and
     masks padded positions everywhere, so the pad id only has to be a valid token; one equal to EOS
     is the usual choice for chat models and never ends a sequence by itself (the attention mask
-    does). `model_max_length`: the model's context instead of transformers' "unlimited" placeholder."""
+    does). `model_max_length`: the model's context instead of transformers' "unlimited" placeholder.
+    The loading options transformers recorded (`LOAD_OPTIONS`) are dropped from what is saved."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.model_max_length = max_positions
+    for option in LOAD_OPTIONS:  # how the GGUF file was read, not a property of the tokenizer
+        tokenizer.init_kwargs.pop(option, None)
 
 
 def build_hf_dir(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> dict:

@@ -1,0 +1,157 @@
+"""How much memory the trainer will need, estimated before anything slow starts.
+
+A run whose trainer cannot fit must stop before the engine starts, with one paragraph that names the
+setting to lower, never by the kernel's OOM killer twenty minutes in (a 135M model with a 49k
+vocabulary and the old per-batch logits did exactly that). The estimate is a sum of parts a reader
+can check against the code:
+
+- weights, gradients and AdamW's two moments: fp32 master weights, 16 bytes per parameter;
+- the copy `Trainer.state_dict_for_engines` makes for every publication (4 bytes per parameter);
+- activations of one micro-batch (`train.micro_batch_tokens`): with activation checkpointing each
+  decoder layer keeps its input (H floats per token) and one layer at a time is recomputed in full
+  during backward; without it every layer keeps everything. The eager attention keeps its
+  [heads, L, L] probabilities per packed row;
+- the chunked head (`scoring.SCORE_CHUNK_ELEMENTS` entries, a handful of fp32 copies);
+- the process itself: torch, transformers and vLLM's front end (`RUNTIME_BYTES`, measured).
+
+Checked against the measured peak RSS in `benchmarks/memory.py` (SmolLM2-135M: see its results).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from parityrl.config import RunConfig
+from parityrl.errors import InputError
+
+GIB = 1 << 30
+RUNTIME_BYTES = int(1.3 * GIB)
+"""RSS of the trainer process before the model loads: torch, transformers, vLLM's AsyncLLM front end,
+Ray's client when used (measured ~1.1-1.3 GB on this CPU build)."""
+HEAD_CHUNK_COPIES = 10
+"""fp32 [positions, V] tensors alive at once while one chunk of the head is scored and back-propagated
+(logits, penalised, scaled, sorted values and indices, masked, log-softmax, their gradients)."""
+FLOAT_BYTES = 4
+
+
+@dataclass(frozen=True)
+class ModelShapeForMemory:
+    """What the estimate needs of an HF causal-LM config."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    tied: bool
+
+    @classmethod
+    def of(cls, hf_config: dict) -> ModelShapeForMemory:
+        text = hf_config.get("text_config", hf_config)
+        heads = int(text["num_attention_heads"])
+        return cls(
+            vocab=int(text["vocab_size"]),
+            hidden=int(text["hidden_size"]),
+            layers=int(text["num_hidden_layers"]),
+            intermediate=int(text["intermediate_size"]),
+            heads=heads,
+            kv_heads=int(text.get("num_key_value_heads") or heads),
+            tied=bool(hf_config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+        )
+
+    @property
+    def parameters(self) -> int:
+        head_dim = self.hidden // self.heads
+        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * head_dim
+        layer = attention + 3 * self.hidden * self.intermediate + 2 * self.hidden
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return embeddings + self.layers * layer + self.hidden
+
+    @property
+    def layer_floats_per_token(self) -> int:
+        """Floats one decoder layer keeps per token for backward (norms, q/k/v and their rotary copies,
+        attention output, residuals, the MLP's gate, up, activation and product)."""
+        kv = self.kv_heads * (self.hidden // self.heads)
+        return 10 * self.hidden + 4 * self.intermediate + 3 * kv
+
+
+@dataclass(frozen=True)
+class TrainerMemory:
+    """Estimated peak RSS of the trainer process, by part (bytes)."""
+
+    runtime: int
+    weights_grads_optimizer: int
+    publication_copy: int
+    activations: int
+    head_chunks: int
+
+    @property
+    def total(self) -> int:
+        return self.runtime + self.weights_grads_optimizer + self.publication_copy + self.activations + self.head_chunks
+
+    def describe(self) -> str:
+        parts = {
+            "runtime": self.runtime,
+            "weights+grads+AdamW": self.weights_grads_optimizer,
+            "publication copy": self.publication_copy,
+            "activations": self.activations,
+            "head chunks": self.head_chunks,
+        }
+        return ", ".join(f"{name} {value / GIB:.1f}" for name, value in parts.items()) + f" (GiB; total {self.total / GIB:.1f})"
+
+
+def estimate_trainer_memory(config: RunConfig, hf_config: dict, longest_prompt: int) -> TrainerMemory:
+    """Peak trainer memory of `config` on the model of `hf_config`, with prompts of up to `longest_prompt` tokens."""
+    from parityrl.scoring import SCORE_CHUNK_ELEMENTS, ModelShape, completions_per_row
+
+    shape = ModelShapeForMemory.of(hf_config)
+    train, sampling = config.train, config.sampling
+    sequence = longest_prompt + sampling.max_new_tokens
+    tokens = max(train.micro_batch_tokens, sequence)  # a longer sequence is a micro-batch of its own
+    # a packed row holds a prompt and the completions sharing it (as many as `pack_samples` puts there for
+    # full-length completions); rows of length L in `tokens` tokens keep at most tokens x L attention
+    # probabilities per head (eager attention: the probabilities and their softmax input)
+    sharing = completions_per_row(longest_prompt, sampling.max_new_tokens, sampling.n, ModelShape(shape.hidden, shape.intermediate))
+    row = min(tokens, longest_prompt + sharing * sampling.max_new_tokens)
+    attention = 2 * shape.heads * tokens * row * FLOAT_BYTES
+    full_layer = tokens * shape.layer_floats_per_token * FLOAT_BYTES + attention
+    # with checkpointing: every layer's input, plus one layer recomputed in full and its gradients in backward
+    inputs_kept = shape.layers * tokens * shape.hidden * FLOAT_BYTES
+    activations = inputs_kept + 2 * full_layer if train.activation_checkpointing else shape.layers * full_layer
+    parameters = shape.parameters
+    return TrainerMemory(
+        runtime=RUNTIME_BYTES,
+        weights_grads_optimizer=16 * parameters,
+        publication_copy=FLOAT_BYTES * parameters,
+        activations=activations,
+        head_chunks=HEAD_CHUNK_COPIES * SCORE_CHUNK_ELEMENTS * FLOAT_BYTES,
+    )
+
+
+def check_trainer_fits(estimate: TrainerMemory, available: int, config: RunConfig) -> None:
+    """InputError (one paragraph: what, how much, which setting to lower) when the trainer cannot fit in `available` bytes."""
+    if estimate.total <= available:
+        return
+    train = config.train
+    if estimate.activations > estimate.weights_grads_optimizer:
+        advice = f"lower train.micro_batch_tokens (now {train.micro_batch_tokens}; activations grow with it)"
+        if not train.activation_checkpointing:
+            advice = "set train.activation_checkpointing: true, or " + advice
+    else:
+        advice = "the model's weights, gradients and AdamW state alone do not fit: use a smaller model, or more trainer ranks (pipeline.backend: ray)"
+    raise InputError(
+        f"the trainer would need about {estimate.total / GIB:.1f} GiB ({estimate.describe()}), and this machine has "
+        f"{available / GIB:.1f} GiB available besides the engine; {advice}, or sampling.max_new_tokens "
+        f"(now {config.sampling.max_new_tokens}). Nothing was started."
+    )
+
+
+def engine_memory(config: RunConfig, hf_config: dict) -> int:
+    """What a local vLLM engine on CPU takes beside the trainer: its weights (a second copy of the
+    linear weights for in-place updates), its KV cache and its processes' runtime."""
+    shape = ModelShapeForMemory.of(hf_config)
+    weight_bytes = shape.parameters * (2 if config.model.dtype == "bfloat16" else 4)
+    copies = 2 if config.engine.weight_update == "inplace" else 1
+    runtime = int(1.5 * GIB)  # EngineCore + worker processes with torch
+    return runtime + copies * weight_bytes + int(config.engine.kv_cache_space_gib * GIB)

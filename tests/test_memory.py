@@ -1,0 +1,43 @@
+"""The preflight memory estimate: refuses, in one paragraph naming the setting, what cannot fit."""
+
+from __future__ import annotations
+
+import pytest
+
+from parityrl.config import load_config
+from parityrl.errors import InputError
+from parityrl.memory import GIB, ModelShapeForMemory, check_trainer_fits, estimate_trainer_memory
+
+pytestmark = pytest.mark.unit
+
+SMOLLM2 = {  # SmolLM2-135M-Instruct's config.json, the fields the estimate reads
+    "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536,
+    "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True,
+}
+
+
+def test_parameter_count_of_a_real_config():
+    assert ModelShapeForMemory.of(SMOLLM2).parameters == 134_515_008  # the model's own count (tied head counted once)
+
+
+def test_activations_grow_with_the_token_budget_not_the_batch():
+    small = estimate_trainer_memory(load_config(None, ["train.micro_batch_tokens=2048", "sampling.max_new_tokens=256"]), SMOLLM2, 80)
+    large = estimate_trainer_memory(load_config(None, ["train.micro_batch_tokens=8192", "sampling.max_new_tokens=256"]), SMOLLM2, 80)
+    more_prompts = estimate_trainer_memory(
+        load_config(None, ["train.micro_batch_tokens=2048", "sampling.max_new_tokens=256", "train.prompts_per_step=64"]), SMOLLM2, 80
+    )
+    assert large.activations > 3 * small.activations
+    assert more_prompts.total == small.total  # the batch size never enters: micro-batches bound it
+    assert 2.0 * GIB < small.weights_grads_optimizer < 2.1 * GIB  # 16 bytes x 134.5M
+
+
+def test_a_trainer_that_cannot_fit_is_refused_naming_the_setting_to_lower():
+    config = load_config(None, ["train.activation_checkpointing=false", "sampling.max_new_tokens=1024", "train.micro_batch_tokens=16384"])
+    estimate = estimate_trainer_memory(config, SMOLLM2, 80)
+    assert estimate.total > 24 * GIB
+    with pytest.raises(InputError) as caught:
+        check_trainer_fits(estimate, 20 * GIB, config)
+    message = str(caught.value)
+    assert "train.activation_checkpointing: true" in message and "train.micro_batch_tokens (now 16384" in message
+    assert "\n" not in message and "Nothing was started" in message
+    check_trainer_fits(estimate_trainer_memory(load_config(None, ["sampling.max_new_tokens=256"]), SMOLLM2, 80), 20 * GIB, config)
