@@ -87,8 +87,10 @@ def base_config(config: RunConfig) -> RunConfig | None:
         return None
     base = load_config(config.assets.init_from)  # a ConfigError names the file and the key
     source = f"assets.init_from ({config.assets.init_from})"
-    if base.model.path is not None or base.assets.init_from is not None:
-        raise InputError(f"{source} must build its model from scratch (model.path and assets.init_from unset there); point init_from at a config that does")
+    if base.model.path is not None or base.model.pretrained is not None or base.assets.init_from is not None:
+        raise InputError(
+            f"{source} must build its model from scratch (model.path, model.pretrained and assets.init_from unset there); point init_from at a config that does"
+        )
     ours, theirs = config.model.model_dump(include=SHAPE_FIELDS), base.model.model_dump(include=SHAPE_FIELDS)
     if ours != theirs:
         raise InputError(f"{source} builds a model of another shape ({theirs}) than this config ({ours}); set the same model sizes in both files")
@@ -304,6 +306,11 @@ def prepare_model(config: RunConfig, task: Task) -> Path:
         path = Path(config.model.path)
         check_model_dir(path)  # InputError naming what is missing (config.json, weights, tokenizer) and the fix
         return path
+    if config.model.pretrained is not None:
+        from parityrl.pretrained import prepare_pretrained
+
+        # fp32 on disk: the dequantized GGUF values exactly; each side casts to model.dtype when it loads
+        return prepare_pretrained(config.model.pretrained, config.assets.cache_dir, dtype="float32")
     key = asset_key(config)
     final_dir = Path(config.assets.cache_dir) / f"tiny-{key}"
     if (final_dir / "parityrl_assets.json").is_file():

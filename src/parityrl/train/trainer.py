@@ -241,11 +241,16 @@ class Trainer:
             # DDP all-reduces gradients once, on the last micro-batch
             sync = contextlib.nullcontext() if last or not self.distributed else self.train_model.no_sync()
             with sync:
+                began = time.perf_counter()
                 scored = self._score(packed, self.train_model)
                 out = policy_loss(scored.logprobs_safe, packed.logprobs_old, advantages[chunk], scored.in_support, train)
+                forward_done = time.perf_counter()
                 # DDP averages gradients over ranks; scaling by the world size makes that average the
                 # gradient of the whole batch's loss (sum over all ranks / the global normaliser)
                 (out.loss_sum * self.world_size / normaliser).backward()
+                stats.add("forward_s", forward_done - began)
+                stats.add("backward_s", time.perf_counter() - forward_done)
+                stats.add("micro_batches", 1)
             with torch.no_grad():
                 self._accumulate(stats, packed, scored, out)
         # the weights are still the published version until optimizer.step: the probe's lag is 0
@@ -347,6 +352,9 @@ def finalise(stats: StepStats) -> dict[str, float | list | None]:
         "pipeline/lag_mean": stats.ratio("lag", "tokens"),
         "pipeline/lag_max": float(stats.lag_max),
         "perf/probe_wait_s": stats.probe_wait_s,
+        "perf/forward_s": stats.sums.get("forward_s", 0.0),
+        "perf/backward_s": stats.sums.get("backward_s", 0.0),
+        "train/micro_batches": stats.sums.get("micro_batches", 0.0),
         "pipeline/mixed_version_frac": stats.ratio("mixed", "sequences"),
         "train/tokens": stats.sums.get("tokens", 0.0),
         "parity/kl_per_replica": [by_replica.get(i) for i in range(max(by_replica) + 1)] if by_replica else None,
