@@ -261,10 +261,11 @@ class TrainConfig(Strict):
     """At most this many tokens (prompt + completion of each sequence) per forward/backward: what the
     activation memory grows with. A sequence longer than this is a micro-batch of its own. The preflight
     memory estimate (`parityrl.memory`) uses it; lower it when the estimate says the trainer will not fit."""
-    activation_checkpointing: bool = True
-    """Keep only each decoder layer's input for the backward pass and recompute the layer (~1.3x the
-    compute of a step, a fraction of the memory: at 4096 tokens per micro-batch SmolLM2-135M keeps ~0.3
-    GB instead of several). The head and the processed distribution are always recomputed per chunk."""
+    activation_checkpointing: bool | Literal["auto"] = "auto"
+    """Keep only each decoder layer's input for the backward pass and recompute the layer in backward
+    (~1.3x a step's compute for a fraction of its memory). `auto`: on when one micro-batch's activations
+    would take more than 1 GiB without it (SmolLM2-135M at 4096 tokens: ~10 GiB without, ~0.6 with; the
+    tiny demo model: 0.1 GiB, so off). The head and processed distribution are recomputed per chunk either way."""
     objective: Literal["gspo", "grpo", "reinforce"] = "gspo"
     """`gspo`: sequence ratio exp(mean token log-ratio), clipped; `grpo`: token-level PPO-clip; `reinforce`."""
     advantage: Literal["group_norm", "leave_one_out"] = "group_norm"

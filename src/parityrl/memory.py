@@ -118,7 +118,7 @@ def estimate_trainer_memory(config: RunConfig, hf_config: dict, longest_prompt: 
     full_layer = tokens * shape.layer_floats_per_token * FLOAT_BYTES + attention
     # with checkpointing: every layer's input, plus one layer recomputed in full and its gradients in backward
     inputs_kept = shape.layers * tokens * shape.hidden * FLOAT_BYTES
-    activations = inputs_kept + 2 * full_layer if train.activation_checkpointing else shape.layers * full_layer
+    activations = inputs_kept + 2 * full_layer if uses_activation_checkpointing(config, hf_config) else shape.layers * full_layer
     parameters = shape.parameters
     return TrainerMemory(
         runtime=RUNTIME_BYTES,
@@ -129,6 +129,19 @@ def estimate_trainer_memory(config: RunConfig, hf_config: dict, longest_prompt: 
     )
 
 
+AUTO_CHECKPOINTING_ABOVE = GIB
+"""`train.activation_checkpointing: auto` turns it on when a micro-batch's activations would exceed this."""
+
+
+def uses_activation_checkpointing(config: RunConfig, hf_config: dict) -> bool:
+    """`train.activation_checkpointing`, with `auto` resolved against the model (`AUTO_CHECKPOINTING_ABOVE`)."""
+    setting = config.train.activation_checkpointing
+    if setting != "auto":
+        return bool(setting)
+    without = config.model_copy(update={"train": config.train.model_copy(update={"activation_checkpointing": False})})
+    return estimate_trainer_memory(without, hf_config, longest_prompt=0).activations > AUTO_CHECKPOINTING_ABOVE
+
+
 def check_trainer_fits(estimate: TrainerMemory, available: int, config: RunConfig) -> None:
     """InputError (one paragraph: what, how much, which setting to lower) when the trainer cannot fit in `available` bytes."""
     if estimate.total <= available:
@@ -136,7 +149,7 @@ def check_trainer_fits(estimate: TrainerMemory, available: int, config: RunConfi
     train = config.train
     if estimate.activations > estimate.weights_grads_optimizer:
         advice = f"lower train.micro_batch_tokens (now {train.micro_batch_tokens}; activations grow with it)"
-        if not train.activation_checkpointing:
+        if train.activation_checkpointing is False:
             advice = "set train.activation_checkpointing: true, or " + advice
     else:
         advice = "the model's weights, gradients and AdamW state alone do not fit: use a smaller model, or more trainer ranks (pipeline.backend: ray)"

@@ -270,10 +270,12 @@ class PolicyScorer(nn.Module):
             return token_logprobs(log_distribution, tokens_chunk), entropy, kept
 
         pieces = []
+        # recomputed in backward when there are several chunks: only each chunk's [n, H] hidden states are
+        # kept, never its [n, V]; a single chunk is within the budget as it is (the tiny model's whole batch)
+        recompute = torch.is_grad_enabled() and tokens.shape[0] > chunk
         for start in range(0, tokens.shape[0], chunk):
             args = (hidden_generated[start : start + chunk], rows[start : start + chunk], positions[start : start + chunk], tokens[start : start + chunk])
-            # recomputed in backward: only the [n, H] hidden states of a chunk are kept, never its [n, V]
-            pieces.append(checkpoint(score_chunk, *args, use_reentrant=False) if torch.is_grad_enabled() else score_chunk(*args))
+            pieces.append(checkpoint(score_chunk, *args, use_reentrant=False) if recompute else score_chunk(*args))
         flat_logprobs = torch.cat([p[0] for p in pieces]) if pieces else hidden.new_zeros(0, dtype=torch.float32)
         flat_entropy = torch.cat([p[1] for p in pieces]) if pieces else flat_logprobs.detach()
         logprobs = torch.zeros(packed.completion_ids.shape, dtype=torch.float32, device=hidden.device).index_put((rows, positions), flat_logprobs)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from parityrl.config import RunConfig
+from parityrl.memory import uses_activation_checkpointing
 from parityrl.policy import export_state_dict, load_policy
 from parityrl.scoring import Mismatch, ModelShape, PackedBatch, PolicyScorer, Sample, Scored, k3, pack_samples, score
 from parityrl.train.checkpoint import RunState, load_run_state, save_checkpoint
@@ -173,7 +174,7 @@ class Trainer:
         # fp32 master weights; bf16 models compute in bf16 via policy.compute_context
         self.model = load_policy(model_dir, "float32", config.model.lm_head_fp32).to(self.device)
         self.model.train()
-        if config.train.activation_checkpointing:
+        if uses_activation_checkpointing(config, self.model.config.to_dict()):
             # non-reentrant: works under DDP and with inputs that need no gradient (token ids)
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.shape = ModelShape.of(self.model)
