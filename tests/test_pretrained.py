@@ -214,6 +214,7 @@ def test_the_built_smollm2_directory_is_the_gguf_model(smollm2_fp32):
     model = load_policy(out, "float32", lm_head_fp32=False).eval()
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     reference = pretrained.load_gguf_model(gguf).eval()
+    reference.set_attn_implementation("eager")  # as load_policy: sdpa and eager differ by 1e-4 in the logits
     input_ids = torch.tensor([encode_prompt(tokenizer, PROMPT, system_prompt="Put the final answer in \\boxed{}.")])
     with torch.no_grad():
         ours, theirs = model(input_ids).logits, reference(input_ids).logits
