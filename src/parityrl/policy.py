@@ -162,19 +162,67 @@ def sampling_logits(logits: Tensor, temperature: float, top_k: int = -1, top_p: 
         kth_largest = scaled.topk(top_k, dim=-1).values[..., -1:]
         return scaled.masked_fill(scaled < kth_largest, NEG_INF)
     flat = scaled.reshape(-1, vocab)
+    if vocab > TOP_P_CANDIDATES_FROM_VOCAB and (not use_top_k or top_k <= TOP_P_CANDIDATES):
+        return _top_p_from_candidates(flat, top_k if use_top_k else TOP_P_CANDIDATES, use_top_k, top_p).reshape(scaled.shape)
+    return _top_k_top_p_sorted(flat, top_k, use_top_k, top_p).reshape(scaled.shape)
+
+
+TOP_P_CANDIDATES = 1024
+"""Top-p looks at this many largest logits per position (`_top_p_from_candidates`) instead of sorting the vocabulary."""
+TOP_P_CANDIDATES_FROM_VOCAB = 8 * TOP_P_CANDIDATES
+"""Vocabularies larger than this take the candidate path (a 49k-row head: the sort was a quarter of a training step)."""
+
+
+def _top_k_top_p_sorted(flat: Tensor, top_k: int, use_top_k: bool, top_p: float) -> Tensor:
+    """[N, V] fp32: vLLM's `apply_top_k_top_p` literally: sort ascending, top-k, top-p on the cumulative sum."""
+    vocab = flat.shape[-1]
     # min-p's -inf entries sort first; if fewer than k tokens survive it, the k-th largest is -inf and
     # top-k removes nothing more, and they carry no probability mass into top-p's cumulative sum
     sorted_logits, sorted_index = flat.sort(dim=-1, descending=False)
     if use_top_k:
         kth_largest = sorted_logits[:, vocab - top_k].unsqueeze(-1)
         sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, NEG_INF)
-    if use_top_p:
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= 1.0 - top_p
-        drop[:, -1] = False  # the most likely token always survives
-        sorted_logits = sorted_logits.masked_fill(drop, NEG_INF)
-    masked = torch.empty_like(flat).scatter_(-1, sorted_index, sorted_logits)
-    return masked.reshape(scaled.shape)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop = cumulative <= 1.0 - top_p
+    drop[:, -1] = False  # the most likely token always survives
+    sorted_logits = sorted_logits.masked_fill(drop, NEG_INF)
+    return torch.empty_like(flat).scatter_(-1, sorted_index, sorted_logits)
+
+
+def _top_p_from_candidates(flat: Tensor, candidates: int, is_top_k: bool, top_p: float) -> Tensor:
+    """[N, V] fp32: top-k (when `is_top_k`, k = `candidates`) and top-p from the `candidates` largest logits.
+
+    vLLM drops the sorted tokens whose ascending cumulative probability is <= 1 - p. Every token outside
+    the candidates has a cumulative sum <= the candidates' complement (the tail mass); when that tail is
+    <= 1 - p they are all dropped, and the candidates' own cumulative sums are the tail plus their
+    ascending running sum. Rows whose tail is larger (a flat distribution) take the full sort. The same
+    support and renormalised logprobs as the sort, up to float rounding of a cumulative sum that lands
+    exactly on 1 - p (the order of the tail's summation differs)."""
+    values, index = flat.topk(candidates, dim=-1)  # [N, C] descending
+    if is_top_k:  # vLLM keeps ties of the k-th largest logit: such rows take the sorted path
+        kth_largest = values[:, -1:]
+        keep = flat >= kth_largest
+        masked = flat.masked_fill(~keep, NEG_INF)
+        ties = keep.sum(-1) > candidates
+    else:
+        masked, ties = flat, torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device)
+    log_normaliser = masked.logsumexp(dim=-1, keepdim=True)  # [N, 1]
+    probs = (values - log_normaliser).exp()  # [N, C] descending: the softmax of the (top-k-masked) row at the candidates
+    if is_top_k:
+        tail = torch.zeros_like(log_normaliser)  # top-k left no mass outside the candidates
+    else:
+        # summed from the small probabilities themselves, in fp64 (as 1 - the candidates' sum, fp32 rounding
+        # moved 1 token in ~2000 across a 0.01 boundary); vLLM's ascending cumulative sum adds the same numbers
+        outside = (masked - log_normaliser).exp().scatter(-1, index, 0.0)
+        tail = outside.double().sum(-1, keepdim=True)
+    cumulative = (tail + probs.double().flip(-1).cumsum(-1)).float()  # ascending, as vLLM sums
+    drop = (cumulative <= 1.0 - top_p).flip(-1)  # back to descending order
+    drop[:, 0] = False  # the most likely token always survives
+    result = torch.full_like(flat, NEG_INF).scatter_(-1, index, values.masked_fill(drop, NEG_INF))
+    fallback = ties | (tail.squeeze(-1) > 1.0 - top_p)
+    if fallback.any():
+        result[fallback] = _top_k_top_p_sorted(flat[fallback], candidates, is_top_k, top_p)
+    return result
 
 
 def processed_log_distribution(logits: Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
