@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -150,3 +151,30 @@ def test_process_group_killed_after_a_checkpoint_resumes_with_each_step_once(tin
         [sys.executable, "-m", "parityrl.cli", "train", "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=60
     )
     assert again.returncode == 2 and "--resume" in again.stdout + again.stderr
+
+
+def test_every_process_of_a_run_dies_with_its_main_process(tiny_model_dir, tmp_path):
+    """SIGKILL to the `parityrl train` process alone (what the OOM killer or `kill -9 PID` does; the
+    process group survives): the vLLM EngineCore, its worker and the reward workers it started are
+    gone within 15 s. Before the orphan guard the EngineCore and worker kept running (2.8 GB) until
+    killed by hand; this test failed then."""
+    run_dir = tmp_path / "run"
+    command = train_command(tiny_model_dir, run_dir, "--set", "train.steps=400", "--set", "train.checkpoint_every=0")
+    # a session of its own: the test's kill reaches the main pid only, never a group
+    process = subprocess.Popen(command, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    children: list[psutil.Process] = []
+    try:
+        wait_for(lambda: any(r["step"] >= 2 for r in logged_steps(run_dir)), process, 600, "step 2")
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert len(vllm_processes(process.pid)) >= 2  # EngineCore and its worker, among the run's children
+        killed_at = time.monotonic()
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+        _, alive = psutil.wait_procs(children, timeout=15)
+        elapsed = time.monotonic() - killed_at
+        print(f"last child of the run gone {elapsed:.1f} s after SIGKILL of the main process")
+        assert not alive, f"left running 15 s after the run died: {[(p.pid, p.name()) for p in alive]}"
+    finally:
+        for leftover in [process.pid] + [p.pid for p in children]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(leftover, signal.SIGKILL)

@@ -73,6 +73,7 @@ from torch import Tensor
 
 from parityrl.config import EngineConfig, SamplingConfig
 from parityrl.engines.base import EngineHealth
+from parityrl.engines.orphan_guard import RUN_PID_ENV
 from parityrl.engines.vllm_host import child_pids, cpu_thread_binding, derive_seed, kill_processes, on_cpu, pin_engine
 from parityrl.engines.vllm_worker import KEEP_WEIGHTS_ENV, dtype_name, map_shared_file, pack_tensors, tensor_layout, write_tensors
 from parityrl.scoring import Sample
@@ -166,6 +167,8 @@ class VLLMEngine:
 
     def _configure_environment(self) -> None:
         """Env vars vLLM reads when it builds its config and spawns its processes (before start)."""
+        # vLLM's processes watch this process and die with it (`orphan_guard`, a vLLM plugin)
+        os.environ.setdefault(RUN_PID_ENV, str(os.getpid()))
         if not on_cpu():
             return
         if self.config.weight_update == "inplace":

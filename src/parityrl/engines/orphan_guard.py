@@ -1,0 +1,64 @@
+"""Every vLLM process a run starts dies with the run, whatever killed it.
+
+vLLM's EngineCore is a child of the `parityrl` process and its worker a child of the EngineCore.
+When the run ends normally it closes them; when it is SIGKILLed (the OOM killer, `kill -9`, a
+terminal that goes away) nothing closes them, and they kept 2.8 GB and a fifth of a core for as long
+as nobody noticed. The guard is a vLLM general plugin (entry point `vllm.general_plugins`), which
+vLLM loads in each of its processes: in a process started under a parityrl run
+(`RUN_PID_ENV` set) it starts a daemon thread that checks every `CHECK_EVERY_S` whether the
+process's parent is still the one that started it and the run's main process still exists, and
+SIGKILLs its own process when either is gone. The chain follows: the EngineCore goes within a second
+of the run, its worker within a second of the EngineCore.
+
+Polling rather than `PR_SET_PDEATHSIG`: the kernel sends that signal when the *thread* that forked
+the child exits, and vLLM starts its processes from threads that may end long before the run does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+
+RUN_PID_ENV = "PARITYRL_RUN_PID"
+"""The run's main process id, exported before the engine starts (vLLM's processes inherit it)."""
+CHECK_EVERY_S = 0.5
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: guard this process if a parityrl run started it."""
+    run_pid = os.environ.get(RUN_PID_ENV)
+    if run_pid is None or int(run_pid) == os.getpid():
+        return  # not under a run, or the run's own process (vLLM loads plugins there too)
+    guard_process(int(run_pid))
+
+
+def guard_process(run_pid: int) -> threading.Thread:
+    """Start the watchdog thread of this process (idempotent per process)."""
+    global _guard
+    if _guard is not None and _guard.is_alive():
+        return _guard
+    parent = os.getppid()
+    _guard = threading.Thread(target=_watch, args=(run_pid, parent), name="parityrl-orphan-guard", daemon=True)
+    _guard.start()
+    return _guard
+
+
+_guard: threading.Thread | None = None
+
+
+def _watch(run_pid: int, parent: int) -> None:
+    while True:
+        time.sleep(CHECK_EVERY_S)
+        if os.getppid() != parent or not _exists(run_pid):
+            # the run is gone: nothing of this process is worth keeping (no checkpoint lives here)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _exists(pid: int) -> bool:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, 0)
+        return True
+    return False
