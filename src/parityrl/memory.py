@@ -129,7 +129,7 @@ def estimate_trainer_memory(config: RunConfig, hf_config: dict, longest_prompt: 
     )
 
 
-AUTO_CHECKPOINTING_ABOVE = GIB
+AUTO_CHECKPOINTING_ABOVE = 4 * GIB
 """`train.activation_checkpointing: auto` turns it on when a micro-batch's activations would exceed this."""
 
 
