@@ -56,6 +56,7 @@ import random
 import string
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -156,18 +157,56 @@ def child_env(threads: int | None = None) -> dict[str, str]:
     return env
 
 
-def run_logged(command: list[str], log_path: Path, env: dict[str, str]) -> tuple[float, list[float], list[float]]:
-    """Run `command` with its output in `log_path`; (wall seconds, loadavg before, loadavg after)."""
+MEMORY_SAMPLE_S = 0.25
+
+
+class PeakMemory:
+    """Peak RSS of a process (its trainer: the side's main process) and of its whole tree (engine
+    processes, reward workers), sampled every `MEMORY_SAMPLE_S` from another thread."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.main_peak = self.tree_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.wait(MEMORY_SAMPLE_S):
+            try:
+                main = self.root.memory_info().rss
+                tree = main + sum(child.memory_info().rss for child in self.root.children(recursive=True))
+            except psutil.Error:
+                continue
+            self.main_peak, self.tree_peak = max(self.main_peak, main), max(self.tree_peak, tree)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return {"trainer_peak_rss_gib": round(self.main_peak / 2**30, 3), "process_tree_peak_rss_gib": round(self.tree_peak / 2**30, 3)}
+
+
+def run_logged(command: list[str], log_path: Path, env: dict[str, str]) -> tuple[float, list[float], list[float], dict[str, float]]:
+    """Run `command` with its output in `log_path`; (wall seconds, loadavg before, loadavg after, peak memory)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     loadavg_before = list(os.getloadavg())
     began = time.perf_counter()
     with log_path.open("w") as log:
-        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, timeout=CHILD_TIMEOUT_S, check=False)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        memory = PeakMemory(proc.pid)
+        try:
+            returncode = proc.wait(timeout=CHILD_TIMEOUT_S)
+        finally:
+            peaks = memory.stop()
     wall = time.perf_counter() - began
-    if proc.returncode != 0:
+    if returncode != 0:
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-40:])
-        raise RuntimeError(f"{command[:4]} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-    return wall, loadavg_before, list(os.getloadavg())
+        raise RuntimeError(f"{command[:4]} failed (exit {returncode}); log {log_path}:\n{tail}")
+    return wall, loadavg_before, list(os.getloadavg()), peaks
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -183,7 +222,7 @@ def run_parityrl(regime: dict[str, Any], work: Path) -> dict[str, Any]:
     for override in regime["overrides"]:
         command += ["--set", override]
     command += ["--run-dir", str(run_dir), "--overwrite", "--no-plot"]
-    wall, before, after = run_logged(command, work / regime["name"] / "parityrl.log", child_env())
+    wall, before, after, memory = run_logged(command, work / regime["name"] / "parityrl.log", child_env())
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     # time_s of a step is taken before that step's evaluation: an evaluation counts in the next step's time
@@ -191,9 +230,12 @@ def run_parityrl(regime: dict[str, Any], work: Path) -> dict[str, Any]:
     tokens = [r["train/tokens"] for r in rows if "train/tokens" in r]
     config = load_config(regime["config"], regime["overrides"])
     samples_per_step = config.train.prompts_per_step * config.sampling.n
+    step_s = [r["train/step_s"] for r in rows if r.get("step", 0) > 0 and "train/step_s" in r]
     return {
         "command": command,
         "whole_s": wall,
+        **memory,
+        "median_trainer_step_s": sorted(step_s)[len(step_s) // 2] if step_s else None,
         "rl_seconds": summary["rl_seconds"],
         "steps": summary["steps"],
         "eval_curve": curve,
@@ -224,23 +266,23 @@ def _mean(values: list[float]) -> float | None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def run_trl(regime: dict[str, Any], work: Path, model_dir: Path, threads: int, attn: str) -> dict[str, Any]:
+def run_trl(regime: dict[str, Any], work: Path, model_dir: Path, threads: int, attn: str, micro_batch: int | None = None) -> dict[str, Any]:
     out_dir = work / regime["name"] / "trl"
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = {
         "config": str(regime["config"]), "overrides": regime["overrides"], "model_dir": str(model_dir),
-        "output_dir": str(out_dir), "threads": threads, "attn": attn,
+        "output_dir": str(out_dir), "threads": threads, "attn": attn, "micro_batch": micro_batch,
     }
     spec_path, result_path = out_dir / "spec.json", out_dir / "result.json"
     spec_path.write_text(json.dumps(spec, indent=2))
     result_path.unlink(missing_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", str(spec_path), "--worker-out", str(result_path)]
-    wall, before, after = run_logged(command, work / regime["name"] / "trl.log", child_env(threads))
+    wall, before, after, memory = run_logged(command, work / regime["name"] / "trl.log", child_env(threads))
     result = json.loads(result_path.read_text())
-    return {"command": command, "whole_s": wall, **result, "loadavg_before": before, "loadavg_after": after}
+    return {"command": command, "whole_s": wall, **memory, **result, "loadavg_before": before, "loadavg_after": after}
 
 
-def trl_args_for(config, output_dir: str, use_cpu: bool):
+def trl_args_for(config, output_dir: str, use_cpu: bool, micro_batch: int | None = None):
     """GRPOConfig holding the parityrl run's batch, sampling, optimiser and objective."""
     from trl import GRPOConfig
 
@@ -254,7 +296,8 @@ def trl_args_for(config, output_dir: str, use_cpu: bool):
     if sampling.presence_penalty or sampling.frequency_penalty or sampling.ignore_eos:
         raise SystemExit("presence/frequency penalties and ignore_eos have no TRL GRPOConfig counterpart")
     samples = train.prompts_per_step * sampling.n
-    micro = min(train.micro_batch_size, samples)
+    # TRL's micro-batch: --trl-micro-batch (its own default is 8), else parityrl's train.micro_batch_size
+    micro = min(micro_batch or train.micro_batch_size, samples)
     if samples % micro:
         raise SystemExit(f"prompts_per_step x n = {samples} must be a multiple of train.micro_batch_size={micro} for TRL")
     low, high = clip_bounds(train)
@@ -392,7 +435,7 @@ def trl_worker(spec_path: Path, out_path: Path) -> None:
                 self.curve.append({"step": state.global_step, "rl_time_s": now, "success": held_out(model)})
 
     use_cpu = config.train.device == "cpu" or (config.train.device == "auto" and not torch.cuda.is_available())
-    args = trl_args_for(config, spec["output_dir"], use_cpu)
+    args = trl_args_for(config, spec["output_dir"], use_cpu, spec.get("micro_batch"))
     callback = HeldOutEval()
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
     torch.set_num_threads(spec["threads"])
@@ -523,6 +566,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sides", default="parityrl,trl", help="which systems, in this order (default parityrl,trl)")
     parser.add_argument("--target-success", type=float, default=None, help="held-out success for 'time to target' (default: auto, see above)")
     parser.add_argument("--trl-threads", type=int, default=None, help="torch threads of the TRL process (default: the cores this process may use)")
+    parser.add_argument("--trl-micro-batch", type=int, default=None, help="TRL per_device_train_batch_size (default: parityrl's micro_batch_size; TRL's own: 8)")
     parser.add_argument("--trl-attn", default="sdpa", help="attn_implementation of the TRL model (default sdpa, transformers' default)")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK, help="run directories and logs")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
@@ -558,7 +602,7 @@ def main(argv: list[str] | None = None) -> None:
             if side == "parityrl":
                 measured[side] = run_parityrl(regime, args.work_dir)
             else:
-                measured[side] = run_trl(regime, args.work_dir, model_dir, threads, args.trl_attn)
+                measured[side] = run_trl(regime, args.work_dir, model_dir, threads, args.trl_attn, args.trl_micro_batch)
             m = measured[side]
             print(f"[vs_trl] {regime['name']}: {side}: RL {m['rl_seconds']:.1f} s, whole {m['whole_s']:.1f} s, "
                   f"held-out {m['success_start']:.3f} -> {m['success_end']:.3f}", flush=True)

@@ -367,7 +367,8 @@ def test_raw_logprobs_mismatch(slot, tokenizer, hf_model):
         ratio = raw_k3 / max(PROCESSED_K3[index], 1e-30)
         print(f"\n[vllm] raw {sampling.temperature=} {sampling.top_k=} {sampling.top_p=}: tokens={count} "
               f"k3={raw_k3:.3e} max|d|={raw_max:.3e} (processed k3={PROCESSED_K3[index]:.3e}, ratio={ratio:.2e})")
-        assert raw_k3 >= 1e5 * PROCESSED_K3[index]
+        # relative to processed, and absolute: with a processed k3 of 0 the ratio alone admits any raw value
+        assert raw_k3 >= 1e5 * PROCESSED_K3[index] and raw_k3 >= 1e-4
 
 
 def test_reload_update_reaches_the_model(slot, tokenizer, hf_model):
