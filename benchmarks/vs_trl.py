@@ -566,7 +566,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sides", default="parityrl,trl", help="which systems, in this order (default parityrl,trl)")
     parser.add_argument("--target-success", type=float, default=None, help="held-out success for 'time to target' (default: auto, see above)")
     parser.add_argument("--trl-threads", type=int, default=None, help="torch threads of the TRL process (default: the cores this process may use)")
-    parser.add_argument("--trl-micro-batch", type=int, default=None, help="TRL per_device_train_batch_size (default: parityrl's micro_batch_size; TRL's own: 8)")
+    parser.add_argument("--trl-micro-batch", type=int, default=None, help="TRL per_device_train_batch_size (default: parityrl's; TRL's own: 8)")
     parser.add_argument("--trl-attn", default="sdpa", help="attn_implementation of the TRL model (default sdpa, transformers' default)")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK, help="run directories and logs")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
