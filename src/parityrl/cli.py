@@ -21,6 +21,7 @@ from rich.console import Console
 
 from parityrl.config import ConfigError, RunConfig, load_config
 from parityrl.errors import UserError
+from parityrl.memory import one_malloc_arena
 
 app = typer.Typer(
     add_completion=False,
@@ -343,6 +344,7 @@ def run() -> None:
     metrics files, Ray), the process ends at once: the interpreter's own teardown of torch, vLLM and
     transformers objects took ~2 s of every `parityrl train`, doing nothing a run needs."""
     quiet_third_party_progress()
+    one_malloc_arena()  # before any tensor exists: the trainer's threads share one malloc arena
     try:
         app()
     except SystemExit as exit_request:

@@ -168,3 +168,28 @@ def engine_memory(config: RunConfig, hf_config: dict) -> int:
     copies = 2 if config.engine.weight_update == "inplace" else 1
     runtime = int(1.5 * GIB)  # EngineCore + worker processes with torch
     return runtime + copies * weight_bytes + int(config.engine.kv_cache_space_gib * GIB)
+
+
+M_ARENA_MAX = -8
+"""glibc's mallopt parameter number for the arena count."""
+
+
+def one_malloc_arena() -> bool:
+    """Make glibc's malloc use one arena for every thread of this process (True where it could).
+
+    The trainer steps in worker threads (`asyncio.to_thread`); glibc gives each thread its own arena,
+    and each arena keeps the memory of a step's freed tensors for that thread. A SmolLM2 run's trainer
+    grew to 12 GB RSS in 8 steps and was OOM-killed; one arena reuses the same freed memory whatever
+    thread asks: the same step in 4 rotating threads peaked at 9.5 GB after 2 steps with per-thread
+    arenas (growing), 6.4 GB after 4 steps with one, and ran as fast. A no-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        return bool(ctypes.CDLL(name).mallopt(M_ARENA_MAX, 1))
+    except (OSError, AttributeError):
+        return False
+

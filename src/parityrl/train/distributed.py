@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from parityrl.config import RunConfig, rank_threads
+from parityrl.memory import one_malloc_arena
 from parityrl.scoring import Sample
 from parityrl.train.checkpoint import RunState
 from parityrl.train.trainer import StepResult, StepStats, Trainer, finalise, global_normaliser
@@ -32,6 +33,7 @@ class TrainerRank:
     """One data-parallel rank (created with `ray.remote(TrainerRank)`)."""
 
     def __init__(self, config: RunConfig, model_dir: str, pad_id: int, rank: int, world_size: int):
+        one_malloc_arena()  # as the local trainer (parityrl.memory)
         torch.set_num_threads(rank_threads(config.train))
         self.config, self.model_dir, self.pad_id = config, model_dir, pad_id
         self.rank, self.world_size = rank, world_size
