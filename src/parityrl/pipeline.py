@@ -62,10 +62,14 @@ async def run_training(
     down (~4.5 s of vLLM waiting on its processes); they land in `summary["plots"]`. Not run when the
     loop fails; a failure to draw is reported and does not fail the run."""
     console = console or Console()
+    began = time.perf_counter()
+    startup: dict[str, float] = {}
+    """Seconds of each phase before the first RL step: what a user waits for (summary.json `startup_s`)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     task = load_task(config.task)
     model_dir = prepare_model(config, task)  # SFT warm-up if not cached (one thread, deterministic)
+    startup["assets"] = time.perf_counter() - began
     # from here on the engine and the trainer share the cores: the split is explicit
     torch.set_num_threads(trainer_threads(config.train, len(allowed_cpus()), config.engine.omp_threads))
     tokenizer = load_tokenizer(model_dir)
@@ -112,8 +116,11 @@ async def run_training(
     drawing: asyncio.Future | None = None
     summary: dict = {"engine": config.engine.kind, "model_dir": str(model_dir)}
     step = start_step
+    startup["trainer"] = time.perf_counter() - began - startup["assets"]
     try:
+        engine_began = time.perf_counter()
         await engine.start()
+        startup["engine"] = time.perf_counter() - engine_began
         settings = engine.settings()
         write_json_atomic(run_dir / "engine_settings.json", settings)
         console.print(f"[bold]engine settings in force[/bold]: {settings}")
@@ -155,13 +162,20 @@ async def run_training(
 
         metrics: dict = {}
         if state is None:
+            eval_began = time.perf_counter()
             eval_success = await held_out_success()
+            startup["evaluation"] = time.perf_counter() - eval_began
             logger.log(0, {"eval/success": eval_success})
             counters["eval_success_start"] = eval_success
         else:
             eval_success = state.eval_success
         summary["eval_success_start"] = counters.get("eval_success_start")
-        console.print(f"held-out success before RL: [bold]{counters.get('eval_success_start', float('nan')):.3f}[/bold]")
+        startup["total"] = time.perf_counter() - began
+        summary["startup_s"] = {phase: round(seconds, 1) for phase, seconds in startup.items()}
+        console.print(
+            f"held-out success before RL: [bold]{counters.get('eval_success_start', float('nan')):.3f}[/bold] "
+            f"(ready to train {startup['total']:.0f} s after the start: " + ", ".join(f"{k} {v:.0f} s" for k, v in startup.items() if k != "total") + ")"
+        )
         # max_lag 0 admits only samples of the current version: that is the synchronous loop
         max_lag = config.pipeline.max_lag if config.pipeline.max_lag is not None else 1 << 40
         if config.pipeline.mode == "async" and max_lag > 0:
