@@ -264,7 +264,7 @@ class TrainConfig(Strict):
     activation_checkpointing: bool | Literal["auto"] = "auto"
     """Keep only each decoder layer's input for the backward pass and recompute the layer in backward
     (~1.3x a step's compute for a fraction of its memory). `auto`: on when one micro-batch's activations
-    would take more than 4 GiB without it (estimated, `parityrl.memory`). Measured on SmolLM2-135M, 64 x
+    would take more than 8 GiB without it (estimated, allocator included: `parityrl.memory`). Measured on SmolLM2-135M, 64 x
     64-token completions, 2 threads: 1024-token micro-batches without it 51 s and 4.2 GB peak, 4096 with it
     56 s and 6.0 GB, 1024 with it 93 s and 2.9 GB; the tiny demo model never needs it. The head and the
     processed distribution are recomputed per chunk either way."""
