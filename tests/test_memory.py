@@ -21,11 +21,12 @@ def test_parameter_count_of_a_real_config():
 
 
 def test_activations_grow_with_the_token_budget_not_the_batch():
-    small = estimate_trainer_memory(load_config(None, ["train.micro_batch_tokens=2048", "sampling.max_new_tokens=256", "train.activation_checkpointing=true"]), SMOLLM2, 80)
-    large = estimate_trainer_memory(load_config(None, ["train.micro_batch_tokens=8192", "sampling.max_new_tokens=256", "train.activation_checkpointing=true"]), SMOLLM2, 80)
-    more_prompts = estimate_trainer_memory(
-        load_config(None, ["train.micro_batch_tokens=2048", "sampling.max_new_tokens=256", "train.prompts_per_step=64", "train.activation_checkpointing=true"]), SMOLLM2, 80
-    )
+    def estimate(*overrides: str):
+        config = load_config(None, ["sampling.max_new_tokens=256", "train.activation_checkpointing=true", *overrides])
+        return estimate_trainer_memory(config, SMOLLM2, 80)
+
+    small, large = estimate("train.micro_batch_tokens=2048"), estimate("train.micro_batch_tokens=8192")
+    more_prompts = estimate("train.micro_batch_tokens=2048", "train.prompts_per_step=64")
     assert large.activations > 3 * small.activations
     assert more_prompts.total == small.total  # the batch size never enters: micro-batches bound it
     assert 2.0 * GIB < small.weights_grads_optimizer < 2.1 * GIB  # 16 bytes x 134.5M

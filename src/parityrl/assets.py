@@ -289,7 +289,9 @@ def asset_key(config: RunConfig) -> str:
         {
             # vocab_size counts only when set: caches built before the field existed stay valid
             # vocab_size counts only when set, pretrained never (it builds no tiny model): caches stay valid
-            "model": config.model.model_dump(exclude={"path", "pretrained", "lm_head_fp32", "dtype"} | ({"vocab_size"} if config.model.vocab_size == MODEL_VOCAB else set())),
+            "model": config.model.model_dump(
+                exclude={"path", "pretrained", "lm_head_fp32", "dtype"} | ({"vocab_size"} if config.model.vocab_size == MODEL_VOCAB else set())
+            ),
             "task": _task_fields_that_shape_the_asset(config),
             "assets": config.assets.model_dump(exclude={"cache_dir", "init_from"}),
             # the base asset's own key, not the file's name: a moved or edited base file is seen as such
