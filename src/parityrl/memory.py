@@ -105,7 +105,7 @@ class TrainerMemory:
             "activations": self.activations,
             "head chunks": self.head_chunks,
         }
-        return ", ".join(f"{name} {value / GIB:.1f}" for name, value in parts.items()) + f" (GiB; total {self.total / GIB:.1f})"
+        return ", ".join(f"{name} {value / GIB:.1f} GiB" for name, value in parts.items())
 
 
 def estimate_trainer_memory(config: RunConfig, hf_config: dict, longest_prompt: int) -> TrainerMemory:

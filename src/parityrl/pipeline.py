@@ -377,7 +377,7 @@ def check_memory(config: RunConfig, hf_config: dict, longest_prompt: int, consol
     estimate = estimate_trainer_memory(config, hf_config, longest_prompt)
     # a local engine starts after this check and takes its share; Ray places engines and ranks itself
     engine_share = engine_memory(config, hf_config) if config.pipeline.backend == "local" and config.engine.kind == "vllm" else 0
-    console.print(f"[bold]trainer memory (estimate)[/bold]: {estimate.describe()}")
+    console.print(f"[bold]trainer memory (estimate)[/bold]: {estimate.total / 2**30:.1f} GiB ({estimate.describe()})")
     check_trainer_fits(estimate, psutil.virtual_memory().available - engine_share, config)
 
 
