@@ -143,6 +143,8 @@ METRICS: tuple[Metric, ...] = (
     ),
     Metric("perf/forward_s", "seconds of this step's forward passes (model body, chunked head, processed distribution, loss), all micro-batches", "perf"),
     Metric("perf/backward_s", "seconds of this step's backward passes (with the recomputation activation checkpointing does), all micro-batches", "perf"),
+    Metric("perf/trainer_rss_gb", "resident memory of the trainer process (a Ray rank: rank 0's) at the end of this step, GB", "perf"),
+    Metric("perf/trainer_peak_rss_gb", "peak resident memory of the trainer process since it started (the kernel's high-water mark), GB", "perf"),
     Metric("train/micro_batches", "forward/backward passes this step took (`train.micro_batch_tokens`, `train.micro_batch_size`)", "train"),
     Metric("perf/probe_wait_s", "seconds this step waited, after its backward passes, for the parity probe's samples (part of train/step_s)", "perf"),
     Metric("perf/trainer_threads", "torch threads this step's forward and backward ran with (`train.threads: auto` adapts them)", "perf"),

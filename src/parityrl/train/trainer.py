@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from parityrl.config import RunConfig
-from parityrl.memory import uses_activation_checkpointing
+from parityrl.memory import process_rss_gb, release_free_memory, uses_activation_checkpointing
 from parityrl.policy import export_state_dict, load_policy
 from parityrl.scoring import Mismatch, ModelShape, PackedBatch, PolicyScorer, Sample, Scored, k3, pack_samples, score
 from parityrl.train.checkpoint import RunState, load_run_state, save_checkpoint
@@ -217,10 +217,13 @@ class Trainer:
         result = self.step_stats(samples, advantages, probe, global_normaliser(samples, self.config.train.objective))
         if result.skip_reason is not None:
             return result.skip_metrics()
+        rss_now, rss_peak = process_rss_gb()
         return finalise(result.stats) | {
             "train/grad_norm": result.grad_norm,
             "train/step_s": result.elapsed,
             "perf/train_tok_s": result.tokens / max(result.elapsed, 1e-9),
+            "perf/trainer_rss_gb": rss_now,
+            "perf/trainer_peak_rss_gb": rss_peak,
             "train/skipped_steps": 0,
         }
 
@@ -254,6 +257,8 @@ class Trainer:
                 stats.add("micro_batches", 1)
             with torch.no_grad():
                 self._accumulate(stats, packed, scored, out)
+            del scored, out
+            release_free_memory()  # this micro-batch's activations are free: give their pages back (parityrl.memory)
         # the weights are still the published version until optimizer.step: the probe's lag is 0
         waiting = time.perf_counter()
         probe_samples = probe() if callable(probe) else probe
@@ -267,6 +272,7 @@ class Trainer:
             return self._skip(f"non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient norm'}", start)
         self.optimizer.step()
         self.version += 1
+        release_free_memory()
         return StepResult(stats, grad_norm, total_tokens, time.perf_counter() - start)
 
     def _skip(self, reason: str, start: float) -> StepResult:
