@@ -39,8 +39,9 @@ Regimes (`--regimes`, and any number of `--config FILE`):
         generation dominates; its held-out success stays ~0, so compare the wall times.
   FILE  `--config FILE`: any parityrl config (its own train.steps unless --steps is given).
 
-Measured per side: RL wall (parityrl's definition: from the first step's start, after the start
-evaluation, to the end of the last step; the evaluations in between count, the final one does not),
+Measured per side: RL wall (parityrl's definition: from the first step's start to the end of the last
+step; the evaluations in between count, the final one does not; parityrl decodes its start evaluation
+beside the first rollouts, so that one counts on its side, while TRL's runs before its first step),
 the whole command (subprocess start to exit, engine start-up included), held-out success at every
 evaluation step, and the RL time at which held-out success first reaches a target (`--target-success`;
 default: the lower of the two sides' final successes, when that is above the start). Ratios are
@@ -617,8 +618,9 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join(["benchmarks/vs_trl.py", *(argv if argv is not None else sys.argv[1:])]),
         "environment": env,
         "quick": args.quick,
-        "rl_wall_definition": "first step start (after the start evaluation) to the end of the last step; evaluations every "
-        "eval_every steps count, the final one does not (parityrl's summary.json rl_seconds; the TRL worker times the same span)",
+        "rl_wall_definition": "first step start to the end of the last step; evaluations every eval_every steps count, the final "
+        "one does not; parityrl's start evaluation runs beside its first rollouts (counted), TRL's before its first step "
+        "(not counted) (parityrl's summary.json rl_seconds; the TRL worker times the same span)",
         "regimes": results,
     }
     write_results(args.out, payload)

@@ -4,7 +4,14 @@
   engine, logs each step once and trains no prompt group twice (a reward that fails on 5% of calls
   runs at the same time and is counted);
 - the whole `parityrl train` process group is SIGKILLed after a checkpoint: `--resume` finishes
-  with every step logged exactly once and the policy versions continuous.
+  with every step logged exactly once and the policy versions continuous;
+- the engine hangs (SIGSTOP: alive, never progressing): the stall watchdog, or the request deadline
+  when the watchdog is slower, declares it dead and a new engine finishes the run;
+- the engine keeps dying: past `engine.max_restarts` the run stops with a checkpoint, one paragraph
+  and a non-zero exit, and leaves no process behind.
+
+Kill steps and victims come from `random.Random(FAULT_SEED)` (env `PARITYRL_FAULT_SEED`, default 0),
+printed in every failure message, so a failure can be replayed.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ pytestmark = pytest.mark.integration
 
 TESTS = Path(__file__).resolve().parent
 STEPS = 10
+FAULT_SEED = int(os.environ.get("PARITYRL_FAULT_SEED", "0"))
 
 
 def train_command(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -95,21 +103,25 @@ def test_engine_killed_mid_run_is_restarted_and_the_run_finishes(tiny_model_dir,
     )  # fmt: skip
     log = open(tmp_path / "train.log", "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment(), start_new_session=True)
+    rng = random.Random(FAULT_SEED)
     try:
-        kill_after = random.Random().randint(2, 5)
+        kill_after = rng.randint(2, 5)
         wait_for(lambda: any(r["step"] >= kill_after for r in logged_steps(run_dir)), process, 600, f"step {kill_after}")
-        victims = vllm_processes(process.pid)
+        victims = sorted(vllm_processes(process.pid), key=lambda p: p.name())  # this run's own, in a fixed order
         assert victims, "no vLLM EngineCore/worker process found"
-        victim = random.choice(victims)
+        victim = rng.choice(victims)
         victim_name = victim.name()
         victim.kill()
-        assert process.wait(timeout=900) == 0, (tmp_path / "train.log").read_text()[-3000:]
+        replay = f"(PARITYRL_FAULT_SEED={FAULT_SEED}: {victim_name} killed after step {kill_after})"
+        assert process.wait(timeout=900) == 0, replay + (tmp_path / "train.log").read_text()[-3000:]
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         log.close()
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["engine_restarts"] >= 1, f"killed {victim_name} but no restart was recorded"
+    assert summary["engine_restarts"] >= 1, f"no restart was recorded {replay}"
+    # the engine always has groups in flight (async, 8 per step): the ones it was generating are redone
+    assert summary["requeued_groups"] >= 1, f"no group was requeued {replay}"
     records = assert_each_step_once(run_dir, STEPS)
     # the flaky reward failed on ~5% of calls: counted, never more than 10% of a step
     assert summary["reward_errors"] == sum(r["pipeline/reward_errors"] for r in records) > 0
@@ -178,3 +190,80 @@ def test_every_process_of_a_run_dies_with_its_main_process(tiny_model_dir, tmp_p
         for leftover in [process.pid] + [p.pid for p in children]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(leftover, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    "detected_by, settings",
+    [
+        ("stall", ["engine.stall_timeout_s=5"]),
+        # the watchdog would wait 10 minutes: the group's own deadline fires first
+        ("deadline", ["engine.stall_timeout_s=600", "engine.request_timeout_s=20"]),
+    ],
+)
+def test_hung_engine_is_replaced_and_the_run_finishes(tiny_model_dir, tmp_path, detected_by, settings):
+    """SIGSTOP every vLLM process of the run mid-run: alive, holding requests, never streaming again."""
+    run_dir = tmp_path / "run"
+    overrides = [arg for setting in settings for arg in ("--set", setting)]
+    process = subprocess.Popen(
+        train_command(tiny_model_dir, run_dir, *overrides), stdout=open(tmp_path / "train.log", "w"), stderr=subprocess.STDOUT,
+        env=environment(), start_new_session=True,
+    )  # fmt: skip
+    stopped: list[psutil.Process] = []
+    stop_after = random.Random(FAULT_SEED).randint(2, 5)
+    replay = f"(PARITYRL_FAULT_SEED={FAULT_SEED}: engine stopped after step {stop_after})"
+    try:
+        wait_for(lambda: any(r["step"] >= stop_after for r in logged_steps(run_dir)), process, 600, f"step {stop_after}")
+        stopped = vllm_processes(process.pid)
+        assert stopped, "no vLLM EngineCore/worker process found"
+        for victim in stopped:
+            victim.suspend()
+        assert process.wait(timeout=600) == 0, replay + (tmp_path / "train.log").read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        for victim in stopped:  # a stopped process outlives the test otherwise
+            with contextlib.suppress(psutil.NoSuchProcess):
+                victim.kill()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["engine_restarts"] == 1, replay
+    expected = "no token streamed" if detected_by == "stall" else "deadline"
+    assert any(expected in failure for failure in summary["engine_failures"]), (replay, summary["engine_failures"])
+    assert summary["requeued_groups"] >= 1, replay
+    assert_each_step_once(run_dir, STEPS)
+    # the hung engine was closed, not left stopped beside its successor
+    assert not [p for p in stopped if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], replay
+
+
+def test_engine_that_keeps_dying_stops_the_run_with_a_checkpoint(tiny_model_dir, tmp_path):
+    """engine.max_restarts=1: the first death is survived, the second stops the run (exit 1) with a
+    checkpoint of the last finished step, a message naming `--resume`, and nothing left running."""
+    run_dir = tmp_path / "run"
+    command = train_command(tiny_model_dir, run_dir, "--set", "engine.max_restarts=1", "--set", "train.steps=400", "--set", "train.checkpoint_every=0")
+    log_path = tmp_path / "train.log"
+    process = subprocess.Popen(command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=environment(), start_new_session=True)
+    rng = random.Random(FAULT_SEED)
+    everything: list[psutil.Process] = []
+    killed: set[int] = set()
+    try:
+        for death in (1, 2):
+            after = len(logged_steps(run_dir)) + rng.randint(1, 3)
+            wait_for(lambda after=after: len(logged_steps(run_dir)) >= after, process, 600, f"{after} logged steps before death {death}")
+            # the trainer may go on with groups already generated while the engine restarts: wait for the new one
+            wait_for(lambda killed=killed: {p.pid for p in vllm_processes(process.pid)} - killed, process, 300, f"an engine before death {death}")
+            victims = [p for p in vllm_processes(process.pid) if p.pid not in killed]
+            everything += psutil.Process(process.pid).children(recursive=True)
+            killed |= {p.pid for p in victims}
+            rng.choice(sorted(victims, key=lambda p: p.name())).kill()
+        assert process.wait(timeout=300) == 1, f"(PARITYRL_FAULT_SEED={FAULT_SEED}) " + log_path.read_text()[-3000:]
+        _, alive = psutil.wait_procs(everything, timeout=15)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    output = log_path.read_text()
+    assert "engine.max_restarts=1" in output and "parityrl train --resume" in output, output[-3000:]
+    # vLLM logs the dead EngineCore's stack (lines it prefixes with its process); parityrl itself ends in one paragraph
+    assert "\nTraceback (most recent call last)" not in output and "the run stopped at step" in output, output[-3000:]
+    steps = [r["step"] for r in logged_steps(run_dir) if r["step"] > 0]
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints[-1] == f"step_{steps[-1]:06d}", (checkpoints, steps[-1])
+    assert not alive, f"left running after the run stopped: {[(p.pid, p.name()) for p in alive]}"

@@ -271,4 +271,7 @@ def test_rl_steps_on_smollm2_through_vllm(smollm2_fp32, tmp_path):
     assert parity and max(parity) <= 1e-6  # fp32: engine and trainer compute the same processed logprobs
     assert all(r["train/skipped_steps"] == 0 and r["rl/entropy"] > 0 for r in rows[1:])
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 3 and set(summary["startup_s"]) >= {"engine", "evaluation"}
+    # the start evaluation decodes beside the first rollouts: not a start-up phase, yet logged at step 0
+    assert summary["steps"] == 3 and set(summary["startup_s"]) == {"assets", "trainer", "engine", "total"}
+    assert summary["eval_success_start"] == rows[0]["eval/success"]
+    assert rows[1]["perf/trainer_peak_rss_gb"] > 0 and rows[1]["perf/trainer_rss_gb"] <= rows[-1]["perf/trainer_peak_rss_gb"]

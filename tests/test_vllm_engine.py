@@ -16,7 +16,7 @@ import torch
 import vllm  # noqa: F401  (a missing vLLM must fail CI, not skip these tests)
 
 from parityrl.assets import encode_prompt, load_tokenizer
-from parityrl.config import EngineConfig, SamplingConfig
+from parityrl.config import EngineConfig, SamplingConfig, load_config
 from parityrl.engines.base import RolloutEngine
 from parityrl.engines.reference import score_with_kv_switch
 from parityrl.engines.vllm_host import on_cpu
@@ -24,6 +24,7 @@ from parityrl.parity.check import trainer_logprobs
 from parityrl.policy import export_state_dict, load_policy, processed_logprobs
 from parityrl.scoring import Sample
 from parityrl.scoring import k3 as k3_estimator
+from parityrl.train.trainer import Trainer
 
 pytestmark = pytest.mark.integration
 
@@ -109,22 +110,22 @@ class EngineSlot:
         self.mode: str | None = None
         self.start_times: dict[str, float] = {}
 
-    def get(self, logprobs_mode: str = "processed_logprobs"):
+    def get(self, logprobs_mode: str = "processed_logprobs", dtype: str = "float32"):
         """processed_logprobs: weights updated in place (the default); raw_logprobs: vLLM's reload, so
         both update paths run against the trainer."""
         from parityrl.engines.vllm import VLLMEngine
 
-        if self.engine is not None and self.mode == logprobs_mode:
+        if self.engine is not None and self.mode == (logprobs_mode, dtype):
             return self.engine
         self.close()
         weight_update = "inplace" if logprobs_mode == "processed_logprobs" else "reload"
-        config = EngineConfig(logprobs_mode=logprobs_mode, weight_update=weight_update)
-        engine = VLLMEngine(self.model_dir, "float32", config, seed=1234)
+        config = EngineConfig(logprobs_mode=logprobs_mode, weight_update=weight_update, enforce_eager=dtype != "float32")
+        engine = VLLMEngine(self.model_dir, dtype, config, seed=1234)
         began = time.perf_counter()
         self.run(engine.start())
         self.start_times[logprobs_mode] = time.perf_counter() - began
         print(f"\n[vllm] engine start ({logprobs_mode}): {self.start_times[logprobs_mode]:.1f} s")
-        self.engine, self.mode = engine, logprobs_mode
+        self.engine, self.mode = engine, (logprobs_mode, dtype)
         return engine
 
     def run(self, coroutine):
@@ -393,3 +394,34 @@ def test_reload_update_reaches_the_model(slot, tokenizer, hf_model):
         assert k3_v0 > 1e4 * max(k3_v1, 1e-14)  # the old weights are far: the update really landed
     finally:
         slot.run(engine.update_weights(export_state_dict(hf_model), engine.version + 1))
+
+
+def test_a_bf16_engine_is_sent_the_weights_it_would_round_itself(slot, tokenizer, model_dir):
+    """The trainer publishes bf16 weights to a bf16 engine (half the copy, shared memory and transfer)
+    and keeps the fp32 head fp32 (fix 4). The engine must then hold exactly what it holds after loading
+    the fp32 master weights and rounding them itself: same seeded samples, same logprobs, bit for bit."""
+    config = load_config(None, [f"model.path={model_dir}", "model.dtype=bfloat16"])
+    trainer = Trainer(config, model_dir, pad_id=tokenizer.pad_token_id or 0)
+    with torch.no_grad():  # weights bf16 has not seen: the update must change what the engine samples
+        generator = torch.Generator().manual_seed(3)
+        for parameter in trainer.model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.01)
+    rounded = trainer.state_dict_for_engines()
+    assert rounded["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert rounded["lm_head.weight"].dtype == torch.float32
+    master = export_state_dict(trainer.model)  # fp32: the engine rounds these itself
+    engine = slot.get("processed_logprobs", dtype="bfloat16")
+    # one request at a time: a batch's composition changes bf16 results (vLLM is not batch-invariant)
+    sampling = SamplingConfig(temperature=1.0, top_k=50, max_new_tokens=24).model_copy(update={"n": 1})
+    prompts = [encode_prompt(tokenizer, p) for p in ("12+34=", "7+80=", "55+5=")]
+
+    def samples_after(state: dict, version: int) -> list[Sample]:
+        if state:
+            slot.run(engine.update_weights(state, version))
+        return [slot.run(engine.generate(p, sampling, f"same-seed-{i}", ignore_eos=True))[0] for i, p in enumerate(prompts)]
+
+    before = samples_after({}, engine.version)
+    from_master, from_rounded = samples_after(master, engine.version + 1), samples_after(rounded, engine.version + 2)
+    assert [s.logprobs_old for s in before] != [s.logprobs_old for s in from_master]  # the update landed
+    assert [s.completion_token_ids for s in from_master] == [s.completion_token_ids for s in from_rounded]
+    assert [s.logprobs_old for s in from_master] == [s.logprobs_old for s in from_rounded]

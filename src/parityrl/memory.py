@@ -7,7 +7,7 @@ can check against the code:
 
 - weights, gradients and AdamW's two moments: fp32 master weights, 16 bytes per parameter;
 - the copy `Trainer.state_dict_for_engines` makes for every publication and the shared-memory buffer
-  the engine loads it from (4 + 4 bytes per parameter);
+  the engine loads it from, in the engine's dtype (2 + 2 bytes per parameter in bf16, 4 + 4 in fp32);
 - activations of one micro-batch (`train.micro_batch_tokens`): with activation checkpointing each
   decoder layer keeps its input (H floats per token) and one layer at a time is recomputed in full
   during backward; without it every layer keeps everything. The eager attention keeps its
@@ -130,8 +130,9 @@ def estimate_trainer_memory(config: RunConfig, hf_config: dict, longest_prompt: 
     return TrainerMemory(
         runtime=RUNTIME_BYTES,
         weights_grads_optimizer=16 * parameters,
-        # the copy a publication makes, and the shared-memory buffer the engine loads from (mapped here too)
-        publication_copy=2 * FLOAT_BYTES * parameters,
+        # the copy a publication makes, and the shared-memory buffer the engine loads it from (mapped here
+        # too), both in the engine's dtype (`policy.export_state_dict`)
+        publication_copy=2 * (2 if config.model.dtype == "bfloat16" else FLOAT_BYTES) * parameters,
         activations=int(ALLOCATOR_FACTOR * activations),
         head_chunks=HEAD_CHUNK_COPIES * SCORE_CHUNK_ELEMENTS * FLOAT_BYTES,
     )

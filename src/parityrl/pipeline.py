@@ -156,25 +156,34 @@ async def run_training(
         async def stop_run(reason: str, extra_pending: list[Problem] = (), fix_first: bool = True) -> RunStopped:
             await asyncio.to_thread(checkpoint_now, extra_pending)
             return RunStopped(
-                f"the run stopped at step {step}: {reason}. A checkpoint of step {step} is in {run_dir}/checkpoints; "
+                f"the run stopped at step {step}: {reason.rstrip('.')}. A checkpoint of step {step} is in {run_dir}/checkpoints; "
                 f"{'fix the cause, then ' if fix_first else ''}continue with `parityrl train --resume {run_dir}`."
             )
 
-        metrics: dict = {}
-        if state is None:
+        async def finish_start_evaluation(evaluation: asyncio.Task) -> float:
+            """The start's held-out success, logged as step 0 once its decoding (beside the first rollouts) is done."""
             eval_began = time.perf_counter()
-            eval_success = await held_out_success()
-            startup["evaluation"] = time.perf_counter() - eval_began
-            logger.log(0, {"eval/success": eval_success})
-            counters["eval_success_start"] = eval_success
+            success = await evaluation
+            counters["eval_success_start"] = summary["eval_success_start"] = success
+            logger.log(0, {"eval/success": success})
+            console.print(f"held-out success before RL: [bold]{success:.3f}[/bold] (the trainer waited {time.perf_counter() - eval_began:.0f} s for it)")
+            return success
+
+        metrics: dict = {}
+        start_evaluation: asyncio.Task | None = None
+        if state is None:
+            # decoded by the engine beside the first batch's rollouts rather than before them (44 s of a
+            # SmolLM2 start); the first publication waits for it, so it sees version 0 only
+            start_evaluation = asyncio.create_task(held_out_success())
+            eval_success = None
         else:
             eval_success = state.eval_success
         summary["eval_success_start"] = counters.get("eval_success_start")
         startup["total"] = time.perf_counter() - began
         summary["startup_s"] = {phase: round(seconds, 1) for phase, seconds in startup.items()}
         console.print(
-            f"held-out success before RL: [bold]{counters.get('eval_success_start', float('nan')):.3f}[/bold] "
-            f"(ready to train {startup['total']:.0f} s after the start: " + ", ".join(f"{k} {v:.0f} s" for k, v in startup.items() if k != "total") + ")"
+            f"ready to train {startup['total']:.0f} s after the start (" + ", ".join(f"{k} {v:.0f} s" for k, v in startup.items() if k != "total") + ")"
+            + (": the held-out evaluation runs beside the first rollouts" if start_evaluation is not None else "")
         )
         # max_lag 0 admits only samples of the current version: that is the synchronous loop
         max_lag = config.pipeline.max_lag if config.pipeline.max_lag is not None else 1 << 40
@@ -243,6 +252,13 @@ async def run_training(
                 except EngineGaveUp as error:  # the probe's engine
                     step -= 1
                     raise await stop_run(str(error)) from None
+                if start_evaluation is not None:  # before the first publication changes the engine's weights
+                    try:
+                        eval_success = await finish_start_evaluation(start_evaluation)
+                    except EngineGaveUp as error:
+                        step -= 1
+                        raise await stop_run(str(error)) from None
+                    start_evaluation = None
                 publish_failure: EngineGaveUp | None = None
                 if publishing is not None:  # the previous step's weights: landed while this step computed
                     try:
@@ -345,7 +361,7 @@ async def run_training(
         gc.unfreeze()  # frozen objects are never freed: at exit, triton's bindings reported them as leaks
         if isinstance(trainer, Trainer):
             trainer.follow_thread_count(None)
-        for background in (producer, probe_task, publishing):
+        for background in (producer, probe_task, publishing, start_evaluation):
             if background is not None:
                 background.cancel()
                 await asyncio.gather(background, return_exceptions=True)

@@ -227,6 +227,10 @@ class Rollouts:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.failure.done() and not self.failure.cancelled():
+            # the run already stopped for its own reason (often the same engine failure, seen first by the
+            # loop): read the error so asyncio does not print it as "never retrieved" after the run's message
+            self.failure.exception()
 
 
 def batch_tensors(groups: list[Group], advantage_kind: str) -> tuple[list[Sample], torch.Tensor, torch.Tensor]:

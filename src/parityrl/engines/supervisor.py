@@ -104,7 +104,7 @@ class SupervisedEngine:
                 await self._dispose(engine)
                 reason = f"engine start failed: {type(error).__name__}: {error}"
                 if self.restarts >= self.config.max_restarts:
-                    self._gave_up = EngineGaveUp(reason)
+                    self._gave_up = self._giving_up(reason)
                     raise self._gave_up from None
                 self.restarts += 1
                 self.failures.append(reason)
@@ -114,6 +114,11 @@ class SupervisedEngine:
         self._dead = asyncio.Event()
         self._dead_reason = ""
         self._watchdog = asyncio.create_task(self._watch(engine, self._dead))
+
+    def _giving_up(self, reason: str) -> EngineGaveUp:
+        return EngineGaveUp(
+            f"the rollout engine failed {self.restarts + 1} times (engine.max_restarts={self.config.max_restarts}); last failure: {reason}"
+        )
 
     async def _dispose(self, engine: RolloutEngine) -> None:
         with contextlib.suppress(Exception):
@@ -211,10 +216,7 @@ class SupervisedEngine:
             if self._engine is not None:
                 await self._dispose(self._engine)
             if self.restarts >= self.config.max_restarts:
-                self._gave_up = EngineGaveUp(
-                    f"the rollout engine failed {self.restarts + 1} times (engine.max_restarts={self.config.max_restarts}); "
-                    f"last failure: {reason}"
-                )
+                self._gave_up = self._giving_up(reason)
                 raise self._gave_up
             self.restarts += 1
             self.log(f"engine failure: {reason}; restarting it with weights v{self.version} ({self.restarts}/{self.config.max_restarts})")

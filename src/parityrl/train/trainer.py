@@ -22,7 +22,7 @@ from torch import Tensor
 
 from parityrl.config import RunConfig
 from parityrl.memory import process_rss_gb, release_free_memory, uses_activation_checkpointing
-from parityrl.policy import export_state_dict, load_policy
+from parityrl.policy import export_state_dict, load_policy, torch_dtype
 from parityrl.scoring import Mismatch, ModelShape, PackedBatch, PolicyScorer, Sample, Scored, k3, pack_samples, score
 from parityrl.train.checkpoint import RunState, load_run_state, save_checkpoint
 from parityrl.train.objectives import policy_loss
@@ -198,7 +198,9 @@ class Trainer:
         self._thread_hooks = follow_thread_count(self.model, threads_now) if threads_now is not None else []
 
     def state_dict_for_engines(self) -> dict[str, Tensor]:
-        return export_state_dict(self.model)
+        """The weights as the engines hold them: the model dtype, the head fp32 under fix 4 (`export_state_dict`)."""
+        head = frozenset({"lm_head.weight"}) if self.config.engine.lm_head_fp32 else frozenset()
+        return export_state_dict(self.model, torch_dtype(self.config.model.dtype), keep_fp32=head)
 
     def _pack(self, samples: list[Sample]) -> PackedBatch:
         """`samples` in shared-prompt rows, on the trainer's device (moved once per micro-batch)."""
