@@ -169,8 +169,19 @@ def parity_stats(samples: list[Sample], model, sampling: SamplingConfig) -> tupl
 # tests (file order matters only for speed: processed-mode engine first, raw-mode engine last)
 # --------------------------------------------------------------------------------------------------
 
-PROCESSED_SAMPLES: dict[int, list[Sample]] = {}
-PROCESSED_K3: dict[int, float] = {}
+@pytest.fixture(scope="module")
+def processed_samples(slot, tokenizer):
+    """The processed-mode engine's samples for a parity setting, generated once: the raw-mode test
+    compares against the same tokens, and runs alone too (it generates them itself then)."""
+    cache: dict[int, list[Sample]] = {}
+
+    def samples_of(index: int) -> list[Sample]:
+        if index not in cache:
+            engine = slot.get("processed_logprobs")
+            cache[index] = generate_all(slot, engine, tokenizer, PARITY_SETTINGS[index], f"parity{index}")
+        return cache[index]
+
+    return samples_of
 
 
 def test_protocol_and_settings(slot):
@@ -220,10 +231,9 @@ def test_prompts_beyond_the_batched_token_budget_do_not_kill_the_engine(slot, to
 
 
 @pytest.mark.parametrize("index", range(len(PARITY_SETTINGS)))
-def test_processed_logprobs_match_trainer(slot, tokenizer, hf_model, index):
+def test_processed_logprobs_match_trainer(processed_samples, hf_model, index):
     sampling = PARITY_SETTINGS[index]
-    engine = slot.get("processed_logprobs")
-    samples = generate_all(slot, engine, tokenizer, sampling, f"parity{index}")
+    samples = processed_samples(index)
     assert len(samples) == len(PROMPTS) * sampling.n
     for sample in samples:
         assert len(sample.completion_token_ids) == len(sample.logprobs_old) == len(sample.version_per_token)
@@ -234,8 +244,6 @@ def test_processed_logprobs_match_trainer(slot, tokenizer, hf_model, index):
           f"tokens={count} k3={mean_k3:.3e} max|d|={max_abs:.3e}")
     assert mean_k3 <= 1e-9
     assert max_abs <= 1e-5
-    PROCESSED_SAMPLES[index] = samples
-    PROCESSED_K3[index] = mean_k3
 
 
 def test_seeded_generation_is_reproducible(slot, tokenizer):
@@ -354,22 +362,23 @@ def test_inflight_update_abort_mode(slot, tokenizer, hf_model):
     assert all(set(s.version_per_token) == {v + 1} for s in after)
 
 
-def test_raw_logprobs_mismatch(slot, tokenizer, hf_model):
+def test_raw_logprobs_mismatch(slot, tokenizer, hf_model, processed_samples):
     """Naive fix-1 setting on the same tokens: raw logprobs vs the trainer's processed ones."""
-    assert PROCESSED_SAMPLES, "run after test_processed_logprobs_match_trainer"
+    processed_of = {index: processed_samples(index) for index in range(len(PARITY_SETTINGS))}
+    processed_k3 = {index: parity_stats(samples, hf_model, PARITY_SETTINGS[index])[0] for index, samples in processed_of.items()}
     engine = slot.get("raw_logprobs")
     assert engine.settings()["logprobs_mode"] == "raw_logprobs"
-    for index, processed in PROCESSED_SAMPLES.items():
+    for index, processed in processed_of.items():
         sampling = PARITY_SETTINGS[index]
         samples = generate_all(slot, engine, tokenizer, sampling, f"parity{index}")
         # same engine seed + request ids + weights -> the same sampled tokens, only the reported logprobs differ
         assert [s.completion_token_ids for s in samples] == [s.completion_token_ids for s in processed]
         raw_k3, raw_max, count = parity_stats(samples, hf_model, sampling)
-        ratio = raw_k3 / max(PROCESSED_K3[index], 1e-30)
+        ratio = raw_k3 / max(processed_k3[index], 1e-30)
         print(f"\n[vllm] raw {sampling.temperature=} {sampling.top_k=} {sampling.top_p=}: tokens={count} "
-              f"k3={raw_k3:.3e} max|d|={raw_max:.3e} (processed k3={PROCESSED_K3[index]:.3e}, ratio={ratio:.2e})")
+              f"k3={raw_k3:.3e} max|d|={raw_max:.3e} (processed k3={processed_k3[index]:.3e}, ratio={ratio:.2e})")
         # relative to processed, and absolute: with a processed k3 of 0 the ratio alone admits any raw value
-        assert raw_k3 >= 1e5 * PROCESSED_K3[index] and raw_k3 >= 1e-4
+        assert raw_k3 >= 1e5 * processed_k3[index] and raw_k3 >= 1e-4
 
 
 def test_reload_update_reaches_the_model(slot, tokenizer, hf_model):
