@@ -30,11 +30,11 @@ GIB = 1 << 30
 RUNTIME_BYTES = int(0.5 * GIB)
 """RSS of the trainer process besides tensors: torch, transformers, vLLM's AsyncLLM front end (a
 SmolLM2 run's trainer held 0.77 GB with its 0.54 GB of fp32 weights loaded, before the first step)."""
-ALLOCATOR_FACTOR = 2.3
-"""Measured peak over the activation estimate: a SmolLM2 run (1024-token micro-batches, 128 new tokens,
-one torch thread, one malloc arena) peaked at 8.7 GB by step 5, 2.3x what the sum of the other parts plus
-the activation formula gives for the activations. The formula counts the tensors kept for backward; the
-allocator's free-but-held memory and the transient copies of a backward pass come on top."""
+ALLOCATOR_FACTOR = 2.4
+"""Measured peak over the activation estimate: a SmolLM2 run (512-token micro-batches, heap trimmed after
+each, up to 256 new tokens, bf16 publications) peaked at 5.7 GiB, 2.4x what the activation formula
+gives once the other parts are taken off. The formula counts the tensors kept for backward; the
+transient copies of a backward pass and what the allocator holds within a micro-batch come on top."""
 HEAD_CHUNK_COPIES = 10
 """fp32 [positions, V] tensors alive at once while one chunk of the head is scored and back-propagated
 (logits, penalised, scaled, sorted values and indices, masked, log-softmax, their gradients)."""
