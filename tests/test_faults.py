@@ -120,8 +120,10 @@ def test_engine_killed_mid_run_is_restarted_and_the_run_finishes(tiny_model_dir,
         log.close()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["engine_restarts"] >= 1, f"no restart was recorded {replay}"
-    # the engine always has groups in flight (async, 8 per step): the ones it was generating are redone
-    assert summary["requeued_groups"] >= 1, f"no group was requeued {replay}"
+    # a death seen by a group's request redoes the groups in flight; one seen first by a weight update can
+    # come when every slot's group is already generated (measured: 'weight update v6 failed', 0 requeued)
+    if not any("weight update" in failure for failure in summary["engine_failures"]):
+        assert summary["requeued_groups"] >= 1, f"no group was requeued {replay}: {summary['engine_failures']}"
     records = assert_each_step_once(run_dir, STEPS)
     # the flaky reward failed on ~5% of calls: counted, never more than 10% of a step
     assert summary["reward_errors"] == sum(r["pipeline/reward_errors"] for r in records) > 0
@@ -171,6 +173,7 @@ def test_every_process_of_a_run_dies_with_its_main_process(tiny_model_dir, tmp_p
     gone within 15 s. Before the orphan guard the EngineCore and worker kept running (2.8 GB) until
     killed by hand; this test failed then."""
     run_dir = tmp_path / "run"
+    shared_before = set(Path("/dev/shm").glob("psm_*"))
     command = train_command(tiny_model_dir, run_dir, "--set", "train.steps=400", "--set", "train.checkpoint_every=0")
     # a session of its own: the test's kill reaches the main pid only, never a group
     process = subprocess.Popen(command, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -186,6 +189,9 @@ def test_every_process_of_a_run_dies_with_its_main_process(tiny_model_dir, tmp_p
         elapsed = time.monotonic() - killed_at
         print(f"last child of the run gone {elapsed:.1f} s after SIGKILL of the main process")
         assert not alive, f"left running 15 s after the run died: {[(p.pid, p.name()) for p in alive]}"
+        # vLLM's message queues live in /dev/shm (RAM) until someone unlinks them: the dying guard did
+        left = set(Path("/dev/shm").glob("psm_*")) - shared_before
+        assert not left, f"shared memory left by the dead run: {sorted(left)}"
     finally:
         for leftover in [process.pid] + [p.pid for p in children]:
             with contextlib.suppress(ProcessLookupError):
@@ -228,7 +234,9 @@ def test_hung_engine_is_replaced_and_the_run_finishes(tiny_model_dir, tmp_path, 
     assert summary["engine_restarts"] == 1, replay
     expected = "no token streamed" if detected_by == "stall" else "deadline"
     assert any(expected in failure for failure in summary["engine_failures"]), (replay, summary["engine_failures"])
-    assert summary["requeued_groups"] >= 1, replay
+    if detected_by == "stall":  # the watchdog fires only with requests in flight: those are redone
+        assert summary["requeued_groups"] >= 1, replay
+    # (a deadline can be the weight update's, with every group already generated and none in flight)
     assert_each_step_once(run_dir, STEPS)
     # the hung engine was closed, not left stopped beside its successor
     assert not [p for p in stopped if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], replay

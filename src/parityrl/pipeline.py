@@ -245,6 +245,13 @@ async def run_training(
                         f"first: {first.reward_errors[0]} (prompt {first.problem.prompt!r})",
                         [g.problem for g in groups],
                     ) from None
+                if start_evaluation is not None:  # usually done by now; before the first step and its publication
+                    try:
+                        eval_success = await finish_start_evaluation(start_evaluation)
+                    except EngineGaveUp as error:  # the batch taken is trained on after --resume
+                        step -= 1
+                        raise await stop_run(str(error), [g.problem for g in groups]) from None
+                    start_evaluation = None
                 samples, advantages, rewards_tensor = batch_tensors(groups, config.train.advantage)
                 try:
                     step_threads = torch.get_num_threads()  # this thread's count is the one `cores_split` sets
@@ -252,13 +259,6 @@ async def run_training(
                 except EngineGaveUp as error:  # the probe's engine
                     step -= 1
                     raise await stop_run(str(error)) from None
-                if start_evaluation is not None:  # before the first publication changes the engine's weights
-                    try:
-                        eval_success = await finish_start_evaluation(start_evaluation)
-                    except EngineGaveUp as error:
-                        step -= 1
-                        raise await stop_run(str(error)) from None
-                    start_evaluation = None
                 publish_failure: EngineGaveUp | None = None
                 if publishing is not None:  # the previous step's weights: landed while this step computed
                     try:

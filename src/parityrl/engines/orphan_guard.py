@@ -8,7 +8,10 @@ vLLM loads in each of its processes: in a process started under a parityrl run
 (`RUN_PID_ENV` set) it starts a daemon thread that checks every `CHECK_EVERY_S` whether the
 process's parent is still the one that started it and the run's main process still exists, and
 SIGKILLs its own process when either is gone. The chain follows: the EngineCore goes within a second
-of the run, its worker within a second of the EngineCore.
+of the run, its worker within a second of the EngineCore. Before it goes, it unlinks the POSIX shared
+memory it maps (`/dev/shm/psm_*`: vLLM's message queues between frontend, EngineCore and worker,
+unlinked by their owner at a clean shutdown): after a SIGKILL nobody else would, and tmpfs keeps them,
+in RAM, until the machine restarts.
 
 Polling rather than `PR_SET_PDEATHSIG`: the kernel sends that signal when the *thread* that forked
 the child exits, and vLLM starts its processes from threads that may end long before the run does.
@@ -54,7 +57,29 @@ def _watch(run_pid: int, parent: int) -> None:
         time.sleep(CHECK_EVERY_S)
         if os.getppid() != parent or not _exists(run_pid):
             # the run is gone: nothing of this process is worth keeping (no checkpoint lives here)
+            unlink_mapped_shared_memory()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+SHARED_MEMORY_PREFIX = "/dev/shm/psm_"
+"""Python's `multiprocessing.shared_memory` names, which vLLM's shared-memory message queues use."""
+
+
+def unlink_mapped_shared_memory(maps_path: str = "/proc/self/maps") -> list[str]:
+    """Unlink every `psm_*` segment this process maps; returns the paths. Processes that still map one
+    keep their mapping (unlinking removes only the name), and the run they served is gone."""
+    try:
+        with open(maps_path) as maps:
+            paths = {line.split(maxsplit=5)[-1].strip() for line in maps if SHARED_MEMORY_PREFIX in line}
+    except OSError:
+        return []
+    unlinked = []
+    for path in sorted(paths):
+        if path.startswith(SHARED_MEMORY_PREFIX) and not path.endswith("(deleted)"):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                unlinked.append(path)
+    return unlinked
 
 
 def _exists(pid: int) -> bool:

@@ -1,0 +1,34 @@
+"""The orphan guard's last act: unlinking the POSIX shared memory its dying vLLM process maps."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from parityrl.engines.orphan_guard import unlink_mapped_shared_memory
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm on this system")
+def test_only_the_mapped_psm_segments_are_unlinked(tmp_path):
+    ours = Path(f"/dev/shm/psm_parityrl_test_{os.getpid()}")
+    other = Path(f"/dev/shm/parityrl-test-{os.getpid()}")  # shared memory too, but not a vLLM queue
+    unmapped = Path(f"/dev/shm/psm_parityrl_unmapped_{os.getpid()}")  # another process's segment
+    for path in (ours, other, unmapped):
+        path.write_bytes(b"x")
+    maps = tmp_path / "maps"
+    maps.write_text(
+        f"7f00-7f10 rw-s 00000000 00:1a 101 {ours}\n"
+        f"7f10-7f20 rw-s 00000000 00:1a 102 {other}\n"
+        f"7f20-7f30 rw-s 00000000 00:1a 103 /dev/shm/psm_gone (deleted)\n"
+        "7f30-7f40 r-xp 00000000 08:01 104 /usr/lib/libc.so.6\n"
+    )
+    try:
+        assert unlink_mapped_shared_memory(str(maps)) == [str(ours)]
+        assert not ours.exists() and other.exists() and unmapped.exists()
+    finally:
+        for path in (ours, other, unmapped):
+            path.unlink(missing_ok=True)
