@@ -8,6 +8,8 @@ import json
 import os
 import platform
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +73,79 @@ def write_results(path: Path, payload: Any) -> None:
     text = json.dumps(payload, indent=2, default=str).replace(str(REPO) + "/", "")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text + "\n")
+
+
+MEMORY_SAMPLE_S = 0.25
+CHILD_TIMEOUT_S = 6 * 3600
+
+
+class PeakMemory:
+    """Peak RSS of a process (the trainer: the command's main process), of its vLLM engine processes
+    (EngineCore and workers, by process name) and of its whole tree (engine, reward workers), sampled
+    every `MEMORY_SAMPLE_S` from another thread. The tree's sum counts shared pages once per process."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.main_peak = self.engine_peak = self.tree_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.wait(MEMORY_SAMPLE_S):
+            try:
+                main = self.root.memory_info().rss
+                children = [(child.name(), child.memory_info().rss) for child in self.root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            engine = sum(rss for name, rss in children if name.startswith("VLLM"))
+            self.main_peak = max(self.main_peak, main)
+            self.engine_peak = max(self.engine_peak, engine)
+            self.tree_peak = max(self.tree_peak, main + sum(rss for _, rss in children))
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        gib = lambda value: round(value / 2**30, 3)  # noqa: E731
+        return {"trainer_peak_rss_gib": gib(self.main_peak), "engine_peak_rss_gib": gib(self.engine_peak), "process_tree_peak_rss_gib": gib(self.tree_peak)}
+
+
+def run_logged(command: list[str], log_path: Path, env: dict[str, str]) -> tuple[float, list[float], list[float], dict[str, float]]:
+    """Run `command` with its output in `log_path`; (wall seconds, loadavg before, loadavg after, peak memory)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    loadavg_before = list(os.getloadavg())
+    began = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        memory = PeakMemory(proc.pid)
+        try:
+            returncode = proc.wait(timeout=CHILD_TIMEOUT_S)
+        finally:
+            peaks = memory.stop()
+    wall = time.perf_counter() - began
+    if returncode != 0:
+        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-40:])
+        raise RuntimeError(f"{command[:4]} failed (exit {returncode}); log {log_path}:\n{tail}")
+    return wall, loadavg_before, list(os.getloadavg()), peaks
+
+
+def child_env(threads: int | None = None) -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    if threads is not None:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return env
+
+
+def weights_grads_adam_gib(model_dir: Path) -> float:
+    """fp32 master weights, their gradients and AdamW's two moments: 16 bytes per parameter (a tied
+    head counted once), the same on both sides. Counted on the meta device: nothing is loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir), local_files_only=True))
+    return 16 * sum(p.numel() for p in model.parameters()) / 2**30  # parameters() yields a tied tensor once

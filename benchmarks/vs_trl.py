@@ -55,14 +55,12 @@ import json
 import os
 import random
 import string
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, environment, write_results  # noqa: E402
+from _common import REPO, child_env, environment, run_logged, weights_grads_adam_gib, write_results  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "vs_trl.json"
 DEFAULT_WORK = REPO / "runs" / "vs_trl"
@@ -70,7 +68,6 @@ DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 GEN_ASSETS = REPO / "runs" / "bench-assets"
 GEN_DATA = GEN_ASSETS / "vs_trl-reversal" / "reversal.jsonl"
 GEN_TRAIN_PROMPTS, GEN_EVAL_PROMPTS, GEN_CHARS = 2048, 64, 12
-CHILD_TIMEOUT_S = 6 * 3600
 QUICK = {"demo_steps": 4, "gen_steps": 2, "config_steps": 4, "eval_every": 2}
 
 
@@ -149,65 +146,6 @@ def prepare_assets(regime: dict[str, Any]) -> Path:
 
     config = load_config(regime["config"], regime["overrides"])
     return prepare_model(config, load_task(config.task))
-
-
-def child_env(threads: int | None = None) -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    if threads is not None:
-        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    return env
-
-
-MEMORY_SAMPLE_S = 0.25
-
-
-class PeakMemory:
-    """Peak RSS of a process (its trainer: the side's main process) and of its whole tree (engine
-    processes, reward workers), sampled every `MEMORY_SAMPLE_S` from another thread."""
-
-    def __init__(self, pid: int):
-        import psutil
-
-        self.root = psutil.Process(pid)
-        self.main_peak = self.tree_peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        import psutil
-
-        while not self._stop.wait(MEMORY_SAMPLE_S):
-            try:
-                main = self.root.memory_info().rss
-                tree = main + sum(child.memory_info().rss for child in self.root.children(recursive=True))
-            except psutil.Error:
-                continue
-            self.main_peak, self.tree_peak = max(self.main_peak, main), max(self.tree_peak, tree)
-
-    def stop(self) -> dict[str, float]:
-        self._stop.set()
-        self._thread.join()
-        return {"trainer_peak_rss_gib": round(self.main_peak / 2**30, 3), "process_tree_peak_rss_gib": round(self.tree_peak / 2**30, 3)}
-
-
-def run_logged(command: list[str], log_path: Path, env: dict[str, str]) -> tuple[float, list[float], list[float], dict[str, float]]:
-    """Run `command` with its output in `log_path`; (wall seconds, loadavg before, loadavg after, peak memory)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    loadavg_before = list(os.getloadavg())
-    began = time.perf_counter()
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        memory = PeakMemory(proc.pid)
-        try:
-            returncode = proc.wait(timeout=CHILD_TIMEOUT_S)
-        finally:
-            peaks = memory.stop()
-    wall = time.perf_counter() - began
-    if returncode != 0:
-        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-40:])
-        raise RuntimeError(f"{command[:4]} failed (exit {returncode}); log {log_path}:\n{tail}")
-    return wall, loadavg_before, list(os.getloadavg()), peaks
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -488,12 +426,29 @@ def time_to(curve: list[dict[str, float]], target: float | None) -> tuple[int | 
     return None, None
 
 
-def compare(sides: dict[str, dict[str, Any]], target: float | None) -> dict[str, Any]:
+def memory_comparison(p: dict[str, Any], t: dict[str, Any], wga_gib: float) -> dict[str, Any]:
+    """Peak RSS ratios. TRL generates in its trainer process, parityrl in a separate engine, so the
+    trainer ratio is what the training process needs, and the tree ratio what the whole run needs."""
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    return {
+        "weights_grads_adam_gib": round(wga_gib, 3),
+        "trainer_peak_rss_ratio": ratio(p.get("trainer_peak_rss_gib"), t.get("trainer_peak_rss_gib")),
+        "trainer_above_weights_grads_adam_ratio": ratio(
+            p["trainer_peak_rss_gib"] - wga_gib, t["trainer_peak_rss_gib"] - wga_gib) if "trainer_peak_rss_gib" in p and "trainer_peak_rss_gib" in t else None,
+        "process_tree_peak_rss_ratio": ratio(p.get("process_tree_peak_rss_gib"), t.get("process_tree_peak_rss_gib")),
+        "step_wall_ratio": ratio(p["rl_seconds"] / p["steps"], t["rl_seconds"] / t["steps"]),
+    }
+
+
+def compare(sides: dict[str, dict[str, Any]], target: float | None, wga_gib: float) -> dict[str, Any]:
     p, t = sides.get("parityrl"), sides.get("trl")
     if p is None or t is None:
         return {}
+    memory = memory_comparison(p, t, wga_gib)
     if None in (p["success_end"], t["success_end"], p["success_start"], t["success_start"]):
-        return {"error": "a side reported no held-out success"}
+        return {"error": "a side reported no held-out success", **memory}
     if target is None:  # the lower final success, when both sides learned something above the start
         lower = min(p["success_end"], t["success_end"])
         target = lower if lower > max(p["success_start"], t["success_start"]) else None
@@ -508,6 +463,7 @@ def compare(sides: dict[str, dict[str, Any]], target: float | None) -> dict[str,
         return a / b if a is not None and b else None
 
     return {
+        **memory,
         "rl_wall_ratio": ratio(p["rl_seconds"], t["rl_seconds"]),
         "whole_command_ratio": ratio(p["whole_s"], t["whole_s"]),
         "time_to_target_ratio": ratio(p["time_to_target_s"], t["time_to_target_s"]),
@@ -530,7 +486,8 @@ def print_report(results: list[dict[str, Any]]) -> None:
         return "-" if value is None else format(value, fmt)
 
     table = Table(title="parityrl vs TRL GRPOTrainer (same model, task split, sampling, batch, objective, steps)")
-    for column in ("regime", "side", "steps", "RL wall s", "s/step", "whole s", "held-out start -> end", "mean compl tok", "target", "time to target s"):
+    for column in ("regime", "side", "steps", "RL wall s", "s/step", "whole s", "held-out start -> end", "mean compl tok", "target", "time to target s",
+                   "trainer peak GiB", "tree peak GiB"):
         table.add_column(column, justify="left" if column in ("regime", "side") else "right", no_wrap=True)
     for result in results:
         comparison = result["comparison"]
@@ -540,17 +497,21 @@ def print_report(results: list[dict[str, Any]]) -> None:
                 num(side["whole_s"], ".1f"), f"{side['success_start']:.3f} -> {side['success_end']:.3f}", num(side.get("mean_completion_tokens"), ".1f"),
                 num(comparison.get("target_success"), ".3f"),
                 num(side.get("time_to_target_s"), ".1f") + (f" (step {side['target_step']})" if side.get("target_step") is not None else ""),
+                num(side.get("trainer_peak_rss_gib"), ".2f"), num(side.get("process_tree_peak_rss_gib"), ".2f"),
             )
     console.print(table)
     ratios = Table(title="parityrl / TRL (below 1: parityrl is faster)")
-    for column in ("regime", "RL wall", "whole command", "time to target", "held-out end, points (parityrl - TRL)"):
+    for column in ("regime", "RL wall", "s/step", "whole command", "time to target", "held-out end, points (parityrl - TRL)",
+                   "trainer peak", "trainer peak above W+G+Adam", "tree peak"):
         ratios.add_column(column, justify="left" if column == "regime" else "right", no_wrap=True)
     for result in results:
         c = result["comparison"]
         if c:
             ratios.add_row(
-                result["name"], num(c.get("rl_wall_ratio"), ".2f"), num(c.get("whole_command_ratio"), ".2f"),
+                result["name"], num(c.get("rl_wall_ratio"), ".2f"), num(c.get("step_wall_ratio"), ".2f"), num(c.get("whole_command_ratio"), ".2f"),
                 num(c.get("time_to_target_ratio"), ".2f"), num(c.get("success_end_diff_points"), "+.1f"),
+                num(c.get("trainer_peak_rss_ratio"), ".2f"), num(c.get("trainer_above_weights_grads_adam_ratio"), ".2f"),
+                num(c.get("process_tree_peak_rss_ratio"), ".2f"),
             )
     console.print(ratios)
 
@@ -609,7 +570,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"held-out {m['success_start']:.3f} -> {m['success_end']:.3f}", flush=True)
         results.append({
             "name": regime["name"], "config": str(regime["config"]), "overrides": regime["overrides"], "model_dir": str(model_dir),
-            "sides": measured, "comparison": compare(measured, args.target_success),
+            "sides": measured, "comparison": compare(measured, args.target_success, weights_grads_adam_gib(model_dir)),
         })
     env["loadavg_at_end"] = list(os.getloadavg())
     print_report(results)

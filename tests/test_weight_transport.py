@@ -34,9 +34,9 @@ def test_pack_unpack_round_trip_is_exact_for_mixed_dtypes_and_layouts():
 
 
 def test_shared_buffer_written_by_one_mapping_is_read_by_another(tmp_path):
-    """The frontend writes the persistent buffer, the worker maps the same file once and reads every
-    later update through that mapping (MAP_SHARED): the second update must be visible to it. (Mapped
-    with shared=False, the reader kept seeing stale bytes and this test failed.)"""
+    """The frontend writes the buffer, the worker reads it through its own mapping of the same file
+    (MAP_SHARED), mapped before anything is written: every write must be visible to it. (Mapped with
+    shared=False, the reader kept seeing stale bytes and this test failed.)"""
     weights = mixed_weights()
     layout = tensor_layout(weights)
     path = tmp_path / "weights"

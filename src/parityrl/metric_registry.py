@@ -141,6 +141,8 @@ METRICS: tuple[Metric, ...] = (
         "background, so this is the previous step's, overlapped with this one",
         "perf",
     ),
+    Metric("perf/batch_wait_s",
+           "seconds this step waited for its batch (sync mode: the whole generation and reward of it; async: what the engine had not produced yet)", "perf"),
     Metric("perf/forward_s", "seconds of this step's forward passes (model body, chunked head, processed distribution, loss), all micro-batches", "perf"),
     Metric("perf/backward_s", "seconds of this step's backward passes (with the recomputation activation checkpointing does), all micro-batches", "perf"),
     Metric("perf/trainer_rss_gb", "resident memory of the trainer process (a Ray rank: rank 0's) at the end of this step, GB", "perf"),

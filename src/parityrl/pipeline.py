@@ -77,7 +77,7 @@ async def run_training(
     context = model_context(hf_config) or 1 << 40
     longest_prompt = check_prompt_lengths(task, tokenizer, lambda tok, prompt: task_prompt_ids(tok, task, prompt), context, config.sampling.max_new_tokens)
     check_memory(config, hf_config, longest_prompt, console)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+    checkpoint = latest_checkpoint(run_dir, report=lambda line: console.print(f"[yellow]{line}[/yellow]")) if resume else None
     if resume and checkpoint is None:
         console.print(f"[yellow]{run_dir} has no complete checkpoint yet: starting from step 0[/yellow]")
     log = lambda line: console.print(f"[yellow]{line}[/yellow]")  # noqa: E731
@@ -301,6 +301,7 @@ async def run_training(
                     "perf/rollout_tok_s": (rollouts.generated_tokens - last_tokens) / max(now - last_time, 1e-9),
                     "perf/engine_idle_frac": rollouts.idle_seconds() / max(now - rl_start, 1e-9),
                     "perf/trainer_idle_frac": trainer_wait_s / max(now - rl_start, 1e-9),
+                    "perf/batch_wait_s": waited,
                     "version": trainer.version,
                     "time_s": rl_seconds_before + now - rl_start,
                 }

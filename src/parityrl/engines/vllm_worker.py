@@ -141,8 +141,6 @@ class WeightUpdateExtension:
     Methods are called from the frontend with `await engine.collective_rpc("name", args=(...))`.
     """
 
-    _shared_buffer: tuple[str, int, Tensor] | None = None
-
     def _apply_weights(self, items) -> dict:
         """Timings of the parts: `copy_s` + `repack_s` (inplace) or `reload_s`."""
         began = time.perf_counter()
@@ -174,15 +172,16 @@ class WeightUpdateExtension:
         return {"load_s": time.perf_counter() - start, "read_s": read_s, "tensors": len(weights), **parts}
 
     def parityrl_load_weights_shared(self, layout: Mapping[str, Any]) -> dict:
-        """Load HF-named tensors from the frontend's persistent shared-memory buffer (`layout["path"]`,
-        mapped once): no serialisation, no file read; the only copy is into the parameters."""
+        """Load HF-named tensors from the frontend's shared-memory buffer for this update
+        (`layout["path"]`): no serialisation, no file read; the only copy is into the parameters. The
+        mapping is dropped afterwards, so the buffer's memory does not outlive the update."""
         start = time.perf_counter()
-        path, nbytes = str(layout["path"]), int(layout["nbytes"])
-        if self._shared_buffer is None or self._shared_buffer[:2] != (path, nbytes):
-            self._shared_buffer = (path, nbytes, map_shared_file(path, nbytes))
-        items = tensor_views(self._shared_buffer[2], layout)
+        buffer = map_shared_file(str(layout["path"]), int(layout["nbytes"]))
+        items = tensor_views(buffer, layout)
         parts = self._apply_weights(iter(items))
-        return {"load_s": time.perf_counter() - start, "tensors": len(items), **parts}
+        count = len(items)
+        del items, buffer
+        return {"load_s": time.perf_counter() - start, "tensors": count, **parts}
 
     def parityrl_report(self) -> dict:
         """Numerics-relevant settings as seen inside the worker process."""

@@ -6,11 +6,15 @@ step, the policy version, the RNG states, the prompt sampler's state and the pro
 drawn but not yet trained on (regenerated first after a resume, so no group is lost or trained twice).
 
 Writes are atomic: everything goes to a `.tmp` directory, is fsynced, then renamed into place; a
-crash mid-write leaves the previous checkpoints intact. The newest `KEEP` checkpoints are kept.
+crash mid-write leaves the previous checkpoints intact, and a write that fails (full disk, file-size
+limit) removes its `.tmp` and stops the run with one paragraph. The newest `KEEP` checkpoints are kept.
+`MANIFEST` lists every file's size, so `--resume` can tell a damaged checkpoint (a truncated or
+missing file, e.g. copied or restored by hand) from an intact one and fall back to the previous one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -21,10 +25,12 @@ from typing import Any
 
 import torch
 
+from parityrl.errors import UserError
 from parityrl.tasks import Problem
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "run_state.pt"
+MANIFEST = "manifest.json"
 KEEP = 2
 _NAME = re.compile(r"^step_(\d{6,})$")
 
@@ -72,29 +78,81 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    dirs = checkpoint_dirs(run_dir)
-    return dirs[-1] if dirs else None
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint directory, or None if it is intact: every file its manifest
+    lists is there with its size, and the weights' safetensors headers read back. (A checkpoint from
+    before manifests is checked for the state file and readable weights only.)"""
+    checkpoint = Path(checkpoint)
+    manifest_path = checkpoint / MANIFEST
+    if manifest_path.is_file():
+        try:
+            sizes = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as error:
+            return f"{MANIFEST} is unreadable ({error})"
+        for name, size in sizes.items():
+            path = checkpoint / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} is {path.stat().st_size} bytes, {size} when written (truncated or replaced)"
+    elif not (checkpoint / STATE_FILE).is_file():
+        return f"{STATE_FILE} is missing"
+    weights = sorted(checkpoint.glob("*.safetensors"))
+    if not weights:
+        return "it has no model weights (*.safetensors)"
+    from safetensors import safe_open
+
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # safetensors raises its own error types for a damaged header
+            return f"{path.name} cannot be read ({error})"
+    return None
+
+
+def latest_checkpoint(run_dir: Path, report=None) -> Path | None:
+    """The newest intact checkpoint of a run. Damaged ones are skipped, each named through
+    `report(line)`; if every checkpoint is damaged, a `UserError` says so (resuming from step 0
+    silently would throw the run away)."""
+    damaged: list[str] = []
+    for checkpoint in reversed(checkpoint_dirs(run_dir)):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            if damaged and report is not None:
+                report(f"damaged checkpoint skipped ({'; '.join(damaged)}): resuming from {checkpoint.name}, the newest intact one")
+            return checkpoint
+        damaged.append(f"{checkpoint.name}: {problem}")
+    if damaged:
+        raise UserError(
+            f"no intact checkpoint to resume {run_dir} from ({'; '.join(damaged)}). Restore the files from a copy, "
+            f"or start the run again without --resume (with --overwrite to replace it)."
+        )
+    return None
 
 
 def save_checkpoint(run_dir: Path, model, optimizer: torch.optim.Optimizer, tokenizer, state: RunState) -> Path:
-    """Write checkpoint `step_{state.step}` atomically and prune all but the newest KEEP."""
+    """Write checkpoint `step_{state.step}` atomically and prune all but the newest KEEP. A failed
+    write (full disk, read-only or size-limited file system) removes its `.tmp` and raises a
+    `UserError` that names the intact previous checkpoint."""
     root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{state.step:06d}"
     tmp = root / (final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    payload = {
-        "run_state": asdict(state) | {"pending_prompts": [asdict(p) for p in state.pending_prompts]},
-        "optimizer": optimizer.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "python_rng": random.getstate(),
-    }
-    torch.save(payload, tmp / STATE_FILE)
-    _fsync_tree(tmp)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        _write_checkpoint(tmp, model, optimizer, tokenizer, state)
+    except Exception as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_write_failure(error):
+            raise
+        previous = checkpoint_dirs(run_dir)
+        raise UserError(
+            f"could not write the checkpoint of step {state.step} to {tmp}: {_first_line(error)}. "
+            + (f"The previous checkpoint, {previous[-1].name}, is intact. " if previous else "There is no earlier checkpoint. ")
+            + f"Free space in {root} (or make it writable), then continue with `parityrl train --resume {run_dir}`.",
+            exit_code=1,
+        ) from None
     if final.exists():  # the same step saved again (e.g. a stop right after a periodic checkpoint)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -102,6 +160,36 @@ def save_checkpoint(run_dir: Path, model, optimizer: torch.optim.Optimizer, toke
     for old in checkpoint_dirs(run_dir)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+# how torch.save (RuntimeError) and safetensors (SafetensorError) report a failed write
+_WRITE_FAILURE = re.compile(r"os error|I/O error|No space|File too large|PytorchStreamWriter|inline_container|unexpected pos", re.IGNORECASE)
+
+
+def _is_write_failure(error: Exception) -> bool:
+    return isinstance(error, OSError) or bool(_WRITE_FAILURE.search(str(error)))
+
+
+def _first_line(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _write_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, tokenizer, state: RunState) -> None:
+    model.save_pretrained(str(directory), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    payload = {
+        "run_state": asdict(state) | {"pending_prompts": [asdict(p) for p in state.pending_prompts]},
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+    }
+    torch.save(payload, directory / STATE_FILE)
+    sizes = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+    (directory / MANIFEST).write_text(json.dumps(sizes, indent=1))
+    _fsync_tree(directory)
 
 
 def load_run_state(checkpoint: Path, optimizer: torch.optim.Optimizer | None = None) -> RunState:
