@@ -32,6 +32,20 @@ def lengths_by_configuration(paths: list[Path]) -> dict[str, dict[str, np.ndarra
     return {name: {k: np.asarray(v, dtype=float) for k, v in entry.items()} for name, entry in sorted(found.items()) if entry["lengths"]}
 
 
+def length_table(data: dict[str, dict[str, np.ndarray]], short: int) -> list[str]:
+    """The markdown table (docs/fix3/lengths.md): per configuration, samples, mean aborted fraction,
+    mean and 10/50/90% lengths, and the share shorter than `short` tokens."""
+    lines = [f"| configuration | samples | aborted | mean length | 10% | 50% | 90% | shorter than {short} tokens |", "|---|---|---|---|---|---|---|---|"]
+    for name, d in data.items():
+        lengths = d["lengths"]
+        q10, q50, q90 = np.percentile(lengths, [10, 50, 90])
+        lines.append(
+            f"| {name} | {len(lengths)} | {d['aborted_frac'].mean():.1%} | {lengths.mean():.1f} | {q10:.0f} | {q50:.0f} | {q90:.0f} "
+            f"| {(lengths < short).mean():.1%} |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -49,16 +63,11 @@ def main() -> None:
     longest = int(max(d["lengths"].max() for d in data.values()))
     bins = np.arange(0, longest + 2) - 0.5
     fig, ax = plt.subplots(figsize=(8, 4))
-    print(f"| configuration | samples | aborted | mean length | 10% | 50% | 90% | shorter than {args.short} tokens |")
-    print("|---|---|---|---|---|---|---|---|")
+    for line in length_table(data, args.short):
+        print(line)
     for name, d in data.items():
         lengths = d["lengths"]
         ax.hist(lengths, bins=bins, histtype="step", linewidth=1.5, density=True, label=f"{name} (n={len(lengths)})")
-        q10, q50, q90 = np.percentile(lengths, [10, 50, 90])
-        print(
-            f"| {name} | {len(lengths)} | {d['aborted_frac'].mean():.1%} | {lengths.mean():.1f} | {q10:.0f} | {q50:.0f} | {q90:.0f} "
-            f"| {(lengths < args.short).mean():.1%} |"
-        )
     ax.set_xlabel("completion length (tokens) of a sample trained on")
     ax.set_ylabel("fraction of samples")
     ax.legend(frameon=False)

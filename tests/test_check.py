@@ -42,11 +42,13 @@ def test_check_fixed_v1_on_fp32_model(tiny_model_dir):
     assert result["inflight/spanning_frac"] > 0 and result["inflight/aborted_frac"] == 0
     assert result["inflight_v/kl"] <= 1e-9
     assert result["inflight_v1_kept_kv/kl"] <= 1e-9
-    # no staleness bound here: at T 0.7 / top-p 0.9 the tokens after the switch are often all inside a
+    # only an upper bound here: at T 0.7 / top-p 0.9 the tokens after the switch are often all inside a
     # one-token support (logprob exactly 0 under both weights), so the measured staleness is 0 or not
-    # depending on where the update lands (CI's clone measured 0.0, this machine 5.8e-7). Staleness on
-    # vLLM is asserted where it cannot vanish: test_inflight_update_keep_mode (T 1.1, top-k 50)
-    assert result["pipeline/kv_staleness_kl"] is not None and result["pipeline/kv_staleness_kl"] >= 0
+    # depending on where the update lands (CI's clone measured 0.0, this machine 5.8e-7). A lower bound
+    # on vLLM is asserted where staleness cannot vanish: test_inflight_update_keep_mode (T 1.1, top-k
+    # 50). The bound is 170x what was measured: staleness far above it would mean v+1 tokens compared
+    # with the wrong recompute (e.g. version tags off by one, so v tokens count as v+1).
+    assert result["pipeline/kv_staleness_kl"] is not None and result["pipeline/kv_staleness_kl"] <= 1e-4
     assert result["post_update/kl"] <= 1e-9
 
 

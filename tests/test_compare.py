@@ -140,13 +140,30 @@ def test_measured_table_summarises_each_run_robustly(tmp_path: Path) -> None:
     assert measured["reference"]["pipeline/kv_staleness_kl"] == {"mean": None, "min": None, "max": None}
 
 
-@pytest.mark.parametrize("folder", ["docs/ablation", "docs/ablation/demo-bf16"])
+@pytest.mark.parametrize("folder", ["docs/ablation", "docs/ablation/demo-bf16", "docs/fix3"])
 def test_the_committed_ablation_verdict_is_what_its_committed_runs_give(folder: str, tmp_path: Path) -> None:
-    """docs/ablation/verdict.json is written by `compare`, never by hand: re-deriving it from the committed
-    runs with the current statistic gives the same outside/inside calls and ratios."""
+    """docs/*/verdict.json is written by `compare`, never by hand: re-deriving it from the committed
+    runs with the current statistic gives the same outside/inside calls, ratios and means (the README's
+    fix-3 rewards, 0.60 against 0.05, are these means)."""
     root = Path(__file__).resolve().parents[1] / folder
     committed = json.loads((root / "verdict.json").read_text())
-    result = compare_runs([root / "runs"], None, tmp_path)
+    result = compare_runs([root / "runs"], committed["reference"], tmp_path)
     assert result.outside() == committed["outside"]
-    ratios = {(v["configuration"], v["metric"]): v["ratio"] for v in committed["verdicts"]}
-    assert {(v.configuration, v.metric): v.ratio for v in result.verdicts} == pytest.approx(ratios)
+    for field in ("ratio", "mean", "reference_mean"):
+        expected = {(v["configuration"], v["metric"]): v[field] for v in committed["verdicts"]}
+        assert {(v.configuration, v.metric): getattr(v, field) for v in result.verdicts} == pytest.approx(expected), field
+
+
+def test_the_committed_fix3_length_table_is_what_its_committed_runs_give() -> None:
+    """docs/fix3/lengths.md (the README's "92% of the samples cut short by an update") re-derived from
+    the committed runs by scripts/completion_lengths.py's own table code."""
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("completion_lengths", repo / "scripts" / "completion_lengths.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.length_table(module.lengths_by_configuration([repo / "docs" / "fix3" / "runs"]), short=50)
+    committed = [line for line in (repo / "docs" / "fix3" / "lengths.md").read_text().splitlines() if line.startswith("|")]
+    assert table == committed
+    assert "| fixed-v1-no3 | 2880 | 92.3% |" in table[3]

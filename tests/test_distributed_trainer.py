@@ -52,7 +52,7 @@ def free_port() -> int:
 
 
 def test_two_ranks_step_like_one_process_on_the_whole_batch(tmp_path):
-    config = load_config(None, OVERRIDES)
+    config = load_config(None, [*OVERRIDES, "train.device=cpu"])  # the ranks' device: on a GPU machine `auto` would be cuda
     tokenizer = build_tokenizer(tmp_path / "model")
     build_model(config, tokenizer, tmp_path / "model")
     local = Trainer(config, tmp_path / "model", pad_id=0)

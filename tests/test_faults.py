@@ -167,13 +167,17 @@ def test_process_group_killed_after_a_checkpoint_resumes_with_each_step_once(tin
     assert again.returncode == 2 and "--resume" in again.stdout + again.stderr
 
 
+def shared_memory_names() -> set[Path]:
+    return set(Path("/dev/shm").glob("psm_*")) | set(Path("/dev/shm").glob("sem.mp-*"))
+
+
 def test_every_process_of_a_run_dies_with_its_main_process(tiny_model_dir, tmp_path):
     """SIGKILL to the `parityrl train` process alone (what the OOM killer or `kill -9 PID` does; the
     process group survives): the vLLM EngineCore, its worker and the reward workers it started are
     gone within 15 s. Before the orphan guard the EngineCore and worker kept running (2.8 GB) until
     killed by hand; this test failed then."""
     run_dir = tmp_path / "run"
-    shared_before = set(Path("/dev/shm").glob("psm_*"))
+    shared_before = shared_memory_names()
     command = train_command(tiny_model_dir, run_dir, "--set", "train.steps=400", "--set", "train.checkpoint_every=0")
     # a session of its own: the test's kill reaches the main pid only, never a group
     process = subprocess.Popen(command, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -189,8 +193,8 @@ def test_every_process_of_a_run_dies_with_its_main_process(tiny_model_dir, tmp_p
         elapsed = time.monotonic() - killed_at
         print(f"last child of the run gone {elapsed:.1f} s after SIGKILL of the main process")
         assert not alive, f"left running 15 s after the run died: {[(p.pid, p.name()) for p in alive]}"
-        # vLLM's message queues live in /dev/shm (RAM) until someone unlinks them: the dying guard did
-        left = set(Path("/dev/shm").glob("psm_*")) - shared_before
+        # vLLM's message queues and their locks live in /dev/shm (RAM) until someone unlinks them: the dying guard did
+        left = shared_memory_names() - shared_before
         assert not left, f"shared memory left by the dead run: {sorted(left)}"
     finally:
         for leftover in [process.pid] + [p.pid for p in children]:

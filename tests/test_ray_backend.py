@@ -19,11 +19,16 @@ pytestmark = pytest.mark.integration
 STEPS = 30
 
 
-def engine_actor_processes() -> list[psutil.Process]:
+def engine_actor_processes(run_pid: int) -> list[psutil.Process]:
+    """This run's engine actors: descendants of its process (the local Ray it started runs the actors
+    under its raylet), never another run's on the same machine."""
     found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if "ray::EngineActor" in " ".join(process.info["cmdline"] or []):
-            found.append(process)
+    for process in psutil.Process(run_pid).children(recursive=True):
+        try:
+            if "ray::EngineActor" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.NoSuchProcess:
+            continue
     return found
 
 
@@ -42,7 +47,7 @@ def test_two_replicas_two_ranks_survive_a_lost_engine_actor(tiny_model_dir, tmp_
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(lambda: any(r["step"] >= 8 for r in logged_steps(run_dir)), process, 600, "step 8")
-        victims = engine_actor_processes()
+        victims = engine_actor_processes(process.pid)
         assert len(victims) == 2, victims
         victims[0].kill()
         assert process.wait(timeout=900) == 0, (tmp_path / "train.log").read_text()[-4000:]

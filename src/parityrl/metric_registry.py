@@ -173,6 +173,8 @@ METRICS: tuple[Metric, ...] = (
     *_check_comparison("inflight_v1_kept_kv", "v+1 tokens of sequences spanning the update, vs a reference that applied the update "
                        "at the same position keeping its KV", {"abs_diff_max": "v+1 max|Δ|"}),
     *_check_comparison("post_update", "requests started after the update, vs a full v+1 recompute", {"kl": "post kl"}),
+    *_check_comparison("parity_fp32", "the static samples of a bf16 run, vs the trainer computing the same weights in fp32: the "
+                       "engine's own rounding, the floor under `parity/kl` for any bf16 trainer", {"kl": "kl vs fp32"}),
 )
 
 _BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}

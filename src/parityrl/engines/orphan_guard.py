@@ -61,21 +61,22 @@ def _watch(run_pid: int, parent: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-SHARED_MEMORY_PREFIX = "/dev/shm/psm_"
-"""Python's `multiprocessing.shared_memory` names, which vLLM's shared-memory message queues use."""
+SHARED_MEMORY_PREFIXES = ("/dev/shm/psm_", "/dev/shm/sem.mp-")
+"""Python's `multiprocessing.shared_memory` segments (vLLM's shared-memory message queues) and its
+named semaphores (their locks): the resource tracker that would unlink them dies with the run."""
 
 
 def unlink_mapped_shared_memory(maps_path: str = "/proc/self/maps") -> list[str]:
-    """Unlink every `psm_*` segment this process maps; returns the paths. Processes that still map one
+    """Unlink every `psm_*` segment and `sem.mp-*` semaphore this process maps; returns the paths. Processes that still map one
     keep their mapping (unlinking removes only the name), and the run they served is gone."""
     try:
         with open(maps_path) as maps:
-            paths = {line.split(maxsplit=5)[-1].strip() for line in maps if SHARED_MEMORY_PREFIX in line}
+            paths = {line.split(maxsplit=5)[-1].strip() for line in maps if any(prefix in line for prefix in SHARED_MEMORY_PREFIXES)}
     except OSError:
         return []
     unlinked = []
     for path in sorted(paths):
-        if path.startswith(SHARED_MEMORY_PREFIX) and not path.endswith("(deleted)"):
+        if path.startswith(SHARED_MEMORY_PREFIXES) and not path.endswith("(deleted)"):
             with contextlib.suppress(OSError):
                 os.unlink(path)
                 unlinked.append(path)

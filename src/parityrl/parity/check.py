@@ -11,6 +11,10 @@ master weights, bf16 compute via `policy.compute_context` for bf16 models, fp32 
 3. post-update prompts: new requests for the same prompts after the update must match a full v+1
    recompute; with prefix caching on they reuse prompt KV built by v and do not.
 
+In bf16, the static samples are also scored by the trainer in fp32 (`parity_fp32/*`): the distance of
+the engine's bf16 arithmetic from the exact model, which no bf16 trainer can get under (on SmolLM2 the
+fp32 trainer sits closer to the bf16 engine than the bf16 trainer does: README "Train a real model").
+
 `--attribute` repeats the measurements with each of the four fixes switched off in turn.
 """
 
@@ -132,6 +136,8 @@ async def run_check(
     try:
         samples = await generate_all(engine, prompts, sampling, "static", top_logprobs)
         result |= compare(samples, trainer_logprobs(model_v0, samples, trainer_sampling, dtype)).summary("parity")
+        if dtype != "float32":  # how far the engine's low-precision arithmetic alone sits from the exact model
+            result |= compare(samples, trainer_logprobs(model_v0, samples, trainer_sampling, "float32")).summary("parity_fp32")
         if full_vocab:
             result |= full_distribution_mismatch(model_v0, samples, trainer_sampling, dtype)
         if inflight:
