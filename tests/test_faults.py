@@ -229,6 +229,10 @@ def test_hung_engine_is_replaced_and_the_run_finishes(tiny_model_dir, tmp_path, 
         assert stopped, "no vLLM EngineCore/worker process found"
         for victim in stopped:
             victim.suspend()
+        stopped_at = time.monotonic()
+        old_pids = {victim.pid for victim in stopped}
+        wait_for(lambda: {p.pid for p in vllm_processes(process.pid)} - old_pids, process, 600, "a new engine")
+        print(f"hung engine ({detected_by}): a new engine's processes {time.monotonic() - stopped_at:.1f} s after SIGSTOP")
         assert process.wait(timeout=600) == 0, replay + (tmp_path / "train.log").read_text()[-3000:]
     finally:
         if process.poll() is None:
