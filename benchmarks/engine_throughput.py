@@ -101,7 +101,8 @@ class BackendResult:
 
 
 def build_workload(model_dir: Path, args: argparse.Namespace) -> Workload:
-    from parityrl.assets import encode_prompt, load_tokenizer
+    from parityrl.policy import load_tokenizer
+    from parityrl.tasks import encode_prompt
 
     tokenizer = load_tokenizer(model_dir)
     rng = random.Random(args.seed)
@@ -247,7 +248,7 @@ def bench_hf_generate(workload: Workload, threads: int, batch_size: int) -> Back
     import torch
     from transformers import GenerationConfig
 
-    from parityrl.engines.reference import left_pad
+    from parityrl.decoding import left_pad
     from parityrl.policy import load_policy, processed_logprobs
 
     torch.set_num_threads(threads)

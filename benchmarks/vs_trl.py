@@ -292,7 +292,7 @@ def trl_args_for(config, output_dir: str, use_cpu: bool, micro_batch: int | None
 def trl_prompt(task, tokenizer, problem) -> Any:
     """What TRL gets as the prompt: chat messages when parityrl applies the chat template, else the
     templated text (BOS included)."""
-    from parityrl.assets import task_prompt_ids
+    from parityrl.tasks import task_prompt_ids
 
     if task.chat_template == "auto" and tokenizer.chat_template:
         messages = [{"role": "user", "content": problem.prompt}]
@@ -304,7 +304,7 @@ def trl_prompt(task, tokenizer, problem) -> Any:
 
 def check_same_prompt_ids(task, tokenizer, prompts: list[Any], problems) -> None:
     """TRL must feed the model the token ids parityrl's engine gets (template, BOS): checked on a sample."""
-    from parityrl.assets import task_prompt_ids
+    from parityrl.tasks import task_prompt_ids
 
     for prompt, problem in list(zip(prompts, problems))[:64]:
         if isinstance(prompt, list):
@@ -325,9 +325,9 @@ def trl_worker(spec_path: Path, out_path: Path) -> None:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOTrainer
 
-    from parityrl.assets import load_tokenizer
     from parityrl.config import load_config
     from parityrl.evaluate import greedy_completions, success_rate
+    from parityrl.policy import load_tokenizer
     from parityrl.rewards import RewardItem, score_in_process
     from parityrl.tasks import load_task
 

@@ -99,9 +99,10 @@ async def measure_updates(model_dir: Path, dtype: str, state: dict[str, Any], re
 
 
 async def measure_one_engine(model_dir: Path, dtype: str, state: dict[str, Any], repeats: int, weight_update: str, transports: list[str]) -> dict[str, Any]:
-    from parityrl.assets import encode_prompt, load_tokenizer
     from parityrl.config import EngineConfig, SamplingConfig
     from parityrl.engines.vllm import VLLMEngine
+    from parityrl.policy import load_tokenizer
+    from parityrl.tasks import encode_prompt
 
     engine = VLLMEngine(model_dir, dtype, EngineConfig(weight_update=weight_update), seed=0)
     began = time.perf_counter()

@@ -103,7 +103,8 @@ def test_init_from_grows_the_base_model_and_keys_the_cache_on_the_base_asset(tmp
 def test_the_built_tokenizer_keeps_spaces_and_newlines_next_to_a_qwen2_config(tmp_path):
     """transformers 5's AutoTokenizer swaps a Qwen2 directory's generic tokenizer for Qwen2's byte-level
     one, which silently dropped every space and newline of every prompt and answer ("23 24" -> "2324")."""
-    from parityrl.assets import encode_prompt, load_tokenizer
+    from parityrl.policy import load_tokenizer
+    from parityrl.tasks import encode_prompt
 
     config = load_config(None, ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2"])
     build_model(config, build_tokenizer(tmp_path), tmp_path)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from parityrl.assets import build_model, build_tokenizer
+from parityrl.batch import Sample, pack_samples
 from parityrl.config import ConfigError, load_config
-from parityrl.engines.vllm_host import cpu_thread_binding
-from parityrl.scoring import Sample, pack_samples
-from parityrl.train.trainer import Trainer, resolve_device
+from parityrl.hardware import cpu_thread_binding, resolve_device
+from parityrl.train.trainer import Trainer
 
 pytestmark = pytest.mark.unit
 
@@ -118,7 +118,7 @@ def test_core_split_separates_shares_while_the_engine_idles_and_restores():
     afterwards. Broken once: without the restore in `__exit__` the last affinity assertion fails."""
     import threading
 
-    from parityrl.engines.vllm_host import CoreSplit, cpu_ids
+    from parityrl.hardware import CoreSplit, cpu_ids
 
     assert cpu_ids("1") == {1} and cpu_ids("2-3") == {2, 3} and cpu_ids("0,3") == {0, 3}
     assert cpu_ids("auto") is None and cpu_ids("nobind") is None
@@ -144,7 +144,7 @@ def test_core_split_gives_the_core_back_when_sharing_does_not_pay():
     trial starts for HOLD_STEPS steps, however idle the engine looks; a trial that pays goes on. (Without
     the trial the demo shared after each evaluation and lost 0.24 s per step; broken once by judging
     the trial against the wrong side of PAYS_BELOW: the first block of assertions failed.)"""
-    from parityrl.engines.vllm_host import CoreSplit
+    from parityrl.hardware import CoreSplit
 
     original = os.sched_getaffinity(0)
     if len(original) < 2:
@@ -203,7 +203,7 @@ def test_threads_auto_resolves_to_counts_for_local_runs_and_ray_ranks():
     (the cores the engine leaves), a Ray rank (1) and the Ray CPU budget. Broken once: the Ray CPU
     budget multiplied the string 'auto' (TypeError when a Ray run started)."""
     from parityrl.cluster import logical_cpus_needed
-    from parityrl.config import rank_threads, trainer_threads
+    from parityrl.hardware import rank_threads, trainer_threads
     from parityrl.train.distributed import actor_resources
 
     config = load_config(None, ["pipeline.backend=ray", "engine.replicas=2", "train.world_size=2", "train.prompts_per_step=8"])
@@ -222,7 +222,7 @@ def test_the_trainer_step_runs_with_the_thread_count_the_core_split_set():
     it this test sees 1 thread in the second call."""
     import asyncio
 
-    from parityrl.pipeline import with_torch_threads
+    from parityrl.hardware import with_torch_threads
 
     before = torch.get_num_threads()
 

@@ -12,8 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from parityrl.assets import build_model, build_tokenizer
+from parityrl.batch import Sample
 from parityrl.config import load_config
-from parityrl.scoring import Sample
 from parityrl.train.trainer import Trainer, global_normaliser
 
 pytestmark = pytest.mark.unit

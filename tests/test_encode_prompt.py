@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from parityrl.assets import build_tokenizer, encode_prompt, task_prompt_ids
+from parityrl.assets import build_tokenizer
 from parityrl.config import load_config
 from parityrl.errors import InputError
-from parityrl.tasks import Task, load_task
+from parityrl.tasks import Task, encode_prompt, load_task, task_prompt_ids
 
 pytestmark = pytest.mark.unit
 

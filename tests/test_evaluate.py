@@ -10,11 +10,10 @@ import asyncio
 import pytest
 import torch
 
-from parityrl.assets import load_tokenizer
 from parityrl.config import load_config
 from parityrl.engines import make_engine
 from parityrl.evaluate import engine_greedy_completions, greedy_completions, success_rate
-from parityrl.policy import export_state_dict, load_policy
+from parityrl.policy import export_state_dict, load_policy, load_tokenizer
 from parityrl.tasks import load_task
 
 pytestmark = pytest.mark.integration

@@ -22,10 +22,10 @@ import math
 import pytest
 import torch
 
-from parityrl.assets import load_tokenizer
+from parityrl.batch import ModelShape, Sample, pack_samples
 from parityrl.config import SamplingConfig, TrainConfig
-from parityrl.policy import load_policy
-from parityrl.scoring import ModelShape, Sample, pack_samples, score
+from parityrl.policy import load_policy, load_tokenizer
+from parityrl.scoring import score
 from parityrl.train.objectives import clip_bounds, policy_loss
 
 pytestmark = pytest.mark.unit

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from parityrl.batch import Sample
 from parityrl.config import load_config
 from parityrl.pipeline import RunStopped, run_training
-from parityrl.scoring import Sample
 from parityrl.train.checkpoint import latest_checkpoint, load_run_state
 from parityrl.train.trainer import Trainer
 

@@ -188,9 +188,9 @@ PROMPT = "A box holds 14 coins. Omar puts in 2 more. How many coins are in the b
 def test_the_built_smollm2_directory_is_the_gguf_model(smollm2_fp32):
     from safetensors import safe_open
 
-    from parityrl.assets import encode_prompt, load_tokenizer
-    from parityrl.policy import load_policy
+    from parityrl.policy import load_policy, load_tokenizer
     from parityrl.preflight import check_model_dir
+    from parityrl.tasks import encode_prompt
 
     gguf, out = smollm2_fp32
     hf_config = check_model_dir(out)

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from parityrl.assets import encode_prompt, load_tokenizer
 from parityrl.config import SamplingConfig, load_config
 from parityrl.engines.reference import ReferenceEngine, score_with_kv_switch
-from parityrl.policy import load_policy, processed_logprobs, sequence_logits
+from parityrl.policy import load_policy, load_tokenizer, processed_logprobs, sequence_logits
 from parityrl.scoring import k3
+from parityrl.tasks import encode_prompt
 
 pytestmark = pytest.mark.integration
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from parityrl.assets import build_model, build_tokenizer
+from parityrl.batch import ModelShape, Sample, pack_samples
 from parityrl.config import load_config
 from parityrl.policy import sampling_logits
-from parityrl.scoring import DistributionMismatch, Mismatch, Sample, listed_logprobs
+from parityrl.scoring import DistributionMismatch, Mismatch, listed_logprobs
 from parityrl.train.trainer import Trainer
 
 pytestmark = pytest.mark.unit
@@ -89,7 +90,7 @@ def test_shared_prompt_rows_give_the_per_sample_logprobs_and_compute_each_prompt
     prompt), an empty completion and prompts of different lengths. Broken once: positions counted
     along the row instead of per sequence (position_ids = arange(L)) gives |diff| 0.024."""
     from parityrl.policy import apply_penalties, processed_logprobs, sequence_logits
-    from parityrl.scoring import ModelShape, pack_samples, score
+    from parityrl.scoring import score
 
     config = load_config(None, ["sampling.temperature=0.7", "sampling.top_p=0.9", "sampling.repetition_penalty=1.3"])
     tokenizer = build_tokenizer(tmp_path)
@@ -125,7 +126,7 @@ def test_shared_prompt_rows_give_the_per_sample_logprobs_and_compute_each_prompt
 
 
 def test_completions_share_a_row_only_where_it_saves_compute():
-    from parityrl.scoring import ModelShape, completions_per_row
+    from parityrl.batch import completions_per_row
 
     demo, wide = ModelShape(256, 512), ModelShape(768, 2048)
     assert completions_per_row(9, 4.0, 8, demo) == 8  # short answers after a prompt: all share it
@@ -174,7 +175,7 @@ def test_chunked_scoring_equals_the_whole_batch_logits_and_their_gradient(tmp_pa
             # few distinct tokens, so the penalties' counts are > 1
             completion = torch.randint(3, 20, (length,), generator=generator).tolist()
             samples.append(Sample(prompt, completion, [0.0] * length, [0] * length))
-    packed = scoring.pack_samples(samples, tokenizer.pad_token_id, scoring.ModelShape.of(model))
+    packed = pack_samples(samples, tokenizer.pad_token_id, ModelShape.of(model))
     weights = torch.randn(packed.completion_ids.shape, generator=generator)
 
     def loss_and_grads(logprobs: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

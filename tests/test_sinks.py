@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from parityrl.batch import Sample
 from parityrl.config import load_config
 from parityrl.engines.ray_replicas import ReplicaSet
 from parityrl.metrics import MetricsLogger, read_metrics
-from parityrl.scoring import Sample
 
 
 def tensorboard_scalars(log_dir: Path, tag: str) -> dict[int, float]:

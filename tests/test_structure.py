@@ -1,5 +1,6 @@
-"""The import graph runs one way (README "Layout"): engines and train sit on scoring and policy,
-parity on scoring and engines, and nothing below the pipeline imports it or the layers above."""
+"""The import graph runs one way (README "Layout"): every module sits in a layer and imports only
+from layers below it, function-level (lazy) imports included. A new module must be placed here;
+an import that points up, or a cycle, fails."""
 
 from __future__ import annotations
 
@@ -11,31 +12,78 @@ import pytest
 pytestmark = pytest.mark.unit
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "parityrl"
-# module (path prefix inside the package) -> parityrl modules it must never import
-FORBIDDEN = {
-    "scoring.py": ("parityrl.train", "parityrl.engines", "parityrl.parity", "parityrl.pipeline", "parityrl.rollouts"),
-    "policy.py": ("parityrl.scoring", "parityrl.train", "parityrl.engines", "parityrl.parity", "parityrl.pipeline"),
-    "engines/": ("parityrl.train", "parityrl.parity", "parityrl.pipeline", "parityrl.rollouts"),
-    "train/": ("parityrl.engines", "parityrl.parity", "parityrl.pipeline", "parityrl.rollouts"),
-    "parity/": ("parityrl.train", "parityrl.pipeline", "parityrl.rollouts"),
-}
+
+# layer -> modules (dotted, below `parityrl.`; "" is the package itself), lowest first
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("leaves: no parityrl imports", (
+        "", "parity", "train", "errors", "progress", "metric_registry", "metrics", "batch", "decoding",
+        "engines.vllm_worker", "engines.orphan_guard", "engines.vllm_host",
+    )),
+    ("rewards", ("rewards",)),
+    ("config", ("config",)),
+    ("definitions: tasks and prompts, processed logprobs, hardware", (
+        "tasks", "policy", "hardware", "rundir", "reward_pool", "train.objectives", "parity.compare_stats",
+    )),
+    ("computations on them", (
+        "preflight", "scoring", "evaluate", "pretrained", "train.checkpoint", "parity.compare", "parity.ablate", "plot",
+    )),
+    ("resources: memory estimate, assets, the engine protocol", ("memory", "assets", "engines.base", "parity.lint")),
+    ("engines and the trainer", ("engines.reference", "engines.supervisor", "engines.vllm", "train.trainer")),
+    ("compositions: engine choice, trainer ranks, rollouts", ("engines", "train.distributed", "rollouts")),
+    ("engine replicas (made by the engine choice) and the parity check", ("engines.ray_replicas", "parity.check")),
+    ("the cluster", ("cluster",)),
+    ("the loop", ("pipeline",)),
+    ("the CLI", ("cli",)),
+]
+LAYER_OF = {f"parityrl.{name}".rstrip("."): index for index, (_, names) in enumerate(LAYERS) for name in names}
 
 
-def imported_modules(path: Path) -> set[str]:
+def module_name(path: Path) -> str:
+    dotted = path.relative_to(PACKAGE.parent).with_suffix("").as_posix().replace("/", ".")
+    return dotted.removesuffix(".__init__")
+
+
+def parityrl_imports(path: Path, modules: set[str]) -> set[str]:
+    """parityrl modules `path` imports anywhere in it (module level, in functions, under TYPE_CHECKING)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            found.add(node.module)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("parityrl"):
+            for alias in node.names:  # `from parityrl.engines import vllm` imports the submodule
+                submodule = f"{node.module}.{alias.name}"
+                found.add(submodule if submodule in modules else node.module)
         elif isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
+            found.update(alias.name for alias in node.names if alias.name.startswith("parityrl"))
     return found
 
 
+def import_graph() -> dict[str, set[str]]:
+    paths = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    return {name: parityrl_imports(path, set(paths)) - {name} for name, path in paths.items()}
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return [
+        f"{module} (layer {LAYER_OF[module]}) imports {target} (layer {LAYER_OF[target]})"
+        for module, targets in sorted(graph.items()) for target in sorted(targets)
+        if target in LAYER_OF and module in LAYER_OF and LAYER_OF[target] >= LAYER_OF[module]
+    ]
+
+
+def test_every_module_has_a_layer():
+    unplaced = sorted(set(import_graph()) - set(LAYER_OF))
+    assert not unplaced, f"place these modules in LAYERS: {unplaced}"
+    assert not sorted(set(LAYER_OF) - set(import_graph())), "LAYERS names modules that no longer exist"
+
+
 def test_imports_point_down_only():
-    violations = []
-    for path in PACKAGE.rglob("*.py"):
-        relative = path.relative_to(PACKAGE).as_posix()
-        for prefix, forbidden in FORBIDDEN.items():
-            if relative.startswith(prefix):
-                violations += [f"{relative} imports {m}" for m in imported_modules(path) if m.startswith(forbidden)]
-    assert violations == []
+    assert upward_imports(import_graph()) == []
+
+
+def test_an_upward_import_is_caught(tmp_path):
+    """The check itself: the trainer importing the pipeline (a lazy import inside a function) fails it."""
+    graph = import_graph()
+    graph["parityrl.train.trainer"] = graph["parityrl.train.trainer"] | {"parityrl.pipeline"}
+    assert upward_imports(graph) == ["parityrl.train.trainer (layer 6) imports parityrl.pipeline (layer 10)"]
+    lazy = tmp_path / "lazy.py"
+    lazy.write_text("def f():\n    from parityrl.pipeline import run_training\n")
+    assert parityrl_imports(lazy, set(graph)) == {"parityrl.pipeline"}

@@ -15,15 +15,15 @@ import pytest
 import torch
 import vllm  # noqa: F401  (a missing vLLM must fail CI, not skip these tests)
 
-from parityrl.assets import encode_prompt, load_tokenizer
+from parityrl.batch import Sample
 from parityrl.config import EngineConfig, SamplingConfig, load_config
 from parityrl.engines.base import RolloutEngine
 from parityrl.engines.reference import score_with_kv_switch
-from parityrl.engines.vllm_host import on_cpu
+from parityrl.hardware import on_cpu
 from parityrl.parity.check import trainer_logprobs
-from parityrl.policy import export_state_dict, load_policy, processed_logprobs
-from parityrl.scoring import Sample
+from parityrl.policy import export_state_dict, load_policy, load_tokenizer, processed_logprobs
 from parityrl.scoring import k3 as k3_estimator
+from parityrl.tasks import encode_prompt
 from parityrl.train.trainer import Trainer
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,6 @@ Nothing is downloaded: `model.path` replaces the built model with any local HF d
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -20,10 +19,11 @@ import torch
 
 from parityrl.config import RunConfig, TaskConfig, config_hash, load_config
 from parityrl.errors import InputError
-from parityrl.policy import load_policy, sequence_logits
+from parityrl.hardware import torch_threads
+from parityrl.policy import load_policy, load_tokenizer, sequence_logits
 from parityrl.preflight import check_model_dir
 from parityrl.progress import progress_bar
-from parityrl.tasks import Task, load_task
+from parityrl.tasks import Task, encode_prompt, load_task
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 # BOS in every prompt, SFT and RL alike: the tiny model needs an anchor for position 0. A system
@@ -116,50 +116,6 @@ def grow_model(config: RunConfig, base_dir: Path, out_dir: Path) -> None:
     GenerationConfig.from_pretrained(str(base_dir)).save_pretrained(str(out_dir))
 
 
-def encode_prompt(tokenizer, prompt: str, *, chat_template: str = "auto", system_prompt: str | None = None) -> list[int]:
-    """Token ids of a prompt as the model sees it; SFT, RL, evaluation and checks all use this.
-
-    `chat_template="auto"` with a tokenizer that has a chat template: the prompt as a user message,
-    after a system message when `system_prompt` is set, with the generation prompt. Otherwise
-    (`"none"`, or no template): the plain text, `system_prompt + "\\n" + prompt` when there is a
-    system prompt, tokenized with the tokenizer's special tokens; the tokenizer's BOS goes in front
-    when it defines one and did not add it itself (most plain tokenizers add none, and models
-    expect it at position 0). Pass a Task's settings: `chat_template=task.chat_template,
-    system_prompt=task.system_prompt`.
-    """
-    if chat_template not in ("auto", "none"):
-        raise ValueError(f"chat_template must be 'auto' or 'none', got {chat_template!r}")
-    if chat_template == "auto" and tokenizer.chat_template:
-        return _apply_chat_template(tokenizer, prompt, system_prompt)
-    text = f"{system_prompt}\n{prompt}" if system_prompt is not None else prompt
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
-    bos = tokenizer.bos_token_id
-    if bos is not None and ids[:1] != [bos]:
-        ids.insert(0, bos)
-    return ids
-
-
-def _apply_chat_template(tokenizer, prompt: str, system_prompt: str | None) -> list[int]:
-    from jinja2 import TemplateError
-
-    messages = [{"role": "user", "content": prompt}]
-    if system_prompt is not None:
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    try:
-        return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
-    except TemplateError as error:  # e.g. templates that refuse a system role
-        raise InputError(
-            f"the tokenizer's chat template rejected the prompt ({error}); "
-            + ("set task.system_prompt to null or " if system_prompt is not None else "")
-            + "set task.chat_template to none"
-        ) from None
-
-
-def task_prompt_ids(tokenizer, task: Task, prompt: str) -> list[int]:
-    """`encode_prompt` with the task's chat template and system prompt settings."""
-    return encode_prompt(tokenizer, prompt, chat_template=task.chat_template, system_prompt=task.system_prompt)
-
-
 def sft_batch(
     tokenizer, problems, eos_id: int, pad_id: int, *, chat_template: str = "auto", system_prompt: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -179,17 +135,6 @@ def sft_batch(
         attention[i, : len(row)] = 1
         loss_mask[i, : len(row)] = torch.tensor(mask, dtype=torch.float32)
     return input_ids, attention, loss_mask
-
-
-@contextlib.contextmanager
-def torch_threads(count: int):
-    """Run the enclosed code on `count` torch intra-op threads; the caller's count is restored, also on error."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 SUCCESS_CHECK_EVERY = 50
@@ -338,24 +283,3 @@ def prepare_model(config: RunConfig, task: Task) -> Path:
     else:
         os.replace(building, final_dir)
     return final_dir
-
-
-GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
-
-
-def load_tokenizer(model_dir: Path):
-    """The tokenizer of a model directory, as its tokenizer_config.json declares it.
-
-    A directory that declares the generic class (the built character tokenizer, any tokenizer saved
-    from a `tokenizers` object) is loaded as exactly that: next to a Qwen2 `config.json`,
-    transformers 5's AutoTokenizer swaps in the model type's own tokenizer class, whose byte-level
-    pre-tokenizer turns a space into a symbol the character vocabulary lacks, and every space of
-    every prompt and answer was silently dropped ("23 24" became "2324")."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    declared = None
-    with contextlib.suppress(OSError, ValueError):
-        declared = json.loads((Path(model_dir) / "tokenizer_config.json").read_text()).get("tokenizer_class")
-    loader = PreTrainedTokenizerFast if declared in GENERIC_TOKENIZER_CLASSES else AutoTokenizer
-    return loader.from_pretrained(str(model_dir), local_files_only=True)
-

@@ -13,9 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from parityrl.config import RunConfig, rank_threads
+from parityrl.config import RunConfig
 from parityrl.engines.ray_replicas import RayEngine, ReplicaSet
 from parityrl.engines.supervisor import SupervisedEngine
+from parityrl.hardware import rank_threads
 from parityrl.train.distributed import DistributedTrainer
 
 
@@ -47,7 +48,7 @@ def _no_gpu() -> bool:
 
 def engine_replicas(config: RunConfig, model_dir: Path, log) -> ReplicaSet:
     """`engine.replicas` supervised Ray engine actors (one vLLM engine each)."""
-    from parityrl.engines.vllm_host import cpu_thread_binding, on_cpu
+    from parityrl.hardware import cpu_thread_binding, on_cpu
 
     options: dict[str, Any] = {"num_cpus": config.engine.omp_threads, "max_concurrency": 1000}
     if not on_cpu():

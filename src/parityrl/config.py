@@ -728,13 +728,3 @@ def reference_markdown() -> str:
         else:
             lines.append(f"| `{key}` | `{default}` | {doc.replace('|', '/')} |")
     return "\n".join(lines)
-
-
-def trainer_threads(train: TrainConfig, cores: int, engine_threads: int) -> int:
-    """The trainer's torch threads to start with: `train.threads`, or for `auto` the cores the engine leaves."""
-    return train.threads if isinstance(train.threads, int) else max(1, cores - engine_threads)
-
-
-def rank_threads(train: TrainConfig) -> int:
-    """A Ray trainer rank's torch threads: `train.threads`, 1 for `auto` (Ray places ranks by the CPUs they ask for)."""
-    return train.threads if isinstance(train.threads, int) else 1

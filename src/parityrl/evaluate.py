@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 import torch
 
-from parityrl.assets import task_prompt_ids
+from parityrl.decoding import decode_batch, greedy_picker
 from parityrl.policy import compute_context
 from parityrl.rewards import RewardItem, RewardResult, score_in_process
-from parityrl.tasks import Task
+from parityrl.tasks import Task, task_prompt_ids
 
 Scorer = Callable[[list[RewardItem]], list[RewardResult]]
 """Scores completions in order, e.g. `RewardPool.score_sync` or `score_in_process` bound to a reward."""
@@ -22,8 +22,6 @@ def greedy_completions(model, tokenizer, task: Task, problems, dtype: str = "flo
 
     `max_new_tokens`: the completion budget (the run's `sampling.max_new_tokens`); None allows the
     longest answer plus 2 (the SFT probe)."""
-    from parityrl.engines.reference import decode_batch, greedy_picker
-
     was_training = model.training
     model.eval()
     prompts = [task_prompt_ids(tokenizer, task, p.prompt) for p in problems]

@@ -110,7 +110,8 @@ class TrainerMemory:
 
 def estimate_trainer_memory(config: RunConfig, hf_config: dict, longest_prompt: int) -> TrainerMemory:
     """Peak trainer memory of `config` on the model of `hf_config`, with prompts of up to `longest_prompt` tokens."""
-    from parityrl.scoring import SCORE_CHUNK_ELEMENTS, ModelShape, completions_per_row
+    from parityrl.batch import ModelShape, completions_per_row
+    from parityrl.scoring import SCORE_CHUNK_ELEMENTS
 
     shape = ModelShapeForMemory.of(hf_config)
     train, sampling = config.train, config.sampling

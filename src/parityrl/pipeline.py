@@ -23,27 +23,27 @@ import gc
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from rich.console import Console
 
-from parityrl.assets import load_tokenizer, prepare_model, task_prompt_ids
-from parityrl.config import RunConfig, trainer_threads
+from parityrl.assets import prepare_model
+from parityrl.config import RunConfig
 from parityrl.engines import make_engine
 from parityrl.engines.ray_replicas import ReplicaSet
 from parityrl.engines.supervisor import EngineGaveUp, SupervisedEngine
-from parityrl.engines.vllm_host import CoreSplit, allowed_cpus
 from parityrl.evaluate import engine_greedy_completions, success_rate
+from parityrl.hardware import CoreSplit, allowed_cpus, trainer_threads, with_torch_threads
 from parityrl.memory import check_trainer_fits, engine_memory, estimate_trainer_memory
 from parityrl.metrics import MetricsLogger, truncate_metrics, write_json_atomic
+from parityrl.policy import load_tokenizer
 from parityrl.preflight import model_context, read_hf_config
 from parityrl.progress import progress_bar
 from parityrl.reward_pool import RewardPool
 from parityrl.rollouts import Rollouts, RunStopped, StopSignals, batch_tensors
-from parityrl.tasks import Problem, check_prompt_lengths, load_task
+from parityrl.tasks import Problem, check_prompt_lengths, load_task, task_prompt_ids
 from parityrl.train.checkpoint import RunState, latest_checkpoint, load_run_state
-from parityrl.train.trainer import Trainer, use_torch_threads
+from parityrl.train.trainer import Trainer
 
 MAX_REWARD_ERROR_FRAC = 0.10
 """More failed rewards than this in one step's batch stop the run: the reward itself is broken."""
@@ -396,15 +396,6 @@ def check_memory(config: RunConfig, hf_config: dict, longest_prompt: int, consol
     engine_share = engine_memory(config, hf_config) if config.pipeline.backend == "local" and config.engine.kind == "vllm" else 0
     console.print(f"[bold]trainer memory (estimate)[/bold]: {estimate.total / 2**30:.1f} GiB ({estimate.describe()})")
     check_trainer_fits(estimate, psutil.virtual_memory().available - engine_share, config)
-
-
-def with_torch_threads(threads: int, function: Callable[..., Any], *args: Any) -> Any:
-    """`function(*args)` with `threads` torch threads, in the calling (executor) thread. torch's thread
-    count belongs to each thread: one executor thread keeps the count it first computed with, so
-    `torch.set_num_threads` in the event loop's thread (`CoreSplit`) never reached the trainer's step
-    until the step set it itself."""
-    use_torch_threads(threads)
-    return function(*args)
 
 
 async def timed(awaitable) -> float:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -410,3 +411,23 @@ def sequence_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor)
     """Logits for a right-padded batch. input_ids/attention_mask [batch, seq] -> [batch, seq, vocab]."""
     position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+
+
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(model_dir: Path):
+    """The tokenizer of a model directory, as its tokenizer_config.json declares it.
+
+    A directory that declares the generic class (the built character tokenizer, any tokenizer saved
+    from a `tokenizers` object) is loaded as exactly that: next to a Qwen2 `config.json`,
+    transformers 5's AutoTokenizer swaps in the model type's own tokenizer class, whose byte-level
+    pre-tokenizer turns a space into a symbol the character vocabulary lacks, and every space of
+    every prompt and answer was silently dropped ("23 24" became "2324")."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    declared = None
+    with contextlib.suppress(OSError, ValueError):
+        declared = json.loads((Path(model_dir) / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    loader = PreTrainedTokenizerFast if declared in GENERIC_TOKENIZER_CLASSES else AutoTokenizer
+    return loader.from_pretrained(str(model_dir), local_files_only=True)

@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from parityrl.assets import task_prompt_ids
+from parityrl.batch import NO_VERSION, Sample
 from parityrl.config import RunConfig, SamplingConfig
 from parityrl.engines.supervisor import SupervisedEngine
 from parityrl.errors import UserError
 from parityrl.reward_pool import RewardPool
 from parityrl.rewards import RewardItem
-from parityrl.scoring import NO_VERSION, Sample
-from parityrl.tasks import Problem, Task
+from parityrl.tasks import Problem, Task, task_prompt_ids
 from parityrl.train.objectives import group_advantages
 
 

@@ -39,7 +39,7 @@ class Task:
     reward_kind: str
     """`task.reward`: a built-in reward name or `package.module:function` (see `parityrl.rewards`)."""
     chat_template: str = "auto"
-    """`task.chat_template`: `auto` or `none` (see `parityrl.assets.encode_prompt`)."""
+    """`task.chat_template`: `auto` or `none` (see `encode_prompt below`)."""
     system_prompt: str | None = None
     """`task.system_prompt`: system message put before every prompt, or None."""
 
@@ -288,3 +288,49 @@ def check_prompt_lengths(
     else:
         fix = f" The prompt alone does not fit: remove prompts longer than {limit} tokens from the task (or shorten task.prompt_prefix)."
     raise InputError(head + fix)
+
+
+# -- prompts as the model sees them ----------------------------------------------------------------
+
+def encode_prompt(tokenizer, prompt: str, *, chat_template: str = "auto", system_prompt: str | None = None) -> list[int]:
+    """Token ids of a prompt as the model sees it; SFT, RL, evaluation and checks all use this.
+
+    `chat_template="auto"` with a tokenizer that has a chat template: the prompt as a user message,
+    after a system message when `system_prompt` is set, with the generation prompt. Otherwise
+    (`"none"`, or no template): the plain text, `system_prompt + "\\n" + prompt` when there is a
+    system prompt, tokenized with the tokenizer's special tokens; the tokenizer's BOS goes in front
+    when it defines one and did not add it itself (most plain tokenizers add none, and models
+    expect it at position 0). Pass a Task's settings: `chat_template=task.chat_template,
+    system_prompt=task.system_prompt`.
+    """
+    if chat_template not in ("auto", "none"):
+        raise ValueError(f"chat_template must be 'auto' or 'none', got {chat_template!r}")
+    if chat_template == "auto" and tokenizer.chat_template:
+        return _apply_chat_template(tokenizer, prompt, system_prompt)
+    text = f"{system_prompt}\n{prompt}" if system_prompt is not None else prompt
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:1] != [bos]:
+        ids.insert(0, bos)
+    return ids
+
+
+def _apply_chat_template(tokenizer, prompt: str, system_prompt: str | None) -> list[int]:
+    from jinja2 import TemplateError
+
+    messages = [{"role": "user", "content": prompt}]
+    if system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    try:
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
+    except TemplateError as error:  # e.g. templates that refuse a system role
+        raise InputError(
+            f"the tokenizer's chat template rejected the prompt ({error}); "
+            + ("set task.system_prompt to null or " if system_prompt is not None else "")
+            + "set task.chat_template to none"
+        ) from None
+
+
+def task_prompt_ids(tokenizer, task: Task, prompt: str) -> list[int]:
+    """`encode_prompt` with the task's chat template and system prompt settings."""
+    return encode_prompt(tokenizer, prompt, chat_template=task.chat_template, system_prompt=task.system_prompt)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from parityrl.batch import Sample
 from parityrl.config import RunConfig
 from parityrl.engines.base import EngineHealth, RolloutEngine
-from parityrl.scoring import Sample
 
 __all__ = ["EngineHealth", "RolloutEngine", "Sample", "make_engine"]
 

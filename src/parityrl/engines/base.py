@@ -14,8 +14,8 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
+from parityrl.batch import Sample
 from parityrl.config import SamplingConfig
-from parityrl.scoring import Sample  # the engine -> trainer contract lives with the recompute
 
 __all__ = ["EngineHealth", "RolloutEngine", "Sample"]
 

@@ -22,10 +22,10 @@ from typing import Any
 
 from torch import Tensor
 
+from parityrl.batch import Sample
 from parityrl.config import RunConfig, SamplingConfig
 from parityrl.engines.base import EngineHealth
 from parityrl.engines.supervisor import SupervisedEngine
-from parityrl.scoring import Sample
 
 HEALTH_POLL_S = 1.0
 

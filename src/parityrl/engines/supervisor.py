@@ -25,9 +25,9 @@ from typing import TypeVar
 
 from torch import Tensor
 
+from parityrl.batch import Sample
 from parityrl.config import EngineConfig, SamplingConfig
 from parityrl.engines.base import EngineHealth, RolloutEngine
-from parityrl.scoring import Sample
 
 T = TypeVar("T")
 

@@ -71,12 +71,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from parityrl.batch import Sample
 from parityrl.config import EngineConfig, SamplingConfig
 from parityrl.engines.base import EngineHealth
 from parityrl.engines.orphan_guard import RUN_PID_ENV
-from parityrl.engines.vllm_host import child_pids, cpu_thread_binding, derive_seed, kill_processes, on_cpu, pin_engine
+from parityrl.engines.vllm_host import child_pids, derive_seed, kill_processes
 from parityrl.engines.vllm_worker import KEEP_WEIGHTS_ENV, dtype_name, map_shared_file, pack_tensors, tensor_layout, write_tensors
-from parityrl.scoring import Sample
+from parityrl.hardware import cpu_thread_binding, on_cpu, pin_engine
 
 log = logging.getLogger(__name__)
 

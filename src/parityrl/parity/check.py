@@ -25,15 +25,16 @@ import asyncio
 import torch
 from torch import Tensor, nn
 
-from parityrl.assets import load_tokenizer, prepare_model, task_prompt_ids
+from parityrl.assets import prepare_model
+from parityrl.batch import ModelShape, Sample, pack_samples
 from parityrl.config import RunConfig, SamplingConfig, deep_merge, parse_overrides
 from parityrl.engines import make_engine
 from parityrl.engines.base import RolloutEngine
 from parityrl.engines.reference import score_with_kv_switch
 from parityrl.errors import UserError
-from parityrl.policy import compute_context, load_policy
-from parityrl.scoring import DistributionMismatch, Mismatch, ModelShape, Sample, listed_logprobs, pack_samples, score
-from parityrl.tasks import load_task
+from parityrl.policy import compute_context, load_policy, load_tokenizer
+from parityrl.scoring import DistributionMismatch, Mismatch, listed_logprobs, score
+from parityrl.tasks import load_task, task_prompt_ids
 
 # each fix switched off alone (what `--attribute` measures)
 FIX_OFF: dict[str, list[str]] = {

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from parityrl.config import RunConfig, rank_threads
+from parityrl.batch import Sample
+from parityrl.config import RunConfig
+from parityrl.hardware import rank_threads
 from parityrl.memory import one_malloc_arena
-from parityrl.scoring import Sample
 from parityrl.train.checkpoint import RunState
 from parityrl.train.trainer import StepResult, StepStats, Trainer, finalise, global_normaliser
 

@@ -20,24 +20,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from parityrl.batch import ModelShape, PackedBatch, Sample, pack_samples
 from parityrl.config import RunConfig
+from parityrl.hardware import resolve_device, use_torch_threads
 from parityrl.memory import process_rss_gb, release_free_memory, uses_activation_checkpointing
 from parityrl.policy import export_state_dict, load_policy, torch_dtype
-from parityrl.scoring import Mismatch, ModelShape, PackedBatch, PolicyScorer, Sample, Scored, k3, pack_samples, score
+from parityrl.scoring import Mismatch, PolicyScorer, Scored, k3, score
 from parityrl.train.checkpoint import RunState, load_run_state, save_checkpoint
 from parityrl.train.objectives import policy_loss
 
 Probe = list[Sample] | Callable[[], list[Sample] | None] | None
 """Parity-probe samples for `Trainer.step`, or a function that waits for them."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """`train.device`: auto picks CUDA when a GPU is visible."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but torch sees no CUDA device (set train.device: cpu or auto)")
-    return torch.device(name)
 
 
 def global_normaliser(samples: list[Sample], objective: str) -> int:
@@ -144,12 +137,6 @@ def follow_thread_count(model: torch.nn.Module, threads_now: Callable[[], int]) 
     return handles
 
 
-def use_torch_threads(threads: int) -> None:
-    """Set this thread's torch thread count (a no-op when it already has it)."""
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-
-
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks of an HF causal LM (`model.model.layers` for Qwen2/Llama); [] if not found."""
     layers = getattr(getattr(model, "model", None), "layers", None)
@@ -166,9 +153,7 @@ class Trainer:
         self.distributed = distributed
         self.world_size = torch.distributed.get_world_size() if distributed else 1
         self.device = resolve_device(config.train.device)
-        from parityrl.assets import load_tokenizer
-
-        # loaded now: a resumed run's model_dir is a checkpoint that a later checkpoint may prune
+        from parityrl.policy import load_tokenizer
         self.tokenizer = load_tokenizer(self.model_dir)
         torch.manual_seed(config.seed)
         # fp32 master weights; bf16 models compute in bf16 via policy.compute_context
