@@ -143,7 +143,7 @@ def test_measured_table_summarises_each_run_robustly(tmp_path: Path) -> None:
 @pytest.mark.parametrize("folder", ["docs/ablation", "docs/ablation/demo-bf16", "docs/fix3"])
 def test_the_committed_ablation_verdict_is_what_its_committed_runs_give(folder: str, tmp_path: Path) -> None:
     """docs/*/verdict.json is written by `compare`, never by hand: re-deriving it from the committed
-    runs with the current statistic gives the same outside/inside calls, ratios and means (the README's
+    runs with the current statistic gives the same outside/inside calls, ratios and means (the
     fix-3 rewards, 0.60 against 0.05, are these means)."""
     root = Path(__file__).resolve().parents[1] / folder
     committed = json.loads((root / "verdict.json").read_text())
@@ -155,7 +155,7 @@ def test_the_committed_ablation_verdict_is_what_its_committed_runs_give(folder: 
 
 
 def test_the_committed_fix3_length_table_is_what_its_committed_runs_give() -> None:
-    """docs/fix3/lengths.md (the README's "92% of the samples cut short by an update") re-derived from
+    """docs/fix3/lengths.md ("92% of the samples cut short by an update") re-derived from
     the committed runs by scripts/completion_lengths.py's own table code."""
     import importlib.util
 

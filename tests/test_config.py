@@ -45,8 +45,8 @@ def test_readme_config_reference_is_current():
 
     from parityrl.config import reference_markdown
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    assert reference_markdown() in readme, "README config reference is stale: run python scripts/update_readme.py"
+    page = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    assert reference_markdown() in page, "docs/configuration.md is stale: run python scripts/update_references.py"
 
 
 def test_trainer_sampling_carries_min_p_and_penalties_and_their_overrides():

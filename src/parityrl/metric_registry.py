@@ -2,7 +2,7 @@
 
 Names are part of the interface (../shared/DESIGN.md, "Metrics"). Everything that lists metrics reads
 this module: the PNG panels (`plot.py`), `compare`'s Figure 1 and verdict (`parity/compare*.py`), the
-table of `parityrl check` (`cli.py`) and README's Metrics table (`scripts/update_readme.py`, kept
+table of `parityrl check` (`cli.py`) and docs/metrics.md (`scripts/update_references.py`, kept
 current by `tests/test_metric_registry.py`). A new metric is added here, in the panel it belongs to.
 
 Token quantities average over generated tokens; `old` is the engine's logprob at sampling time, `new`
@@ -20,7 +20,7 @@ from itertools import groupby
 class Panel:
     name: str
     title: str
-    """What the panel's metrics have in common (README section heading)."""
+    """What the panel's metrics have in common (a section heading of docs/metrics.md)."""
     plotted: bool
     """Drawn as RUN_DIR/plots/<name>.png. False for metrics that only `parityrl check` reports."""
 
@@ -29,7 +29,7 @@ class Panel:
 class Metric:
     name: str
     meaning: str
-    """One line, as in README's Metrics table."""
+    """One line, as in docs/metrics.md's table."""
     panel: str
     log_scale: bool = False
     """Plot the y axis on a log scale (the value spans decades, e.g. a KL between 1e-12 and 1e-2)."""
@@ -46,7 +46,7 @@ class Metric:
     """`parityrl compare` also lists it per configuration, without a verdict: the mismatch, staleness or abort
     that a fix acts on, measured in the RL runs themselves (`run_level` says how a run is summarised)."""
     family: str | None = None
-    """Metrics with the same family share one README row (the statistics of one check comparison)."""
+    """Metrics with the same family share one row of docs/metrics.md (the statistics of one check comparison)."""
 
 
 PANELS: tuple[Panel, ...] = (
@@ -233,7 +233,7 @@ def _readme_rows(metrics: list[Metric]) -> list[str]:
 
 
 def reference_markdown() -> str:
-    """README's Metrics table: a bold row per panel, then one row per metric (per check comparison)."""
+    """docs/metrics.md's table: a bold row per panel, then one row per metric (per check comparison)."""
     lines = ["| metric | meaning |", "|---|---|"]
     for panel in PANELS:
         where = f" (`plots/{panel.name}.png`)" if panel.plotted else ""

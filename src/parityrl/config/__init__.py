@@ -1,5 +1,5 @@
 """Run configuration: the schema (`schema`: every section, field and default, documented), loading
-from YAML and `--set` overrides with errors that say where to fix what (`loading`), and the README's
+from YAML and `--set` overrides with errors that say where to fix what (`loading`), and the
 generated reference (`reference`). Import the names from here."""
 
 from parityrl.config.loading import (

@@ -1,4 +1,4 @@
-"""The README's configuration reference, generated from the schema (a test keeps it in sync)."""
+"""The configuration reference (docs/configuration.md), generated from the schema (a test keeps it in sync)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from parityrl.config.schema import RunConfig
 
 
 def describe_fields(model_cls: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key path, default, docstring) for every leaf field: the README's config reference."""
+    """(key path, default, docstring) for every leaf field: docs/configuration.md's table."""
     rows: list[tuple[str, str, str]] = []
     instance = model_cls()
     for name, field in model_cls.model_fields.items():
@@ -23,7 +23,7 @@ def describe_fields(model_cls: type[BaseModel] = RunConfig, prefix: str = "") ->
 
 
 def reference_markdown() -> str:
-    """The README's configuration reference table, generated from the models (a test keeps it in sync)."""
+    """The table of docs/configuration.md, generated from the models (a test keeps it in sync)."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for key, default, doc in describe_fields(RunConfig):
         if default == "(section)":

@@ -13,7 +13,7 @@ master weights, bf16 compute via `policy.compute_context` for bf16 models, fp32 
 
 In bf16, the static samples are also scored by the trainer in fp32 (`parity_fp32/*`): the distance of
 the engine's bf16 arithmetic from the exact model, which no bf16 trainer can get under (on SmolLM2 the
-fp32 trainer sits closer to the bf16 engine than the bf16 trainer does: README "Train a real model").
+fp32 trainer sits closer to the bf16 engine than the bf16 trainer does: docs/real-model.md).
 
 `--attribute` repeats the measurements with each of the four fixes switched off in turn.
 """
