@@ -67,19 +67,24 @@ def test_selections_read_by_plot_compare_and_check():
     assert check_columns()[0].name == "parity/kl"  # the ratio column of the check table
 
 
-def test_plot_run_draws_every_panel_and_skips_non_numbers(tmp_path):
-    from parityrl.plot import plot_run, series
+def test_plot_run_draws_what_was_logged_smoothed_and_leaves_out_the_rest(tmp_path):
+    from parityrl.plot import moving_average, plot_run, series
 
     records = [
         {"step": 1, "rl/reward": 0.5, "parity/kl": 1e-9, "pipeline/group_ids": [0, 1], "train/skip_reason": None},
         {"step": 2, "rl/reward": 0.7, "parity/kl": None, "pipeline/group_ids": [2, 3], "train/skip_reason": "non-finite loss"},
     ]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "perf.png").write_bytes(b"stale")  # a panel of an earlier drawing that has no data now
     paths = plot_run(tmp_path)
-    assert [p.name for p in paths] == [f"{panel}.png" for panel in plot_panels()]
+    # only panels with a logged number: pipeline has lists only, perf and train nothing
+    assert [p.name for p in paths] == ["rl.png", "parity.png"]
+    assert not (tmp_path / "plots" / "perf.png").exists()
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
     assert series(records, "parity/kl") == ([1], [1e-9])
     assert series(records, "pipeline/group_ids") == ([], [])
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
 
 
 def test_check_table_columns_come_from_the_registry(monkeypatch):

@@ -1,12 +1,21 @@
-"""`parityrl plot RUN_DIR`: one PNG per plotted panel of `parityrl.metric_registry.PANELS`, its metrics in registry order."""
+"""`parityrl plot RUN_DIR`: one PNG per plotted panel of `parityrl.metric_registry.PANELS`, its metrics in registry order.
+
+Each metric is drawn raw (faint) with a moving average over it, so the trend reads at a glance and the
+noise stays visible; metrics the run never logged a number for are left out (a panel with none is not
+drawn); a metric with a `good` text gets it as a caption under its plot.
+"""
 
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 from parityrl.metric_registry import Metric, plot_panels
 from parityrl.metrics import read_metrics
+
+SMOOTH_FRACTION = 0.05
+"""Moving-average window as a fraction of the run's steps (at least 1, at most 25 steps)."""
 
 
 def _is_number(value: object) -> bool:
@@ -19,23 +28,32 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def _missing_text(records: list[dict], key: str) -> str:
-    """Why a subplot is empty: a metric logged only as null had no qualifying tokens; one never logged is
-    absent from this run (an older run, or a metric this configuration does not produce)."""
-    return "no qualifying tokens in this run" if any(key in r for r in records) else "not logged in this run"
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start), one per value."""
+    averaged, total = [], 0.0
+    for index, value in enumerate(values):
+        total += value
+        if index >= window:
+            total -= values[index - window]
+        averaged.append(total / min(index + 1, window))
+    return averaged
 
 
-def _draw_metric(ax, records: list[dict], metric: Metric) -> None:
-    steps, values = series(records, metric.name)
-    if steps:
-        ax.plot(steps, values, marker="." if len(steps) < 30 else None, linewidth=1.2)
-        if metric.log_scale and all(v > 0 for v in values):
-            ax.set_yscale("log")
+def _draw_metric(ax, steps: list[int], values: list[float], metric: Metric, window: int) -> None:
+    if len(steps) < 30 or window <= 1:
+        ax.plot(steps, values, marker=".", linewidth=1.2)
     else:
-        ax.text(0.5, 0.5, _missing_text(records, metric.name), ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.plot(steps, values, linewidth=0.8, alpha=0.3, color="C0")
+        ax.plot(steps, moving_average(values, window), linewidth=1.6, color="C0", label=f"mean of {window} steps")
+        ax.legend(frameon=False, fontsize=7, loc="best")
+    if metric.log_scale and all(v > 0 for v in values):
+        ax.set_yscale("log")
     ax.set_title(metric.name)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
+    if metric.good:
+        caption = textwrap.fill(f"{metric.meaning}. Good: {metric.good}.", 78)
+        ax.text(0.0, -0.28, caption, transform=ax.transAxes, va="top", ha="left", fontsize=7, color="dimgrey")
 
 
 def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
@@ -48,14 +66,22 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     out_dir = Path(out_dir or run_dir / "plots")
     out_dir.mkdir(parents=True, exist_ok=True)
     records = read_metrics(run_dir)
+    steps_in_run = max((r["step"] for r in records), default=0)
+    window = max(1, min(25, round(SMOOTH_FRACTION * steps_in_run)))
     written = []
     for panel, metrics in plot_panels().items():
-        columns = 2 if len(metrics) <= 4 else 3
-        rows = math.ceil(len(metrics) / columns)
-        fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.2 * rows), squeeze=False)
-        for ax, metric in zip(axes.flat, metrics):
-            _draw_metric(ax, records, metric)
-        for ax in list(axes.flat)[len(metrics):]:
+        drawn = [(metric, *series(records, metric.name)) for metric in metrics]
+        drawn = [(metric, steps, values) for metric, steps, values in drawn if steps]  # never logged: left out
+        (out_dir / f"{panel}.png").unlink(missing_ok=True)  # a panel this run has nothing for is not drawn
+        if not drawn:
+            continue
+        columns = 2 if len(drawn) <= 4 else 3
+        rows = math.ceil(len(drawn) / columns)
+        captioned = any(metric.good for metric, _, _ in drawn)
+        fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, (4.4 if captioned else 3.2) * rows), squeeze=False)
+        for ax, (metric, steps, values) in zip(axes.flat, drawn):
+            _draw_metric(ax, steps, values, metric, window)
+        for ax in list(axes.flat)[len(drawn):]:
             ax.axis("off")
         fig.suptitle(f"{run_dir.name}: {panel}")
         fig.tight_layout()
