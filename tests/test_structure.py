@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("compositions: engine choice, trainer ranks, rollouts", ("engines", "train.distributed", "rollouts")),
     ("engine replicas (made by the engine choice) and the parity check", ("engines.ray_replicas", "parity.check")),
     ("the cluster", ("cluster",)),
+    ("where engine and trainer run (local or Ray)", ("backend",)),
     ("the loop", ("pipeline",)),
     ("the CLI", ("cli",)),
 ]

@@ -1,10 +1,14 @@
-"""The online RL loop (PipelineRL-style, local mode).
+"""The online RL loop (PipelineRL-style), read top to bottom in `RLRun.run`.
 
 async: the engine generates continuously; the trainer takes `prompts_per_step` finished groups,
 steps, publishes version v+1 and the engine applies it inflight (requests keep running). At most
 `max_inflight_groups` groups are generating or waiting for the trainer, which bounds staleness;
 groups whose oldest token is more than `max_lag` versions behind are dropped and counted.
 sync: generate a batch, train on it, update, repeat (no overlap; for debugging).
+
+Each step is the same phases, each a method: take a batch, train on it, publish the new weights,
+evaluate (every `train.eval_every` steps), log, checkpoint. Where the engine and the trainer run (one
+process, or Ray actors) is the backend's business (`parityrl.backend`).
 
 A run either finishes or stops with one message and a resumable checkpoint:
 - the engine is supervised (`engines.supervisor`): every call has a deadline, a dead or hung engine
@@ -28,22 +32,20 @@ import torch
 from rich.console import Console
 
 from parityrl.assets import prepare_model
+from parityrl.backend import make_backend
 from parityrl.config import RunConfig
-from parityrl.engines import make_engine
-from parityrl.engines.ray_replicas import ReplicaSet
-from parityrl.engines.supervisor import EngineGaveUp, SupervisedEngine
+from parityrl.engines.supervisor import EngineGaveUp
 from parityrl.evaluate import engine_greedy_completions, success_rate
-from parityrl.hardware import CoreSplit, allowed_cpus, trainer_threads, with_torch_threads
+from parityrl.hardware import allowed_cpus, trainer_threads, with_torch_threads
 from parityrl.memory import check_trainer_fits, engine_memory, estimate_trainer_memory
 from parityrl.metrics import MetricsLogger, truncate_metrics, write_json_atomic
 from parityrl.policy import load_tokenizer
 from parityrl.preflight import model_context, read_hf_config
 from parityrl.progress import progress_bar
 from parityrl.reward_pool import RewardPool
-from parityrl.rollouts import Rollouts, RunStopped, StopSignals, batch_tensors
+from parityrl.rollouts import Group, Rollouts, RunStopped, StopSignals, batch_tensors
 from parityrl.tasks import Problem, check_prompt_lengths, load_task, task_prompt_ids
 from parityrl.train.checkpoint import RunState, latest_checkpoint, load_run_state
-from parityrl.train.trainer import Trainer
 
 MAX_REWARD_ERROR_FRAC = 0.10
 """More failed rewards than this in one step's batch stop the run: the reward itself is broken."""
@@ -56,335 +58,381 @@ async def run_training(
 ) -> dict:
     """Full run: assets, engine, RL loop, metrics, checkpoints. Returns the summary dict.
 
-    resume: continue from RUN_DIR's newest checkpoint (model, optimizer, step, version, RNG, sampler,
-    groups drawn but not trained on); metrics.jsonl is cut back to that step so each step is logged once.
-    plots: draws the finished run's metrics and returns the files, in a thread while the engine shuts
-    down (~4.5 s of vLLM waiting on its processes); they land in `summary["plots"]`. Not run when the
-    loop fails; a failure to draw is reported and does not fail the run."""
-    console = console or Console()
-    began = time.perf_counter()
-    startup: dict[str, float] = {}
-    """Seconds of each phase before the first RL step: what a user waits for (summary.json `startup_s`)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    task = load_task(config.task)
-    model_dir = prepare_model(config, task)  # SFT warm-up if not cached (one thread, deterministic)
-    startup["assets"] = time.perf_counter() - began
-    # from here on the engine and the trainer share the cores: the split is explicit
-    torch.set_num_threads(trainer_threads(config.train, len(allowed_cpus()), config.engine.omp_threads))
-    tokenizer = load_tokenizer(model_dir)
-    hf_config = read_hf_config(model_dir)
-    context = model_context(hf_config) or 1 << 40
-    longest_prompt = check_prompt_lengths(task, tokenizer, lambda tok, prompt: task_prompt_ids(tok, task, prompt), context, config.sampling.max_new_tokens)
-    check_memory(config, hf_config, longest_prompt, console)
-    checkpoint = latest_checkpoint(run_dir, report=lambda line: console.print(f"[yellow]{line}[/yellow]")) if resume else None
-    if resume and checkpoint is None:
-        console.print(f"[yellow]{run_dir} has no complete checkpoint yet: starting from step 0[/yellow]")
-    log = lambda line: console.print(f"[yellow]{line}[/yellow]")  # noqa: E731
-    pad_id = tokenizer.pad_token_id or 0
-    if config.pipeline.backend == "ray":
-        from parityrl import cluster
+    resume: continue from RUN_DIR's newest intact checkpoint (model, optimizer, step, version, RNG,
+    sampler, groups drawn but not trained on); metrics.jsonl is cut back to that step so each step is
+    logged once. plots: draws the finished run's metrics and returns the files, in a thread while the
+    engine shuts down (~4.5 s of vLLM waiting on its processes); they land in `summary["plots"]`. Not
+    run when the loop fails; a failure to draw is reported and does not fail the run."""
+    return await RLRun(config, Path(run_dir), console or Console(), resume, plots).run()
 
-        summary_ray = cluster.start_ray(config)
-        console.print(f"[bold]ray[/bold]: {summary_ray['nodes']} node(s), {summary_ray['resources']}")
-        trainer = cluster.trainer_ranks(config, checkpoint or model_dir, pad_id)
-        engine = cluster.engine_replicas(config, model_dir, log)
-    else:
-        trainer = Trainer(config, checkpoint or model_dir, pad_id)
-        engine = SupervisedEngine(lambda: make_engine(config, model_dir), config.engine, log=log)
-    state = None
-    if checkpoint is not None:
-        trainer.load_checkpoint(checkpoint)
-        state = load_run_state(checkpoint)
-    start_step = state.step if state is not None else 0
-    counters: dict[str, float] = dict(state.counters) if state is not None else {}
-    if state is not None:
-        trainer.version = state.version
-        console.print(f"[bold]resuming[/bold] {run_dir} at step {start_step} (policy v{state.version}) from {checkpoint.name}")
-    truncate_metrics(run_dir, start_step if resume else -1)
-    if trainer.version > 0:
-        engine.publish(trainer.state_dict_for_engines(), trainer.version)
-    rewards = RewardPool.from_config(config.task)
-    console.print(f"[bold]engine[/bold] {config.engine.kind}: starting …")
-    wandb_config = config.model_dump() if config.logging.wandb else None
-    logger: MetricsLogger | None = None
-    rollouts: Rollouts | None = None
-    producer: asyncio.Task | None = None
-    probe_task: asyncio.Task | None = None
-    publishing: asyncio.Task | None = None
-    """The last weight publication, in the background while the next step computes."""
-    drawing: asyncio.Future | None = None
-    summary: dict = {"engine": config.engine.kind, "model_dir": str(model_dir)}
-    step = start_step
-    startup["trainer"] = time.perf_counter() - began - startup["assets"]
-    try:
+
+class RLRun:
+    """One run's state between the phases of `run`."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, console: Console, resume: bool, plots: Callable[[], list[str]] | None):
+        self.config, self.run_dir, self.console, self.resume, self.plots = config, run_dir, console, resume, plots
+        self.began = time.perf_counter()
+        self.startup: dict[str, float] = {}
+        """Seconds of each phase before the first RL step: what a user waits for (summary.json `startup_s`)."""
+        self.logger: MetricsLogger | None = None
+        self.rollouts: Rollouts | None = None
+        self.producer: asyncio.Task | None = None
+        self.probe_task: asyncio.Task | None = None
+        self.publishing: asyncio.Task | None = None
+        """The last weight publication, in the background while the next step computes."""
+        self.start_evaluation: asyncio.Task | None = None
+        self.drawing: asyncio.Future | None = None
+        self.finished_step = 0
+        """The last step trained and logged: what a stop checkpoints."""
+        self.eval_success: float | None = None
+        self.skipped_in_a_row = 0
+
+    async def run(self) -> dict:
+        self.prepare()
+        try:
+            await self.start()
+            with StopSignals() as signals, progress_bar() as progress, self.backend.split_cores(self.settings, lambda: self.rollouts.generating > 0):
+                bar = progress.add_task("RL", total=self.config.train.steps, completed=self.finished_step, info="")
+                for step in range(self.finished_step + 1, self.config.train.steps + 1):
+                    groups, dropped, waited = await self.take_batch()
+                    await self.finish_start_evaluation(groups)
+                    metrics = await self.train(groups)
+                    failure = await self.publish(metrics)
+                    metrics |= self.batch_metrics(groups, dropped, waited)
+                    failure = await self.evaluate_if_due(step, metrics) or failure
+                    self.log(step, metrics)
+                    await self.stop_if_failed(failure, metrics)
+                    checkpointed = await self.checkpoint_if_due(step, progress, bar)
+                    self.show(progress, bar, metrics, checkpointed)
+                    if signals.received is not None and step < self.config.train.steps:
+                        raise await self.stop(f"{signals.received} received", fix_first=False)
+            self.finish()
+        finally:
+            await self.close()
+        write_json_atomic(self.run_dir / "summary.json", self.summary)
+        return self.summary
+
+    # -- before the loop ----------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Assets, the checks that refuse a run before anything heavy starts, the backend (trainer and
+        engine, not started), and the state of a resumed run."""
+        config, console = self.config, self.console
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.task = load_task(config.task)
+        self.model_dir = prepare_model(config, self.task)  # SFT warm-up if not cached (one thread, deterministic)
+        self.startup["assets"] = time.perf_counter() - self.began
+        # from here on the engine and the trainer share the cores: the split is explicit
+        torch.set_num_threads(trainer_threads(config.train, len(allowed_cpus()), config.engine.omp_threads))
+        self.tokenizer = load_tokenizer(self.model_dir)
+        hf_config = read_hf_config(self.model_dir)
+        longest_prompt = check_prompt_lengths(
+            self.task, self.tokenizer, lambda tok, prompt: task_prompt_ids(tok, self.task, prompt),
+            model_context(hf_config) or 1 << 40, config.sampling.max_new_tokens,
+        )  # fmt: skip
+        check_memory(config, hf_config, longest_prompt, console)
+        checkpoint = latest_checkpoint(self.run_dir, report=self.warn) if self.resume else None
+        if self.resume and checkpoint is None:
+            self.warn(f"{self.run_dir} has no complete checkpoint yet: starting from step 0")
+        self.backend = make_backend(config, self.model_dir, checkpoint or self.model_dir, self.tokenizer.pad_token_id or 0, self.warn)
+        if hasattr(self.backend, "ray_info"):
+            console.print(f"[bold]ray[/bold]: {self.backend.ray_info['nodes']} node(s), {self.backend.ray_info['resources']}")
+        self.trainer, self.engine = self.backend.trainer, self.backend.engine
+        self.state = None
+        if checkpoint is not None:
+            self.trainer.load_checkpoint(checkpoint)
+            self.state = load_run_state(checkpoint)
+            self.trainer.version = self.state.version
+            self.finished_step = self.state.step
+            self.eval_success = self.state.eval_success
+            console.print(f"[bold]resuming[/bold] {self.run_dir} at step {self.state.step} (policy v{self.state.version}) from {checkpoint.name}")
+        self.counters: dict[str, float] = dict(self.state.counters) if self.state is not None else {}
+        truncate_metrics(self.run_dir, self.finished_step if self.resume else -1)
+        if self.trainer.version > 0:
+            self.engine.publish(self.trainer.state_dict_for_engines(), self.trainer.version)
+        self.rewards = RewardPool.from_config(config.task)
+        self.summary: dict = {"engine": config.engine.kind, "model_dir": str(self.model_dir)}
+        self.startup["trainer"] = time.perf_counter() - self.began - self.startup["assets"]
+
+    async def start(self) -> None:
+        """The engine, the metrics sinks, the rollouts, the start evaluation (beside the first rollouts)
+        and the clocks of the loop."""
+        config, state = self.config, self.state
+        self.console.print(f"[bold]engine[/bold] {config.engine.kind}: starting …")
         engine_began = time.perf_counter()
-        await engine.start()
-        startup["engine"] = time.perf_counter() - engine_began
-        settings = engine.settings()
-        write_json_atomic(run_dir / "engine_settings.json", settings)
-        console.print(f"[bold]engine settings in force[/bold]: {settings}")
-        logger = MetricsLogger(run_dir, tensorboard=config.logging.tensorboard, wandb_config=wandb_config, purge_step=start_step + 1)
-        rollouts = Rollouts(
-            engine, config, task, tokenizer, rewards, log=log,
+        await self.engine.start()
+        self.startup["engine"] = time.perf_counter() - engine_began
+        self.settings = self.engine.settings()
+        write_json_atomic(self.run_dir / "engine_settings.json", self.settings)
+        self.console.print(f"[bold]engine settings in force[/bold]: {self.settings}")
+        wandb_config = config.model_dump() if config.logging.wandb else None
+        self.logger = MetricsLogger(self.run_dir, tensorboard=config.logging.tensorboard, wandb_config=wandb_config, purge_step=self.finished_step + 1)
+        self.rollouts = Rollouts(
+            self.engine, config, self.task, self.tokenizer, self.rewards, log=self.warn,
             sampler_state=state.sampler_state if state is not None else None,
             requeue=state.pending_prompts if state is not None else None,
-            group_counter=int(counters.get("group_counter", 0)),
-        )
-
-        async def held_out_success() -> float:
-            """Greedy success on the held-out problems, decoded by the engine with the trainer's current weights."""
-            nonlocal publishing
-            if publishing is not None:  # the engine must hold the trainer's version before it is evaluated
-                metrics["perf/weight_sync_s"] = await publishing
-                publishing = None
-            completions = await engine_greedy_completions(engine, tokenizer, task, task.eval, config.sampling.max_new_tokens, f"eval-v{trainer.version}")
-            return await asyncio.to_thread(success_rate, completions, task.eval, rewards.score_sync)
-
-        def checkpoint_now(extra_pending: list[Problem] = ()) -> RunState:
-            run_state = RunState(
-                step=step,
-                version=trainer.version,
-                sampler_state=rollouts.rng.getstate(),
-                pending_prompts=list(extra_pending) + rollouts.undrained(),
-                counters=dict(counters),
-                eval_success=eval_success,
-            )
-            trainer.save_checkpoint(run_dir, run_state)
-            return run_state
-
-        async def stop_run(reason: str, extra_pending: list[Problem] = (), fix_first: bool = True) -> RunStopped:
-            await asyncio.to_thread(checkpoint_now, extra_pending)
-            return RunStopped(
-                f"the run stopped at step {step}: {reason.rstrip('.')}. A checkpoint of step {step} is in {run_dir}/checkpoints; "
-                f"{'fix the cause, then ' if fix_first else ''}continue with `parityrl train --resume {run_dir}`."
-            )
-
-        async def finish_start_evaluation(evaluation: asyncio.Task) -> float:
-            """The start's held-out success, logged as step 0 once its decoding (beside the first rollouts) is done."""
-            eval_began = time.perf_counter()
-            success = await evaluation
-            counters["eval_success_start"] = summary["eval_success_start"] = success
-            logger.log(0, {"eval/success": success})
-            console.print(f"held-out success before RL: [bold]{success:.3f}[/bold] (the trainer waited {time.perf_counter() - eval_began:.0f} s for it)")
-            return success
-
-        metrics: dict = {}
-        start_evaluation: asyncio.Task | None = None
+            group_counter=int(self.counters.get("group_counter", 0)),
+        )  # fmt: skip
         if state is None:
             # decoded by the engine beside the first batch's rollouts rather than before them (44 s of a
             # SmolLM2 start); the first publication waits for it, so it sees version 0 only
-            start_evaluation = asyncio.create_task(held_out_success())
-            eval_success = None
-        else:
-            eval_success = state.eval_success
-        summary["eval_success_start"] = counters.get("eval_success_start")
-        startup["total"] = time.perf_counter() - began
-        summary["startup_s"] = {phase: round(seconds, 1) for phase, seconds in startup.items()}
-        console.print(
-            f"ready to train {startup['total']:.0f} s after the start (" + ", ".join(f"{k} {v:.0f} s" for k, v in startup.items() if k != "total") + ")"
-            + (": the held-out evaluation runs beside the first rollouts" if start_evaluation is not None else "")
+            self.start_evaluation = asyncio.create_task(self.held_out_success({}))
+        self.summary["eval_success_start"] = self.counters.get("eval_success_start")
+        self.startup["total"] = time.perf_counter() - self.began
+        self.summary["startup_s"] = {phase: round(seconds, 1) for phase, seconds in self.startup.items()}
+        self.console.print(
+            f"ready to train {self.startup['total']:.0f} s after the start ("
+            + ", ".join(f"{k} {v:.0f} s" for k, v in self.startup.items() if k != "total") + ")"
+            + (": the held-out evaluation runs beside the first rollouts" if self.start_evaluation is not None else "")
         )
-        # max_lag 0 admits only samples of the current version: that is the synchronous loop
-        max_lag = config.pipeline.max_lag if config.pipeline.max_lag is not None else 1 << 40
-        if config.pipeline.mode == "async" and max_lag > 0:
-            producer = rollouts.start()
-        # a batch can take several group deadlines (queued behind others, an engine restart or two)
-        take_deadline_s = config.engine.request_timeout_s * (config.engine.max_restarts + 2)
+        if config.overlaps_generation:
+            self.producer = self.rollouts.start()
         # everything alive now (torch, transformers, vLLM's frontend, the model) stays alive for the run:
         # frozen, the collector stops rescanning it, and a full collection no longer stalls a step every
         # ~20 steps (0.35 s each in the demo)
         gc.collect()
         gc.freeze()
-        rollouts.reset_idle_clock()
-        rl_start = last_time = time.perf_counter()
-        rl_seconds_before = counters.get("rl_seconds", 0.0)
-        totals_before = dict(counters)  # run totals up to the checkpoint; this session's counts add to them
-        last_tokens, last_idle, trainer_wait_s, skipped_in_a_row = 0, 0.0, 0.0, 0
-        restarts_seen, requeued_seen = engine.restarts, engine.requeued_groups
-        replicated = isinstance(engine, ReplicaSet)
-        last_replica_tokens = list(engine.tokens_per_replica) if replicated else []
-        probe_count = config.pipeline.parity_probe_prompts if producer is not None else 0
-        probe_task = asyncio.create_task(rollouts.probe(probe_count)) if probe_count else None
-        loop = asyncio.get_running_loop()
+        self.rollouts.reset_idle_clock()
+        self.rl_start = self.last_time = time.perf_counter()
+        self.rl_seconds_before = self.counters.get("rl_seconds", 0.0)
+        self.totals_before = dict(self.counters)  # run totals up to the checkpoint; this session's counts add to them
+        self.last_tokens, self.last_idle, self.trainer_wait_s = 0, 0.0, 0.0
+        self.restarts_seen, self.requeued_seen = self.engine.restarts, self.engine.requeued_groups
+        self.probe_count = config.pipeline.parity_probe_prompts if self.producer is not None else 0
+        self.probe_task = asyncio.create_task(self.rollouts.probe(self.probe_count)) if self.probe_count else None
 
-        def probe_waiter(task: asyncio.Task):
-            """For the trainer's thread: blocks until the probe samples are there (with a deadline)."""
-            return lambda: asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(task), take_deadline_s), loop).result()
-        binding = settings.get("env", {}).get("VLLM_CPU_OMP_THREADS_BIND") if not replicated else None
-        engine_pids = list(getattr(getattr(engine, "engine", None), "process_ids", []))
-        cores_split = CoreSplit(binding, engine_pids, torch.get_num_threads(), adaptive=config.train.threads == "auto")
-        if cores_split.adaptive and not replicated:
-            trainer.follow_thread_count(lambda: cores_split.threads_now(engine_generating=rollouts.generating > 0))
-        with StopSignals() as signals, progress_bar() as progress, cores_split:
-            bar = progress.add_task("RL", total=config.train.steps, completed=start_step, info="")
-            for step in range(start_step + 1, config.train.steps + 1):
-                wait_start = time.perf_counter()
+    # -- the phases of a step -----------------------------------------------------------------------
+
+    async def take_batch(self) -> tuple[list[Group], int, float]:
+        """`prompts_per_step` groups (async: the finished ones, stale ones dropped; sync: generated now).
+        Returns the groups, how many were dropped, and the seconds waited. Too many failed rewards stop the run."""
+        began = time.perf_counter()
+        count = self.config.train.prompts_per_step
+        try:
+            if self.producer is not None:
+                groups, dropped = await self.rollouts.take(count, self.trainer.version)
+            else:
+                groups, dropped = await self.rollouts.sync_batch(count), 0
+        except EngineGaveUp as error:
+            raise await self.stop(str(error)) from None
+        waited = time.perf_counter() - began
+        self.trainer_wait_s += waited
+        reward_errors = sum(len(g.reward_errors) for g in groups)
+        sample_count = sum(len(g.samples) for g in groups)
+        if reward_errors > MAX_REWARD_ERROR_FRAC * sample_count:
+            first = next(g for g in groups if g.reward_errors)
+            raise await self.stop(
+                f"{reward_errors} of {sample_count} rewards failed in one batch (more than {MAX_REWARD_ERROR_FRAC:.0%}); "
+                f"first: {first.reward_errors[0]} (prompt {first.problem.prompt!r})",
+                [g.problem for g in groups],
+            ) from None
+        return groups, dropped, waited
+
+    async def finish_start_evaluation(self, groups: list[Group]) -> None:
+        """The start's held-out success, logged as step 0 once its decoding (beside the first rollouts) is
+        done: before the first step and its publication. A failure keeps the batch for `--resume`."""
+        if self.start_evaluation is None:
+            return
+        began = time.perf_counter()
+        try:
+            success = await self.start_evaluation
+        except EngineGaveUp as error:
+            raise await self.stop(str(error), [g.problem for g in groups]) from None
+        finally:
+            self.start_evaluation = None
+        self.eval_success = self.counters["eval_success_start"] = self.summary["eval_success_start"] = success
+        self.logger.log(0, {"eval/success": success})
+        self.console.print(f"held-out success before RL: [bold]{success:.3f}[/bold] (the trainer waited {time.perf_counter() - began:.0f} s for it)")
+
+    async def train(self, groups: list[Group]) -> dict:
+        """One optimiser step on the batch (in a worker thread, with the thread count the core split set)."""
+        self.samples, advantages, self.rewards_tensor = batch_tensors(groups, self.config.train.advantage)
+        try:
+            probe = await self.backend.probe_for_step(self.probe_task, self.config.batch_deadline_s)
+            self.step_threads = torch.get_num_threads()  # this thread's count is the one the core split sets
+            metrics = await asyncio.to_thread(with_torch_threads, self.step_threads, self.trainer.step, self.samples, advantages, probe)
+        except EngineGaveUp as error:  # the probe's engine
+            raise await self.stop(str(error)) from None
+        metrics["perf/trainer_threads"] = self.step_threads
+        return metrics
+
+    async def publish(self, metrics: dict) -> EngineGaveUp | None:
+        """Wait for the previous publication (it landed while this step computed), then publish this
+        step's weights in the background. Returns an engine failure to stop on after logging."""
+        failure = None
+        if self.publishing is not None:
+            try:
+                metrics["perf/weight_sync_s"] = await self.publishing
+            except EngineGaveUp as error:  # this step is done: logged, then the run stops
+                failure = error
+            self.publishing = None
+        if metrics.get("train/skipped_steps"):
+            self.skipped_in_a_row += 1
+            self.counters["skipped_steps"] = self.counters.get("skipped_steps", 0) + 1
+            self.warn(f"step {self.finished_step + 1} skipped: {metrics.get('train/skip_reason')}")
+        else:
+            self.skipped_in_a_row = 0
+            # new groups and the probe wait for these weights (`Rollouts.publishing`), so they are not stale
+            self.publishing = asyncio.create_task(timed(self.engine.update_weights(self.trainer.state_dict_for_engines(), self.trainer.version)))
+            self.rollouts.publishing = self.publishing
+            if self.producer is None:  # sync mode: nothing to overlap with
                 try:
-                    if producer is not None:
-                        groups, dropped = await rollouts.take(config.train.prompts_per_step, trainer.version, max_lag, take_deadline_s)
-                    else:
-                        groups, dropped = await rollouts.sync_batch(config.train.prompts_per_step), 0
-                    # the local trainer waits for the probe only after its backward passes (the engine
-                    # generates it meanwhile); the Ray ranks take samples, not a function of this loop
-                    probe = probe_waiter(probe_task) if probe_task is not None and not replicated else None
-                    if probe_task is not None and replicated:
-                        probe = await probe_task
-                except EngineGaveUp as error:
-                    step -= 1
-                    raise await stop_run(str(error)) from None
-                waited = time.perf_counter() - wait_start
-                trainer_wait_s += waited
-                reward_errors = sum(len(g.reward_errors) for g in groups)
-                sample_count = sum(len(g.samples) for g in groups)
-                if reward_errors > MAX_REWARD_ERROR_FRAC * sample_count:
-                    first = next(g for g in groups if g.reward_errors)
-                    step -= 1
-                    raise await stop_run(
-                        f"{reward_errors} of {sample_count} rewards failed in one batch (more than {MAX_REWARD_ERROR_FRAC:.0%}); "
-                        f"first: {first.reward_errors[0]} (prompt {first.problem.prompt!r})",
-                        [g.problem for g in groups],
-                    ) from None
-                if start_evaluation is not None:  # usually done by now; before the first step and its publication
-                    try:
-                        eval_success = await finish_start_evaluation(start_evaluation)
-                    except EngineGaveUp as error:  # the batch taken is trained on after --resume
-                        step -= 1
-                        raise await stop_run(str(error), [g.problem for g in groups]) from None
-                    start_evaluation = None
-                samples, advantages, rewards_tensor = batch_tensors(groups, config.train.advantage)
-                try:
-                    step_threads = torch.get_num_threads()  # this thread's count is the one `cores_split` sets
-                    metrics = await asyncio.to_thread(with_torch_threads, step_threads, trainer.step, samples, advantages, probe)
-                except EngineGaveUp as error:  # the probe's engine
-                    step -= 1
-                    raise await stop_run(str(error)) from None
-                publish_failure: EngineGaveUp | None = None
-                if publishing is not None:  # the previous step's weights: landed while this step computed
-                    try:
-                        metrics["perf/weight_sync_s"] = await publishing
-                    except EngineGaveUp as error:  # this step is done: logged, then the run stops
-                        publish_failure = error
-                publishing = None
-                if metrics.get("train/skipped_steps"):
-                    skipped_in_a_row += 1
-                    counters["skipped_steps"] = counters.get("skipped_steps", 0) + 1
-                    console.print(f"[yellow]step {step} skipped: {metrics.get('train/skip_reason')}[/yellow]")
-                else:
-                    skipped_in_a_row = 0
-                    # published in the background: the next batch is (mostly) generated already, and new
-                    # groups and the probe wait for these weights (`Rollouts.publishing`), so they are not stale
-                    publishing = asyncio.create_task(timed(engine.update_weights(trainer.state_dict_for_engines(), trainer.version)))
-                    rollouts.publishing = publishing
-                    if producer is None:  # sync mode: nothing to overlap with
-                        try:
-                            metrics["perf/weight_sync_s"] = await publishing
-                        except EngineGaveUp as error:
-                            raise await stop_run(str(error)) from None
-                        publishing = None
-                if probe_count:
-                    probe_task = asyncio.create_task(rollouts.probe(probe_count))
-                now = time.perf_counter()
-                lengths = [len(s.completion_token_ids) for s in samples]
-                counters["reward_errors"] = counters.get("reward_errors", 0) + reward_errors
-                metrics |= {
-                    "rl/reward": float(rewards_tensor.mean()),
-                    "rl/success": float((rewards_tensor >= 1).float().mean()),
-                    "rl/completion_len": sum(lengths) / max(len(lengths), 1),
-                    "rl/completion_lens": lengths,
-                    "pipeline/aborted_frac": sum(s.finish_reason == "abort" for s in samples) / max(len(samples), 1),
-                    "pipeline/dropped_groups": dropped,
-                    "pipeline/group_ids": [g.group_id for g in groups],
-                    "pipeline/reward_errors": reward_errors,
-                    "pipeline/requeued_groups": engine.requeued_groups - requeued_seen,
-                    "pipeline/engine_restarts": engine.restarts - restarts_seen,
-                    "perf/rollout_tok_s": (rollouts.generated_tokens - last_tokens) / max(now - last_time, 1e-9),
-                    "perf/engine_idle_frac": rollouts.idle_seconds() / max(now - rl_start, 1e-9),
-                    "perf/trainer_idle_frac": trainer_wait_s / max(now - rl_start, 1e-9),
-                    "perf/batch_wait_s": waited,
-                    "version": trainer.version,
-                    "time_s": rl_seconds_before + now - rl_start,
-                }
-                if replicated:  # tokens per replica since the last step, as a rate
-                    metrics["perf/rollout_tok_s_per_replica"] = [
-                        (tokens - before) / max(now - last_time, 1e-9) for tokens, before in zip(engine.tokens_per_replica, last_replica_tokens)
-                    ]
-                    last_replica_tokens = list(engine.tokens_per_replica)
-                restarts_seen, requeued_seen = engine.restarts, engine.requeued_groups
-                idle_now = rollouts.idle_seconds()
-                metrics["perf/trainer_threads"] = step_threads
-                cores_split.update((idle_now - last_idle) / max(now - last_time, 1e-9), now - last_time)  # the next step's
-                last_time, last_tokens, last_idle = now, rollouts.generated_tokens, idle_now
-                if step % config.train.eval_every == 0 or step == config.train.steps:
-                    try:
-                        eval_success = await held_out_success()
-                        metrics["eval/success"] = eval_success
-                    except EngineGaveUp as error:  # the evaluating engine, or its last update: logged, then the run stops
-                        publish_failure = error
-                counters |= {
-                    "engine_restarts": totals_before.get("engine_restarts", 0) + engine.restarts,
-                    "requeued_groups": totals_before.get("requeued_groups", 0) + engine.requeued_groups,
-                    "rollout_tokens": totals_before.get("rollout_tokens", 0) + rollouts.generated_tokens,
-                    "engine_idle_s": totals_before.get("engine_idle_s", 0.0) + rollouts.idle_seconds(),
-                    "rl_seconds": rl_seconds_before + now - rl_start,
-                    "group_counter": rollouts.group_counter,
-                }
-                logger.log(step, metrics)
-                if publish_failure is not None:
-                    raise await stop_run(str(publish_failure)) from None
-                if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                    raise await stop_run(f"{skipped_in_a_row} steps in a row were skipped (last: {metrics.get('train/skip_reason')})") from None
-                checkpointed = ""
-                if step == config.train.steps or (config.train.checkpoint_every and step % config.train.checkpoint_every == 0):
-                    progress.update(bar, info=f"writing checkpoint step_{step} …")
-                    await asyncio.to_thread(checkpoint_now)
-                    checkpointed = f" · checkpoint step_{step}"
-                if "eval/success" in metrics or time.perf_counter() - now > 0.05:
-                    # the next step's rates (tokens/s, engine idle, the core split's step time) leave out
-                    # this evaluation and checkpoint: the engine idles through them, which is no reason to
-                    # hand the trainer its core
-                    last_time, last_tokens, last_idle = time.perf_counter(), rollouts.generated_tokens, rollouts.idle_seconds()
-                progress.update(
-                    bar,
-                    advance=1,
-                    info=f"reward {metrics['rl/reward']:.2f} · eval {eval_success:.2f} · clip {metrics.get('rl/clip_rate') or 0:.3f}{checkpointed}",
-                )
-                if signals.received is not None and step < config.train.steps:
-                    raise await stop_run(f"{signals.received} received", fix_first=False)
-        summary |= _summary(counters, eval_success, config.train.steps, run_dir)
-        if plots is not None:  # metrics.jsonl is complete and fsynced: draw it while the engine closes
-            drawing = asyncio.get_running_loop().run_in_executor(None, plots)
-        if replicated:
-            summary["samples_per_replica"] = dict(enumerate(engine.samples_per_replica))
-            summary["last_version_per_replica"] = engine.last_version_per_replica()
-            summary["actor_nodes"] = cluster.node_of_each_actor(engine, trainer)
-    finally:
+                    metrics["perf/weight_sync_s"] = await self.publishing
+                except EngineGaveUp as error:  # as above: the step is trained, so it is logged before the stop
+                    failure = error
+                self.publishing = None
+        if self.probe_count:
+            self.probe_task = asyncio.create_task(self.rollouts.probe(self.probe_count))
+        return failure
+
+    def batch_metrics(self, groups: list[Group], dropped: int, waited: float) -> dict:
+        """What the batch and the pipeline looked like this step; advances the rate clocks."""
+        now = time.perf_counter()
+        rollouts, engine = self.rollouts, self.engine
+        lengths = [len(s.completion_token_ids) for s in self.samples]
+        reward_errors = sum(len(g.reward_errors) for g in groups)
+        self.counters["reward_errors"] = self.counters.get("reward_errors", 0) + reward_errors
+        metrics = {
+            "rl/reward": float(self.rewards_tensor.mean()),
+            "rl/success": float((self.rewards_tensor >= 1).float().mean()),
+            "rl/completion_len": sum(lengths) / max(len(lengths), 1),
+            "rl/completion_lens": lengths,
+            "pipeline/aborted_frac": sum(s.finish_reason == "abort" for s in self.samples) / max(len(self.samples), 1),
+            "pipeline/dropped_groups": dropped,
+            "pipeline/group_ids": [g.group_id for g in groups],
+            "pipeline/reward_errors": reward_errors,
+            "pipeline/requeued_groups": engine.requeued_groups - self.requeued_seen,
+            "pipeline/engine_restarts": engine.restarts - self.restarts_seen,
+            "perf/rollout_tok_s": (rollouts.generated_tokens - self.last_tokens) / max(now - self.last_time, 1e-9),
+            "perf/engine_idle_frac": rollouts.idle_seconds() / max(now - self.rl_start, 1e-9),
+            "perf/trainer_idle_frac": self.trainer_wait_s / max(now - self.rl_start, 1e-9),
+            "perf/batch_wait_s": waited,
+            "version": self.trainer.version,
+            "time_s": self.rl_seconds_before + now - self.rl_start,
+        }
+        metrics |= self.backend.step_metrics(now - self.last_time)
+        self.restarts_seen, self.requeued_seen = engine.restarts, engine.requeued_groups
+        idle_now = rollouts.idle_seconds()
+        self.backend.after_step((idle_now - self.last_idle) / max(now - self.last_time, 1e-9), now - self.last_time)  # the next step's split
+        self.last_time, self.last_tokens, self.last_idle = now, rollouts.generated_tokens, idle_now
+        self.step_done_at = now
+        return metrics
+
+    async def evaluate_if_due(self, step: int, metrics: dict) -> EngineGaveUp | None:
+        """Held-out success every `train.eval_every` steps and at the last; an engine failure is returned
+        (the step is logged, then the run stops)."""
+        if not (step % self.config.train.eval_every == 0 or step == self.config.train.steps):
+            return None
+        try:
+            self.eval_success = metrics["eval/success"] = await self.held_out_success(metrics)
+        except EngineGaveUp as error:  # the evaluating engine, or its last update
+            return error
+        return None
+
+    async def held_out_success(self, metrics: dict) -> float:
+        """Greedy success on the held-out problems, decoded by the engine with the trainer's current weights."""
+        if self.publishing is not None:  # the engine must hold the trainer's version before it is evaluated
+            metrics["perf/weight_sync_s"] = await self.publishing
+            self.publishing = None
+        task = self.task
+        completions = await engine_greedy_completions(
+            self.engine, self.tokenizer, task, task.eval, self.config.sampling.max_new_tokens, f"eval-v{self.trainer.version}"
+        )
+        return await asyncio.to_thread(success_rate, completions, task.eval, self.rewards.score_sync)
+
+    def log(self, step: int, metrics: dict) -> None:
+        """Run totals (carried across resumes) and the step's line in metrics.jsonl and the sinks."""
+        before, engine, rollouts = self.totals_before, self.engine, self.rollouts
+        self.counters |= {
+            "engine_restarts": before.get("engine_restarts", 0) + engine.restarts,
+            "requeued_groups": before.get("requeued_groups", 0) + engine.requeued_groups,
+            "rollout_tokens": before.get("rollout_tokens", 0) + rollouts.generated_tokens,
+            "engine_idle_s": before.get("engine_idle_s", 0.0) + rollouts.idle_seconds(),
+            "rl_seconds": self.rl_seconds_before + self.step_done_at - self.rl_start,
+            "group_counter": rollouts.group_counter,
+        }
+        self.logger.log(step, metrics)
+        self.finished_step = step
+
+    async def stop_if_failed(self, failure: EngineGaveUp | None, metrics: dict) -> None:
+        if failure is not None:
+            raise await self.stop(str(failure)) from None
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise await self.stop(f"{self.skipped_in_a_row} steps in a row were skipped (last: {metrics.get('train/skip_reason')})") from None
+
+    async def checkpoint_if_due(self, step: int, progress, bar) -> str:
+        """Every `train.checkpoint_every` steps and at the last; returns the progress note."""
+        every = self.config.train.checkpoint_every
+        if not (step == self.config.train.steps or (every and step % every == 0)):
+            return ""
+        progress.update(bar, info=f"writing checkpoint step_{step} …")
+        await asyncio.to_thread(self.checkpoint)
+        return f" · checkpoint step_{step}"
+
+    def show(self, progress, bar, metrics: dict, checkpointed: str) -> None:
+        """Advance the progress bar. The next step's rates (tokens/s, engine idle, the core split's step
+        time) leave out this step's evaluation and checkpoint: the engine idles through them, which is no
+        reason to hand the trainer its core."""
+        if "eval/success" in metrics or time.perf_counter() - self.step_done_at > 0.05:
+            self.last_time, self.last_tokens, self.last_idle = time.perf_counter(), self.rollouts.generated_tokens, self.rollouts.idle_seconds()
+        eval_text = f"{self.eval_success:.2f}" if self.eval_success is not None else "–"
+        clip = metrics.get("rl/clip_rate") or 0
+        progress.update(bar, advance=1, info=f"reward {metrics['rl/reward']:.2f} · eval {eval_text} · clip {clip:.3f}{checkpointed}")
+
+    # -- stopping and finishing ---------------------------------------------------------------------
+
+    def checkpoint(self, extra_pending: list[Problem] = ()) -> RunState:
+        state = RunState(
+            step=self.finished_step,
+            version=self.trainer.version,
+            sampler_state=self.rollouts.rng.getstate(),
+            pending_prompts=list(extra_pending) + self.rollouts.undrained(),
+            counters=dict(self.counters),
+            eval_success=self.eval_success,
+        )
+        self.trainer.save_checkpoint(self.run_dir, state)
+        return state
+
+    async def stop(self, reason: str, extra_pending: list[Problem] = (), fix_first: bool = True) -> RunStopped:
+        """Checkpoint the last finished step; the error that ends the run says why and how to go on."""
+        await asyncio.to_thread(self.checkpoint, extra_pending)
+        step, run_dir = self.finished_step, self.run_dir
+        return RunStopped(
+            f"the run stopped at step {step}: {reason.rstrip('.')}. A checkpoint of step {step} is in {run_dir}/checkpoints; "
+            f"{'fix the cause, then ' if fix_first else ''}continue with `parityrl train --resume {run_dir}`."
+        )
+
+    def finish(self) -> None:
+        self.summary |= _summary(self.counters, self.eval_success, self.config.train.steps, self.run_dir)
+        if self.plots is not None:  # metrics.jsonl is complete and fsynced: draw it while the engine closes
+            self.drawing = asyncio.get_running_loop().run_in_executor(None, self.plots)
+        self.summary |= self.backend.summary()
+
+    async def close(self) -> None:
+        """Whatever the run reached: background tasks, rollouts, engine, reward workers, trainer, sinks."""
         gc.unfreeze()  # frozen objects are never freed: at exit, triton's bindings reported them as leaks
-        if isinstance(trainer, Trainer):
-            trainer.follow_thread_count(None)
-        for background in (producer, probe_task, publishing, start_evaluation):
+        for background in (self.producer, self.probe_task, self.publishing, self.start_evaluation):
             if background is not None:
                 background.cancel()
                 await asyncio.gather(background, return_exceptions=True)
-        if rollouts is not None:
-            await rollouts.stop()
-        summary["engine_failures"] = engine.failures
-        await engine.close()
-        rewards.close()
-        trainer.close()
-        if logger is not None:
-            logger.close()
-        if config.pipeline.backend == "ray":
-            import ray
-
-            ray.shutdown()  # stops the Ray instance this run started; only disconnects from a cluster it joined
-        if drawing is not None:
+        if self.rollouts is not None:
+            await self.rollouts.stop()
+        if not hasattr(self, "backend"):  # refused before the backend existed: nothing else was started
+            return
+        self.summary["engine_failures"] = self.engine.failures
+        await self.engine.close()
+        self.rewards.close()
+        self.backend.close()
+        if self.logger is not None:
+            self.logger.close()
+        if self.drawing is not None:
             try:
-                summary["plots"] = await drawing
+                self.summary["plots"] = await self.drawing
             except Exception as error:  # the run itself is complete: its checkpoint and metrics are written
-                console.print(f"[yellow]the plots could not be drawn ({type(error).__name__}: {error}); retry with `parityrl plot {run_dir}`[/yellow]")
-    write_json_atomic(run_dir / "summary.json", summary)
-    return summary
+                self.warn(f"the plots could not be drawn ({type(error).__name__}: {error}); retry with `parityrl plot {self.run_dir}`")
+
+    def warn(self, line: str) -> None:
+        self.console.print(f"[yellow]{line}[/yellow]")
 
 
 def check_memory(config: RunConfig, hf_config: dict, longest_prompt: int, console: Console) -> None:

@@ -81,9 +81,7 @@ class Rollouts:
         self.pending: dict[int, Problem] = {}
         self.ready: asyncio.Queue[tuple[int, Group]] = asyncio.Queue()
         self.failure: asyncio.Future = asyncio.get_running_loop().create_future()
-        max_lag = config.pipeline.max_lag if config.pipeline.max_lag is not None else 1
-        limit = config.pipeline.max_inflight_groups or config.train.prompts_per_step * max(1, max_lag)
-        self.slots = asyncio.Semaphore(limit)
+        self.slots = asyncio.Semaphore(config.inflight_group_limit)
         self.generating = 0
         self.generated_tokens = 0
         self.reward_errors_reported = False
@@ -181,15 +179,15 @@ class Rollouts:
             if not delivered:
                 self.slots.release()
 
-    async def take(self, count: int, trainer_version: int, max_lag: int, deadline_s: float) -> tuple[list[Group], int]:
-        """`count` groups no staler than max_lag; returns (groups, dropped). Raises what a background
-        task raised, or RunStopped when no group arrives within `deadline_s`."""
+    async def take(self, count: int, trainer_version: int) -> tuple[list[Group], int]:
+        """`count` groups no staler than `pipeline.max_lag`; returns (groups, dropped). Raises what a
+        background task raised, or RunStopped when no group arrives within the batch deadline."""
         groups, dropped = [], 0
         while len(groups) < count:
-            group_id, group = await self._next_ready(deadline_s)
+            group_id, group = await self._next_ready(self.config.batch_deadline_s)
             self.slots.release()
             self.pending.pop(group_id, None)
-            if group.oldest_version < trainer_version - max_lag:
+            if group.oldest_version < trainer_version - self.config.lag_limit:
                 dropped += 1
                 continue
             groups.append(group)

@@ -389,6 +389,31 @@ class RunConfig(Strict):
     ray: RaySettings = Field(default_factory=RaySettings)
     """Ray cluster (`pipeline.backend: ray`)."""
 
+    # values other settings imply, resolved here once (the loop and the rollouts read these, never the raw fields)
+
+    @property
+    def lag_limit(self) -> int:
+        """`pipeline.max_lag` as a number of versions: None (unbounded) is 2**40."""
+        return self.pipeline.max_lag if self.pipeline.max_lag is not None else 1 << 40
+
+    @property
+    def inflight_group_limit(self) -> int:
+        """`pipeline.max_inflight_groups`, or `prompts_per_step` per version of lag allowed (at least one
+        batch's worth; an unbounded max_lag counts as 1)."""
+        lag = self.pipeline.max_lag if self.pipeline.max_lag is not None else 1
+        return self.pipeline.max_inflight_groups or self.train.prompts_per_step * max(1, lag)
+
+    @property
+    def overlaps_generation(self) -> bool:
+        """Generation runs beside training (async mode with any lag allowed); max_lag 0 is the synchronous loop."""
+        return self.pipeline.mode == "async" and self.lag_limit > 0
+
+    @property
+    def batch_deadline_s(self) -> float:
+        """How long the loop waits for one batch: several group deadlines (a group can queue behind
+        others, or outlive an engine restart or two)."""
+        return self.engine.request_timeout_s * (self.engine.max_restarts + 2)
+
     def trainer_sampling(self) -> SamplingConfig:
         """Sampling parameters the trainer recomputes logprobs with: `sampling`, with every
         `train.logprob_<name>` that is set (not None) in place of `sampling.<name>`."""
