@@ -404,8 +404,10 @@ class VLLMEngine:
         if self.engine is None:
             raise RuntimeError("VLLMEngine.greedy before start()")
         stop = [] if self.eos_token_id is None else [self.eos_token_id]
+        # streamed (DELTA), so the stall watchdog sees every token: with FINAL_ONLY a batch of long greedy
+        # completions (1024 tokens of SmolLM2) showed no progress for minutes and the engine was "restarted"
         params = SamplingParams(
-            n=1, temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop, detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY
+            n=1, temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop, detokenize=False, output_kind=RequestOutputKind.DELTA
         )
 
         async def one(index: int, prompt: list[int]) -> list[int]:
@@ -413,10 +415,11 @@ class VLLMEngine:
             self._inflight += 1
             try:
                 async for output in self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt)), params, f"{request_id}/{index}"):
-                    tokens = list(output.outputs[0].token_ids)
+                    new_ids = list(output.outputs[0].token_ids)
+                    tokens += new_ids
+                    self._streamed_tokens += len(new_ids)
             finally:
                 self._inflight -= 1
-            self._streamed_tokens += len(tokens)  # the stall watchdog sees progress
             return tokens
 
         return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
