@@ -103,23 +103,35 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = prepare_model(config, load_task(config.task))
     wga_gib = weights_grads_adam_gib(model_dir)
     env = environment()
-    results = []
+    results: list[dict[str, Any]] = []
+    failed: dict[int, str] = {}
+
+    def save() -> None:  # after every length: a later failure (or a stopped run) keeps what was measured
+        env["loadavg_at_end"] = list(os.getloadavg())
+        write_results(args.out, {
+            "benchmark": "step_memory",
+            "command": " ".join(["benchmarks/step_memory.py", *(argv if argv is not None else sys.argv[1:])]),
+            "environment": env,
+            "config": str(args.config),
+            "model_dir": str(model_dir),
+            "weights_grads_adam_gib": round(wga_gib, 3),
+            "lengths": results,
+            "failed": failed,
+        })
+
     for length in (int(x) for x in args.lengths.split(",") if x.strip()):
         print(f"[step_memory] max_new_tokens={length} ...", flush=True)
-        results.append(run_length(args.config, length, args.steps, args.set, args.work_dir))
+        try:
+            results.append(run_length(args.config, length, args.steps, args.set, args.work_dir))
+        except RuntimeError as error:  # the run failed: its log tail is the record
+            failed[length] = str(error)[-2000:]
+            print(f"[step_memory] max_new_tokens={length} failed: {str(error)[:300]}", flush=True)
+            save()
+            continue
         print(f"[step_memory] max_new_tokens={length}: trainer {results[-1]['trainer_peak_rss_gib']:.2f} GiB, "
               f"engine {results[-1]['engine_peak_rss_gib']:.2f} GiB, {results[-1]['whole_s']:.0f} s", flush=True)
-    env["loadavg_at_end"] = list(os.getloadavg())
+        save()
     print_report(results, wga_gib)
-    write_results(args.out, {
-        "benchmark": "step_memory",
-        "command": " ".join(["benchmarks/step_memory.py", *(argv if argv is not None else sys.argv[1:])]),
-        "environment": env,
-        "config": str(args.config),
-        "model_dir": str(model_dir),
-        "weights_grads_adam_gib": round(wga_gib, 3),
-        "lengths": results,
-    })
     print(f"[step_memory] wrote {args.out}")
 
 
