@@ -8,7 +8,9 @@ sync: generate a batch, train on it, update, repeat (no overlap; for debugging).
 
 Each step is the same phases, each a method: take a batch, train on it, publish the new weights,
 evaluate (every `train.eval_every` steps), log, checkpoint. Where the engine and the trainer run (one
-process, or Ray actors) is the backend's business (`parityrl.backend`).
+process, or Ray actors) is the backend's business (`parityrl.backend`). The phases share one run's
+state, so they stay one class in one file (~470 lines, a third of them the docstrings that say what
+each phase guarantees).
 
 A run either finishes or stops with one message and a resumable checkpoint:
 - the engine is supervised (`engines.supervisor`): every call has a deadline, a dead or hung engine

@@ -3,7 +3,8 @@
 Everything that needs "the logprob of a sampled token" — the trainer's objective, the reference
 engine's sampler, every parity check — calls `processed_logprobs` (or `sampling_logits`, from which
 it is derived). Nothing recomputes these quantities inline: a second definition is how mismatches
-get in.
+get in. (That is also why this file runs past 400 lines: every transform of the sampler, and the
+precision it runs in, stays beside the others.)
 
 Semantics follow vLLM V1's sampler exactly, in its order (vllm/v1/sample/sampler.py, `Sampler`
 docstring and `forward` -> `apply_logits_processors` -> `sample`):
