@@ -121,3 +121,50 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_resume_continues
     assert resumed.returncode == 0, resumed.stdout[-2000:]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert [s for s in steps if s > 0] == list(range(1, last_step + 4))
+
+
+def test_weight_update_that_hangs_is_a_dead_engine_and_the_new_one_gets_the_weights(tiny_model_dir):
+    """A hang during an update is invisible to the stall watchdog (generation is paused, nothing streams):
+    `engine.update_timeout_s` must catch it, and the restarted engine must serve the update's weights."""
+    import time
+
+    from parityrl.engines import make_engine
+    from parityrl.engines.supervisor import SupervisedEngine
+    from parityrl.policy import load_policy
+
+    config = reference_config(tiny_model_dir, "engine.update_timeout_s=2", "engine.stall_timeout_s=600", "sampling.max_new_tokens=4")
+    built = []
+
+    def factory():
+        engine = make_engine(config, tiny_model_dir)
+        if not built:  # the first incarnation hangs in its first update, holding the pause
+
+            async def hang(state_dict, version):
+                await asyncio.Event().wait()
+
+            engine.update_weights = hang
+        built.append(engine)
+        return engine
+
+    log: list[str] = []
+    supervised = SupervisedEngine(factory, config.engine, log=log.append)
+    state_dict = {name: tensor + 0.01 for name, tensor in load_policy(tiny_model_dir, "float32", False).state_dict().items()}
+
+    async def update_then_generate():
+        await supervised.start()
+        try:
+            started = time.monotonic()
+            await supervised.update_weights(state_dict, 1)
+            update_s = time.monotonic() - started
+            samples = await supervised.generate([1, 20, 21], config.sampling, "g0")
+        finally:
+            await supervised.close()
+        return update_s, samples
+
+    update_s, samples = asyncio.run(update_then_generate())
+    assert supervised.restarts == 1 and len(built) == 2, log
+    assert supervised.failures == ["weight update v1 missed its 2 s deadline"]
+    assert 2 <= update_s < 60  # the deadline, then a restart of a torch engine (seconds)
+    assert built[1].version == 1 and samples[0].version_per_token[0] == 1
+    loaded = built[1].model.state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in state_dict.items())

@@ -27,6 +27,7 @@ RESUMABLE_OVERRIDES = (
     "engine.max_restarts",
     "engine.start_timeout_s",
     "engine.request_timeout_s",
+    "engine.update_timeout_s",
     "engine.stall_timeout_s",
 )
 """Keys (or key prefixes ending in '.') a resume may override: length, cadence, logging, fault tolerance."""

@@ -232,7 +232,12 @@ class EngineConfig(Strict):
     start_timeout_s: float = Field(600.0, gt=0)
     """Deadline for the engine to start (vLLM on CPU compiles for ~40-70 s on first start)."""
     request_timeout_s: float = Field(900.0, gt=0)
-    """Deadline for one prompt group or one weight update; past it the engine counts as dead and is restarted."""
+    """Deadline for one prompt group or one evaluation batch, queueing included; past it the engine counts as dead
+    and is restarted."""
+    update_timeout_s: float = Field(300.0, gt=0)
+    """Deadline for one weight update (and for pausing or resuming generation); past it the engine counts as hung and is
+    restarted. While an update runs generation is paused, so the stall watchdog cannot see a hang: this deadline does.
+    SmolLM2-135M's update takes ~0.5 s on CPU."""
     stall_timeout_s: float = Field(120.0, gt=0)
     """An engine with requests in flight that streams no token for this long (while not paused) counts as hung and is restarted."""
     replicas: int = Field(1, ge=1)

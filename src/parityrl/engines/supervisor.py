@@ -1,9 +1,11 @@
 """Keeps a rollout engine alive for a whole run: deadlines, crash and stall detection, restarts.
 
 `SupervisedEngine` wraps any `RolloutEngine` and is one itself, so the pipeline never talks to a bare
-engine. Every call on the engine has a deadline (`engine.request_timeout_s`). A watchdog polls the
-engine once a second and declares it dead when it reports an error (vLLM's `EngineDeadError`: a killed
-EngineCore or worker) or streams no token for `engine.stall_timeout_s` while requests are in flight.
+engine. Every call on the engine has a deadline (`engine.request_timeout_s` for generation,
+`engine.update_timeout_s` for weight updates, pause and resume). A watchdog polls the engine once a
+second and declares it dead when it reports an error (vLLM's `EngineDeadError`: a killed EngineCore or
+worker) or, having streamed tokens, streams none for `engine.stall_timeout_s` while requests are in
+flight and generation is not paused (during an update only the update's deadline can tell a hang).
 
 On a death the engine is closed (leftover processes killed), a new one is started and loaded with the
 last published weights and version, and the calls that were running on the dead one are retried on
@@ -98,7 +100,7 @@ class SupervisedEngine:
             try:
                 await asyncio.wait_for(engine.start(), self.config.start_timeout_s)
                 if self._published is not None:
-                    await asyncio.wait_for(engine.update_weights(*self._published), self.config.request_timeout_s)
+                    await asyncio.wait_for(engine.update_weights(*self._published), self.config.update_timeout_s)
                 break
             except Exception as error:  # a start past start_timeout_s (TimeoutError) included
                 await self._dispose(engine)
@@ -148,7 +150,9 @@ class SupervisedEngine:
             progress = health.detail.get("streamed_tokens")
             busy = health.inflight_requests > 0 and not health.detail.get("paused", False)
             now = time.monotonic()
-            if progress != last_progress or not busy or progress is None:
+            # not before its first token: a fresh engine may compile at its first request (`VLLMEngine._warm_up`
+            # does most of that at start); only the request's deadline covers the first token
+            if progress != last_progress or not busy or not progress:
                 last_progress, last_change = progress, now
             elif now - last_change > self.config.stall_timeout_s:
                 self._declare_dead(dead, f"no token streamed for {self.config.stall_timeout_s:.0f} s with requests in flight")
@@ -161,8 +165,8 @@ class SupervisedEngine:
 
     # -- guarded calls ------------------------------------------------------------------------------
 
-    async def _guarded(self, call: Callable[[RolloutEngine], Awaitable[T]], what: str) -> T:
-        """Run `call` on the current engine; raise EngineFailure if the engine dies or the deadline passes."""
+    async def _guarded(self, call: Callable[[RolloutEngine], Awaitable[T]], what: str, timeout_s: float) -> T:
+        """Run `call` on the current engine; raise EngineFailure if the engine dies or `timeout_s` passes."""
         if self._gave_up is not None:
             raise self._gave_up
         engine, dead = self.engine, self._dead
@@ -171,7 +175,7 @@ class SupervisedEngine:
         work = asyncio.ensure_future(call(engine))
         death = asyncio.ensure_future(dead.wait())
         try:
-            done, _ = await asyncio.wait({work, death}, timeout=self.config.request_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({work, death}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
             death.cancel()
             if not work.done():
@@ -186,7 +190,7 @@ class SupervisedEngine:
                 raise EngineFailure(self._dead_reason) from None
             raise error
         if not dead.is_set():
-            self._declare_dead(dead, f"{what} missed its {self.config.request_timeout_s:.0f} s deadline")
+            self._declare_dead(dead, f"{what} missed its {timeout_s:g} s deadline")
         raise EngineFailure(self._dead_reason)
 
     async def _dies_soon(self, engine: RolloutEngine, dead: asyncio.Event) -> bool:
@@ -229,7 +233,9 @@ class SupervisedEngine:
         while True:
             epoch = self._epoch
             try:
-                return await self._guarded(lambda engine: engine.generate(prompt_token_ids, sampling, request_id), f"group {request_id}")
+                return await self._guarded(
+                    lambda engine: engine.generate(prompt_token_ids, sampling, request_id), f"group {request_id}", self.config.request_timeout_s
+                )
             except EngineFailure:
                 self.requeued_groups += 1
                 await self._recover(epoch)
@@ -239,7 +245,9 @@ class SupervisedEngine:
         while True:
             epoch = self._epoch
             try:
-                return await self._guarded(lambda engine: engine.greedy(prompts, max_new_tokens, request_id), f"evaluation {request_id}")
+                return await self._guarded(
+                    lambda engine: engine.greedy(prompts, max_new_tokens, request_id), f"evaluation {request_id}", self.config.request_timeout_s
+                )
             except EngineFailure:
                 await self._recover(epoch)
 
@@ -249,16 +257,18 @@ class SupervisedEngine:
         while True:
             epoch = self._epoch
             try:
-                await self._guarded(lambda engine: engine.update_weights(state_dict, version), f"weight update v{version}")
+                await self._guarded(
+                    lambda engine: engine.update_weights(state_dict, version), f"weight update v{version}", self.config.update_timeout_s
+                )
                 return
             except EngineFailure:
                 await self._recover(epoch)
 
     async def pause(self) -> None:
-        await self._guarded(lambda engine: engine.pause(), "pause")
+        await self._guarded(lambda engine: engine.pause(), "pause", self.config.update_timeout_s)
 
     async def resume(self) -> None:
-        await self._guarded(lambda engine: engine.resume(), "resume")
+        await self._guarded(lambda engine: engine.resume(), "resume", self.config.update_timeout_s)
 
     def health(self) -> EngineHealth:
         health = self.engine.health()

@@ -75,7 +75,7 @@ from parityrl.batch import Sample
 from parityrl.config import EngineConfig, SamplingConfig
 from parityrl.engines.base import EngineHealth
 from parityrl.engines.orphan_guard import RUN_PID_ENV
-from parityrl.engines.vllm_host import child_pids, derive_seed, kill_processes
+from parityrl.engines.vllm_host import child_pids, derive_seed, kill_processes, repair_compile_cache
 from parityrl.engines.vllm_worker import KEEP_WEIGHTS_ENV, dtype_name, map_shared_file, pack_tensors, tensor_layout, write_tensors
 from parityrl.hardware import cpu_thread_binding, on_cpu, pin_engine
 
@@ -256,6 +256,8 @@ class VLLMEngine:
 
         self.eos_token_id = self._read_eos()
         self.engine_args = self._build_engine_args()
+        for library in repair_compile_cache():
+            log.warning("deleted %s: a compiled kernel cut short by a killed compile (it is compiled again)", library)
         began = time.perf_counter()
         children_before = child_pids()
         try:
@@ -267,8 +269,26 @@ class VLLMEngine:
         await self.engine.update_weight_version(str(self.version))
         reports = await self.engine.collective_rpc("parityrl_report")
         self._worker_report = reports[0] if reports else {}
+        await self._warm_up()
         self.start_s = time.perf_counter() - began
         self._update_lock = asyncio.Lock()
+
+    async def _warm_up(self) -> None:
+        """Sample a few tokens, alone and as a batch, before the engine counts as started. vLLM compiles
+        parts of its sampler (the logprob ranks) at their first use and again at the first other batch
+        size: on a cold compile cache that took 30-60 s on CPU in the first real request, where it
+        looked like a hung engine to the stall watchdog (which then killed it mid-compile, every time).
+        Here it counts toward `engine.start_timeout_s`. Seeded requests: no engine randomness is used."""
+        prompt = [self.eos_token_id or 0] * 4
+        two_tokens = SamplingConfig(n=2, max_new_tokens=2)
+
+        def request(index: int):
+            params = self._sampling_params(two_tokens, derive_seed(self.seed, "warm-up", index), ignore_eos=True)
+            return self._generate_one(prompt, params, f"warm-up/{index}")
+
+        await request(0)
+        await asyncio.gather(*(request(index) for index in (1, 2, 3)))
+        self._generated_tokens = self._streamed_tokens = 0
 
     async def close(self) -> None:
         """Shut the engine down (aborts what is in flight; ~5 s: EngineCore lingers up to 4 s sending its
@@ -406,9 +426,7 @@ class VLLMEngine:
         stop = [] if self.eos_token_id is None else [self.eos_token_id]
         # streamed (DELTA), so the stall watchdog sees every token: with FINAL_ONLY a batch of long greedy
         # completions (1024 tokens of SmolLM2) showed no progress for minutes and the engine was "restarted"
-        params = SamplingParams(
-            n=1, temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop, detokenize=False, output_kind=RequestOutputKind.DELTA
-        )
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop, detokenize=False, output_kind=RequestOutputKind.DELTA)
 
         async def one(index: int, prompt: list[int]) -> list[int]:
             tokens: list[int] = []
