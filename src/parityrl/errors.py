@@ -7,6 +7,8 @@ and how to fix it; anything else is a bug and should stay an ordinary exception.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class UserError(Exception):
     """A problem with what the user gave us (config, data, model); `str(error)` is the paragraph shown."""
@@ -27,3 +29,12 @@ class UserError(Exception):
 class InputError(UserError, ValueError):
     """Task data or a model directory that cannot be used. Also a ValueError, which is what these
     problems raised before, so callers that catch ValueError keep working."""
+
+
+def decode_utf8(content: bytes, error: Callable[[int, int], UserError]) -> str:
+    """`content` as UTF-8 text (a leading BOM dropped). Else raises `error(byte, line)`, built from the first
+    byte that cannot be decoded and its 1-based line, so each file kind words its own fix."""
+    try:
+        return content.decode("utf-8-sig")
+    except UnicodeDecodeError as failure:
+        raise error(content[failure.start], content[: failure.start].count(b"\n") + 1) from None

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from parityrl.config import TaskConfig
-from parityrl.errors import InputError
+from parityrl.errors import InputError, decode_utf8
 from parityrl.rewards import resolve_reward
 
 
@@ -97,14 +97,13 @@ def _decode_text(path: Path) -> str:
             f"task.path {path} is a binary file (NUL byte at line {line}), not JSON Lines text; point task.path at a "
             f".jsonl file with one object per line, e.g. {EXAMPLE_LINE}."
         )
-    try:
-        return content.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = content[: error.start].count(b"\n") + 1
-        raise InputError(
-            f"{path}:{line}: byte 0x{content[error.start]:02x} is not UTF-8; is task.path a binary or compressed file? "
+    return decode_utf8(
+        content,
+        lambda byte, line: InputError(
+            f"{path}:{line}: byte 0x{byte:02x} is not UTF-8; is task.path a binary or compressed file? "
             "JSON Lines data must be UTF-8 text (decompress it, or re-save it as UTF-8)."
-        ) from None
+        ),
+    )
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:

@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from parityrl.config.schema import RunConfig
-from parityrl.errors import UserError
+from parityrl.errors import UserError, decode_utf8
 
 
 class ConfigError(UserError, ValueError):
@@ -141,14 +141,13 @@ def read_config_text(path: Path) -> str:
             f"config file {path} is a binary file (it contains NUL bytes), not YAML text; "
             "pass a YAML config such as configs/demo.yaml."
         )
-    try:
-        return content.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = content[: error.start].count(b"\n") + 1
-        raise ConfigError(
-            f"config file {path} is not UTF-8 text (byte 0x{content[error.start]:02x} at line {line} cannot be "
+    return decode_utf8(
+        content,
+        lambda byte, line: ConfigError(
+            f"config file {path} is not UTF-8 text (byte 0x{byte:02x} at line {line} cannot be "
             "decoded): is it a binary file? A config is YAML text saved as UTF-8, such as configs/demo.yaml."
-        ) from None
+        ),
+    )
 
 
 def _yaml_syntax_message(error: yaml.MarkedYAMLError, text: str, source: str) -> str:
