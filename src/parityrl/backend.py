@@ -88,7 +88,8 @@ class RayBackend:
         pass
 
     async def probe_for_step(self, probe: asyncio.Task | None, deadline_s: float) -> list[Sample] | None:
-        return await probe if probe is not None else None
+        """The parity probe's samples, awaited before the step (the ranks run it remotely), within the deadline."""
+        return await asyncio.wait_for(asyncio.shield(probe), deadline_s) if probe is not None else None
 
     def step_metrics(self, seconds: float) -> dict[str, Any]:
         """Tokens each replica generated since the last step, as a rate."""

@@ -34,9 +34,10 @@ import torch
 from rich.console import Console
 
 from parityrl.assets import prepare_model
-from parityrl.backend import make_backend
+from parityrl.backend import Backend, make_backend
 from parityrl.config import RunConfig
 from parityrl.engines.supervisor import EngineGaveUp
+from parityrl.errors import UserError
 from parityrl.evaluate import engine_greedy_completions, success_rate
 from parityrl.hardware import allowed_cpus, trainer_threads, with_torch_threads
 from parityrl.memory import check_trainer_fits, engine_memory, estimate_trainer_memory
@@ -77,6 +78,9 @@ class RLRun:
         self.startup: dict[str, float] = {}
         """Seconds of each phase before the first RL step: what a user waits for (summary.json `startup_s`)."""
         self.logger: MetricsLogger | None = None
+        self.backend: Backend | None = None
+        self.rewards: RewardPool | None = None
+        self.summary: dict = {}
         self.rollouts: Rollouts | None = None
         self.producer: asyncio.Task | None = None
         self.probe_task: asyncio.Task | None = None
@@ -90,8 +94,8 @@ class RLRun:
         self.skipped_in_a_row = 0
 
     async def run(self) -> dict:
-        self.prepare()
         try:
+            self.prepare()
             await self.start()
             with StopSignals() as signals, progress_bar() as progress, self.backend.split_cores(self.settings, lambda: self.rollouts.generating > 0):
                 bar = progress.add_task("RL", total=self.config.train.steps, completed=self.finished_step, info="")
@@ -153,7 +157,7 @@ class RLRun:
         if self.trainer.version > 0:
             self.engine.publish(self.trainer.state_dict_for_engines(), self.trainer.version)
         self.rewards = RewardPool.from_config(config.task)
-        self.summary: dict = {"engine": config.engine.kind, "model_dir": str(self.model_dir)}
+        self.summary |= {"engine": config.engine.kind, "model_dir": str(self.model_dir)}
         self.startup["trainer"] = time.perf_counter() - self.began - self.startup["assets"]
 
     async def start(self) -> None:
@@ -253,21 +257,18 @@ class RLRun:
             probe = await self.backend.probe_for_step(self.probe_task, self.config.batch_deadline_s)
             self.step_threads = torch.get_num_threads()  # this thread's count is the one the core split sets
             metrics = await asyncio.to_thread(with_torch_threads, self.step_threads, self.trainer.step, self.samples, advantages, probe)
-        except EngineGaveUp as error:  # the probe's engine
-            raise await self.stop(str(error)) from None
+        except EngineGaveUp as error:  # the probe's engine; the batch is not trained on, so it is kept
+            raise await self.stop(str(error), [g.problem for g in groups]) from None
+        except TimeoutError:
+            reason = f"the parity probe's samples did not arrive within {self.config.batch_deadline_s:.0f} s"
+            raise await self.stop(reason, [g.problem for g in groups]) from None
         metrics["perf/trainer_threads"] = self.step_threads
         return metrics
 
     async def publish(self, metrics: dict) -> EngineGaveUp | None:
         """Wait for the previous publication (it landed while this step computed), then publish this
         step's weights in the background. Returns an engine failure to stop on after logging."""
-        failure = None
-        if self.publishing is not None:
-            try:
-                metrics["perf/weight_sync_s"] = await self.publishing
-            except EngineGaveUp as error:  # this step is done: logged, then the run stops
-                failure = error
-            self.publishing = None
+        failure = await self.landed_publication(metrics)  # this step is done: logged, then the run stops
         if metrics.get("train/skipped_steps"):
             self.skipped_in_a_row += 1
             self.counters["skipped_steps"] = self.counters.get("skipped_steps", 0) + 1
@@ -278,14 +279,23 @@ class RLRun:
             self.publishing = asyncio.create_task(timed(self.engine.update_weights(self.trainer.state_dict_for_engines(), self.trainer.version)))
             self.rollouts.publishing = self.publishing
             if self.producer is None:  # sync mode: nothing to overlap with
-                try:
-                    metrics["perf/weight_sync_s"] = await self.publishing
-                except EngineGaveUp as error:  # as above: the step is trained, so it is logged before the stop
-                    failure = error
-                self.publishing = None
-        if self.probe_count:
-            self.probe_task = asyncio.create_task(self.rollouts.probe(self.probe_count))
+                failure = await self.landed_publication(metrics)
+            # the next probe samples the new weights; a skipped step's probe (same weights) is kept for the next step
+            if self.probe_count:
+                self.probe_task = asyncio.create_task(self.rollouts.probe(self.probe_count))
         return failure
+
+    async def landed_publication(self, metrics: dict) -> EngineGaveUp | None:
+        """Wait for the weight publication in flight, if any (its seconds: `perf/weight_sync_s`); an engine
+        that gave up on it is returned, for the caller to stop on once the step is logged."""
+        publishing, self.publishing = self.publishing, None
+        if publishing is None:
+            return None
+        try:
+            metrics["perf/weight_sync_s"] = await publishing
+        except EngineGaveUp as error:
+            return error
+        return None
 
     def batch_metrics(self, groups: list[Group], dropped: int, waited: float) -> dict:
         """What the batch and the pipeline looked like this step; advances the rate clocks."""
@@ -333,9 +343,9 @@ class RLRun:
 
     async def held_out_success(self, metrics: dict) -> float:
         """Greedy success on the held-out problems, decoded by the engine with the trainer's current weights."""
-        if self.publishing is not None:  # the engine must hold the trainer's version before it is evaluated
-            metrics["perf/weight_sync_s"] = await self.publishing
-            self.publishing = None
+        failure = await self.landed_publication(metrics)  # the engine must hold the trainer's version before it is evaluated
+        if failure is not None:
+            raise failure
         task = self.task
         completions = await engine_greedy_completions(
             self.engine, self.tokenizer, task, task.eval, self.config.sampling.max_new_tokens, f"eval-v{self.trainer.version}"
@@ -397,7 +407,10 @@ class RLRun:
 
     async def stop(self, reason: str, extra_pending: list[Problem] = (), fix_first: bool = True) -> RunStopped:
         """Checkpoint the last finished step; the error that ends the run says why and how to go on."""
-        await asyncio.to_thread(self.checkpoint, extra_pending)
+        try:
+            await asyncio.to_thread(self.checkpoint, extra_pending)
+        except UserError as error:  # the stop's reason first: it is what the user must fix
+            return RunStopped(f"the run stopped at step {self.finished_step}: {reason.rstrip('.')}. Then {error.message}")
         step, run_dir = self.finished_step, self.run_dir
         return RunStopped(
             f"the run stopped at step {step}: {reason.rstrip('.')}. A checkpoint of step {step} is in {run_dir}/checkpoints; "
@@ -419,14 +432,17 @@ class RLRun:
                 await asyncio.gather(background, return_exceptions=True)
         if self.rollouts is not None:
             await self.rollouts.stop()
-        if not hasattr(self, "backend"):  # refused before the backend existed: nothing else was started
-            return
-        self.summary["engine_failures"] = self.engine.failures
-        await self.engine.close()
-        self.rewards.close()
-        self.backend.close()
-        if self.logger is not None:
-            self.logger.close()
+        try:
+            if self.backend is not None:
+                self.summary["engine_failures"] = self.engine.failures
+                await self.engine.close()
+        finally:
+            if self.rewards is not None:
+                self.rewards.close()
+            if self.backend is not None:
+                self.backend.close()
+            if self.logger is not None:
+                self.logger.close()
         if self.drawing is not None:
             try:
                 self.summary["plots"] = await self.drawing

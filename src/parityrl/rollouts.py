@@ -19,7 +19,7 @@ import torch
 
 from parityrl.batch import NO_VERSION, Sample
 from parityrl.config import RunConfig, SamplingConfig
-from parityrl.engines.supervisor import SupervisedEngine
+from parityrl.engines.supervisor import EngineGaveUp, SupervisedEngine
 from parityrl.errors import UserError
 from parityrl.reward_pool import RewardPool
 from parityrl.rewards import RewardItem
@@ -181,7 +181,7 @@ class Rollouts:
 
     async def take(self, count: int, trainer_version: int) -> tuple[list[Group], int]:
         """`count` groups no staler than `pipeline.max_lag`; returns (groups, dropped). Raises what a
-        background task raised, or RunStopped when no group arrives within the batch deadline."""
+        background task raised, or EngineGaveUp when no group arrives within the batch deadline (the run stops with a checkpoint)."""
         groups, dropped = [], 0
         while len(groups) < count:
             group_id, group = await self._next_ready(self.config.batch_deadline_s)
@@ -203,7 +203,7 @@ class Rollouts:
         getter.cancel()
         if self.failure.done():
             raise self.failure.exception()
-        raise RunStopped(f"no prompt group finished within {deadline_s:.0f} s although the engine reports no failure")
+        raise EngineGaveUp(f"no prompt group finished within {deadline_s:.0f} s although the engine reports no failure")
 
     async def probe(self, count: int) -> list[Sample]:
         """Samples for the parity probe (not trained on, not counted in rollout throughput)."""

@@ -256,7 +256,7 @@ class VLLMEngine:
 
         self.eos_token_id = self._read_eos()
         self.engine_args = self._build_engine_args()
-        for library in repair_compile_cache():
+        for library in await asyncio.to_thread(repair_compile_cache) if on_cpu() else []:
             log.warning("deleted %s: a compiled kernel cut short by a killed compile (it is compiled again)", library)
         began = time.perf_counter()
         children_before = child_pids()
@@ -280,7 +280,7 @@ class VLLMEngine:
         looked like a hung engine to the stall watchdog (which then killed it mid-compile, every time).
         Here it counts toward `engine.start_timeout_s`. Seeded requests: no engine randomness is used."""
         prompt = [self.eos_token_id or 0] * 4
-        two_tokens = SamplingConfig(n=2, max_new_tokens=2)
+        two_tokens = SamplingConfig(n=2, max_new_tokens=2)  # n unused here (one request each); 2 is its minimum
 
         def request(index: int):
             params = self._sampling_params(two_tokens, derive_seed(self.seed, "warm-up", index), ignore_eos=True)

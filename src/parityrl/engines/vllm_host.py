@@ -48,7 +48,8 @@ def kill_processes(pids: list[int], grace_s: float = 5.0) -> None:
 def truncated_elf(path: Path) -> bool:
     """Is `path` a shared library whose writing stopped part-way? Its ELF header must be whole and the
     section header table (which the linker writes last, at the end of the file) must fit in the file."""
-    data = path.read_bytes()[:64]
+    with open(path, "rb") as library:
+        data = library.read(64)
     size = path.stat().st_size
     if len(data) < 52 or data[:4] != b"\x7fELF":
         return True
