@@ -239,7 +239,8 @@ class EngineConfig(Strict):
     restarted. While an update runs generation is paused, so the stall watchdog cannot see a hang: this deadline does.
     SmolLM2-135M's update takes ~0.5 s on CPU."""
     stall_timeout_s: float = Field(120.0, gt=0)
-    """An engine with requests in flight that streams no token for this long (while not paused) counts as hung and is restarted."""
+    """An engine with requests in flight that streams no token and whose processes use no CPU for this long (while not
+    paused) counts as hung and is restarted. A slow engine (minutes per step) computes, so it is not hung."""
     replicas: int = Field(1, ge=1)
     """Engine replicas (`pipeline.backend: ray`): each a Ray actor with its own vLLM engine; prompt groups go to the
     replica with the fewest outstanding groups, and every replica loads each new version before it counts."""

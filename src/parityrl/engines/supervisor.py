@@ -5,7 +5,9 @@ engine. Every call on the engine has a deadline (`engine.request_timeout_s` for 
 `engine.update_timeout_s` for weight updates, pause and resume). A watchdog polls the engine once a
 second and declares it dead when it reports an error (vLLM's `EngineDeadError`: a killed EngineCore or
 worker) or, having streamed tokens, streams none for `engine.stall_timeout_s` while requests are in
-flight and generation is not paused (during an update only the update's deadline can tell a hang).
+flight and generation is not paused (during an update only the update's deadline can tell a hang), and
+its processes use no CPU meanwhile (an engine that computes is slow, not hung: one bf16 prefill of
+SmolLM2 on a CPU without native bf16 took minutes without a token).
 
 On a death the engine is closed (leftover processes killed), a new one is started and loaded with the
 last published weights and version, and the calls that were running on the dead one are retried on
@@ -34,6 +36,9 @@ from parityrl.engines.base import EngineHealth, RolloutEngine
 T = TypeVar("T")
 
 WATCHDOG_PERIOD_S = 1.0
+WORKING_CPU_FRACTION = 0.25
+"""An engine whose processes use at least this share of a core is working, token or not. A stopped or
+deadlocked process uses none (its background threads: milliseconds)."""
 CLOSE_TIMEOUT_S = 60.0
 DEATH_GRACE_S = 15.0
 """How long a failed call waits for the engine's health to report a death (5.3 s measured on CPU)."""
@@ -137,6 +142,7 @@ class SupervisedEngine:
     async def _watch(self, engine: RolloutEngine, dead: asyncio.Event) -> None:
         """Set `dead` when the engine reports an error or stops making progress with work in flight."""
         last_progress, last_change = None, time.monotonic()
+        last_cpu, last_poll = None, time.monotonic()
         while not dead.is_set():
             await asyncio.sleep(WATCHDOG_PERIOD_S)
             try:
@@ -150,12 +156,15 @@ class SupervisedEngine:
             progress = health.detail.get("streamed_tokens")
             busy = health.inflight_requests > 0 and not health.detail.get("paused", False)
             now = time.monotonic()
+            cpu = health.detail.get("cpu_seconds")
+            computing = cpu is not None and last_cpu is not None and cpu - last_cpu >= WORKING_CPU_FRACTION * (now - last_poll)
+            last_cpu, last_poll = cpu, now
             # not before its first token: a fresh engine may compile at its first request (`VLLMEngine._warm_up`
             # does most of that at start); only the request's deadline covers the first token
-            if progress != last_progress or not busy or not progress:
+            if progress != last_progress or not busy or not progress or computing:
                 last_progress, last_change = progress, now
             elif now - last_change > self.config.stall_timeout_s:
-                self._declare_dead(dead, f"no token streamed for {self.config.stall_timeout_s:.0f} s with requests in flight")
+                self._declare_dead(dead, f"no token streamed and no CPU used for {self.config.stall_timeout_s:.0f} s with requests in flight")
                 return
 
     def _declare_dead(self, dead: asyncio.Event, reason: str) -> None:

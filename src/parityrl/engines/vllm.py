@@ -75,7 +75,7 @@ from parityrl.batch import Sample
 from parityrl.config import EngineConfig, SamplingConfig
 from parityrl.engines.base import EngineHealth
 from parityrl.engines.orphan_guard import RUN_PID_ENV
-from parityrl.engines.vllm_host import child_pids, derive_seed, kill_processes, repair_compile_cache
+from parityrl.engines.vllm_host import child_pids, cpu_seconds, derive_seed, kill_processes, repair_compile_cache
 from parityrl.engines.vllm_worker import KEEP_WEIGHTS_ENV, dtype_name, map_shared_file, pack_tensors, tensor_layout, write_tensors
 from parityrl.hardware import cpu_thread_binding, on_cpu, pin_engine
 
@@ -563,6 +563,7 @@ class VLLMEngine:
                 "engine_unfinished_requests": engine.get_num_unfinished_requests() if engine is not None else 0,
                 "generated_tokens": self._generated_tokens,
                 "streamed_tokens": self._streamed_tokens,
+                "cpu_seconds": cpu_seconds(self.process_ids),
                 "retagged_tokens": self._retagged_tokens,
                 "last_sync": dict(self.last_sync),
             },

@@ -29,6 +29,19 @@ def child_pids() -> set[int]:
     return pids
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) the given processes have used so far; gone ones count 0. What tells a
+    slow engine (a long bf16 prefill on a CPU without native bf16: minutes without a token) from a hung one."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+    return total
+
+
 def kill_processes(pids: list[int], grace_s: float = 5.0) -> None:
     """SIGKILL the given processes that are still alive (and ours), after `grace_s` for a clean exit."""
     import psutil
