@@ -173,7 +173,8 @@ def test_process_group_killed_after_a_checkpoint_resumes_with_each_step_once(tin
 
 
 def shared_memory_names() -> set[Path]:
-    return set(Path("/dev/shm").glob("psm_*")) | set(Path("/dev/shm").glob("sem.mp-*"))
+    """vLLM's queues and their locks, and parityrl's weight buffers: RAM until unlinked."""
+    return {path for pattern in ("psm_*", "sem.mp-*", "parityrl-weights-*") for path in Path("/dev/shm").glob(pattern)}
 
 
 def test_every_process_of_a_run_dies_with_its_main_process(tiny_model_dir, tmp_path):
@@ -221,6 +222,7 @@ def test_every_process_of_a_run_dies_with_its_main_process(tiny_model_dir, tmp_p
 def test_hung_engine_is_replaced_and_the_run_finishes(tiny_model_dir, tmp_path, detected_by, settings):
     """SIGSTOP every vLLM process of the run mid-run: alive, holding requests, never streaming again."""
     run_dir = tmp_path / "run"
+    shared_before = shared_memory_names()
     overrides = [arg for setting in settings for arg in ("--set", setting)]
     process = subprocess.Popen(
         train_command(tiny_model_dir, run_dir, *overrides), stdout=open(tmp_path / "train.log", "w"), stderr=subprocess.STDOUT,
@@ -256,8 +258,9 @@ def test_hung_engine_is_replaced_and_the_run_finishes(tiny_model_dir, tmp_path, 
     else:  # a deadline can be the weight update's, with every group already generated and none in flight
         assert "deadline" in failure, (replay, failure)
     assert_each_step_once(run_dir, STEPS)
-    # the hung engine was closed, not left stopped beside its successor
+    # the hung engine was closed, not left stopped beside its successor, nor its queues in /dev/shm (RAM)
     assert not [p for p in stopped if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], replay
+    assert not shared_memory_names() - shared_before, (replay, sorted(shared_memory_names() - shared_before))
 
 
 def test_engine_that_keeps_dying_stops_the_run_with_a_checkpoint(tiny_model_dir, tmp_path):

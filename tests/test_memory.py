@@ -67,3 +67,19 @@ def test_release_free_memory_returns_the_heaps_free_pages():
     done = subprocess.run([sys.executable, "-c", FRAGMENTED_HEAP], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.split()[-1]) > 0.15  # GB given back of the 0.2 GB freed
+
+
+def test_bf16_on_a_cpu_that_emulates_it_is_called_out(monkeypatch):
+    """Without avx512_bf16/amx_bf16 torch emulates bf16 (28x slower matmuls measured): the run says so."""
+    from parityrl import hardware
+
+    emulating = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n"
+    native = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n"
+    assert hardware.cpu_has_native_bf16(emulating) is False and hardware.cpu_has_native_bf16(native) is True
+    assert hardware.cpu_has_native_bf16("processor\t: 0\n") is None  # no flags line (another architecture): silent
+    monkeypatch.setattr(hardware, "on_cpu", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda cpuinfo=None: False)
+    assert "model.dtype: float32" in hardware.slow_bf16_warning("bfloat16")
+    assert hardware.slow_bf16_warning("float32") is None
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda cpuinfo=None: True)
+    assert hardware.slow_bf16_warning("bfloat16") is None

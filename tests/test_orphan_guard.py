@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from parityrl.engines.orphan_guard import unlink_mapped_shared_memory
+from parityrl.engines.orphan_guard import unlink_mapped_shared_memory, unlink_run_weight_buffers
 
 pytestmark = pytest.mark.unit
 
@@ -34,3 +34,13 @@ def test_only_the_mapped_psm_segments_are_unlinked(tmp_path):
     finally:
         for path in (ours, semaphore, other, unmapped):
             path.unlink(missing_ok=True)
+
+
+def test_only_the_dead_runs_weight_buffers_are_unlinked(tmp_path):
+    dead_run, live_run = 4242, 4243
+    theirs = [tmp_path / f"parityrl-weights-{dead_run}-a1b2", tmp_path / f"parityrl-weights-{dead_run}-c3d4"]
+    others = [tmp_path / f"parityrl-weights-{live_run}-e5f6", tmp_path / f"parityrl-weights-{dead_run}0-g7h8"]
+    for path in theirs + others:
+        path.write_bytes(b"x")
+    assert unlink_run_weight_buffers(dead_run, str(tmp_path)) == sorted(str(p) for p in theirs)
+    assert all(p.exists() for p in others)

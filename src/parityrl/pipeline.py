@@ -39,7 +39,7 @@ from parityrl.config import RunConfig
 from parityrl.engines.supervisor import EngineGaveUp
 from parityrl.errors import UserError
 from parityrl.evaluate import engine_greedy_completions, success_rate
-from parityrl.hardware import allowed_cpus, trainer_threads, with_torch_threads
+from parityrl.hardware import allowed_cpus, slow_bf16_warning, trainer_threads, with_torch_threads
 from parityrl.memory import check_trainer_fits, engine_memory, estimate_trainer_memory
 from parityrl.metrics import MetricsLogger, truncate_metrics, write_json_atomic
 from parityrl.policy import load_tokenizer
@@ -137,6 +137,8 @@ class RLRun:
             model_context(hf_config) or 1 << 40, config.sampling.max_new_tokens,
         )  # fmt: skip
         check_memory(config, hf_config, longest_prompt, console)
+        if (warning := slow_bf16_warning(config.model.dtype)) is not None:
+            self.warn(warning)
         checkpoint = latest_checkpoint(self.run_dir, report=self.warn) if self.resume else None
         if self.resume and checkpoint is None:
             self.warn(f"{self.run_dir} has no complete checkpoint yet: starting from step 0")

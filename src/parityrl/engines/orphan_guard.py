@@ -10,8 +10,9 @@ process's parent is still the one that started it and the run's main process sti
 SIGKILLs its own process when either is gone. The chain follows: the EngineCore goes within a second
 of the run, its worker within a second of the EngineCore. Before it goes, it unlinks the POSIX shared
 memory it maps (`/dev/shm/psm_*`: vLLM's message queues between frontend, EngineCore and worker,
-unlinked by their owner at a clean shutdown): after a SIGKILL nobody else would, and tmpfs keeps them,
-in RAM, until the machine restarts.
+unlinked by their owner at a clean shutdown) and the run's weight buffers (`parityrl-weights-<run pid>-*`,
+which the run unlinks once the worker has loaded them): after a SIGKILL nobody else would, and tmpfs
+keeps them, in RAM, until the machine restarts (270 MB per buffer of SmolLM2).
 
 Polling rather than `PR_SET_PDEATHSIG`: the kernel sends that signal when the *thread* that forked
 the child exits, and vLLM starts its processes from threads that may end long before the run does.
@@ -20,6 +21,7 @@ the child exits, and vLLM starts its processes from threads that may end long be
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import signal
 import threading
@@ -58,6 +60,7 @@ def _watch(run_pid: int, parent: int) -> None:
         if os.getppid() != parent or not _exists(run_pid):
             # the run is gone: nothing of this process is worth keeping (no checkpoint lives here)
             unlink_mapped_shared_memory()
+            unlink_run_weight_buffers(run_pid)
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -66,21 +69,35 @@ SHARED_MEMORY_PREFIXES = ("/dev/shm/psm_", "/dev/shm/sem.mp-")
 named semaphores (their locks): the resource tracker that would unlink them dies with the run."""
 
 
-def unlink_mapped_shared_memory(maps_path: str = "/proc/self/maps") -> list[str]:
-    """Unlink every `psm_*` segment and `sem.mp-*` semaphore this process maps; returns the paths. Processes that still map one
-    keep their mapping (unlinking removes only the name), and the run they served is gone."""
+def mapped_shared_memory(maps_path: str = "/proc/self/maps") -> set[str]:
+    """The `psm_*` segments and `sem.mp-*` semaphores a process maps (its `/proc/PID/maps`), still linked."""
     try:
         with open(maps_path) as maps:
             paths = {line.split(maxsplit=5)[-1].strip() for line in maps if any(prefix in line for prefix in SHARED_MEMORY_PREFIXES)}
     except OSError:
-        return []
+        return set()
+    return {path for path in paths if path.startswith(SHARED_MEMORY_PREFIXES) and not path.endswith("(deleted)")}
+
+
+def unlink_paths(paths) -> list[str]:
+    """Unlink each path that still exists; returns those unlinked. A process that still maps one keeps its
+    mapping (unlinking removes only the name)."""
     unlinked = []
     for path in sorted(paths):
-        if path.startswith(SHARED_MEMORY_PREFIXES) and not path.endswith("(deleted)"):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-                unlinked.append(path)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            unlinked.append(str(path))
     return unlinked
+
+
+def unlink_mapped_shared_memory(maps_path: str = "/proc/self/maps") -> list[str]:
+    """Unlink every `psm_*` segment and `sem.mp-*` semaphore this process maps (the run they served is gone)."""
+    return unlink_paths(mapped_shared_memory(maps_path))
+
+
+def unlink_run_weight_buffers(run_pid: int, directory: str = "/dev/shm") -> list[str]:
+    """Unlink the weight buffers the run `run_pid` left (`VLLMEngine` names them `parityrl-weights-<pid>-*`)."""
+    return unlink_paths(glob.glob(os.path.join(directory, f"parityrl-weights-{run_pid}-*")))
 
 
 def _exists(pid: int) -> bool:

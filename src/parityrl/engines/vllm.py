@@ -74,7 +74,7 @@ from torch import Tensor
 from parityrl.batch import Sample
 from parityrl.config import EngineConfig, SamplingConfig
 from parityrl.engines.base import EngineHealth
-from parityrl.engines.orphan_guard import RUN_PID_ENV
+from parityrl.engines.orphan_guard import RUN_PID_ENV, mapped_shared_memory, unlink_paths
 from parityrl.engines.vllm_host import child_pids, cpu_seconds, derive_seed, kill_processes, repair_compile_cache
 from parityrl.engines.vllm_worker import KEEP_WEIGHTS_ENV, dtype_name, map_shared_file, pack_tensors, tensor_layout, write_tensors
 from parityrl.hardware import cpu_thread_binding, on_cpu, pin_engine
@@ -298,10 +298,14 @@ class VLLMEngine:
         worker) are killed, so a restarted engine never shares the cores with a dead one."""
         engine, self.engine = self.engine, None
         if engine is not None:
+            # the message queues between EngineCore and worker are theirs to unlink: a killed (hung, crashed)
+            # engine leaves them in /dev/shm (170-250 MB each, in RAM), so whatever they mapped goes after them
+            queues = {path for pid in self.process_ids for path in mapped_shared_memory(f"/proc/{pid}/maps")}
             try:
                 engine.shutdown()
             finally:
                 kill_processes(self.process_ids)
+                unlink_paths(queues)
         self._release_shared()
 
     def _release_shared(self) -> None:
