@@ -168,3 +168,19 @@ def test_weight_update_that_hangs_is_a_dead_engine_and_the_new_one_gets_the_weig
     assert built[1].version == 1 and samples[0].version_per_token[0] == 1
     loaded = built[1].model.state_dict()
     assert all(torch.equal(loaded[name], tensor) for name, tensor in state_dict.items())
+
+
+def test_resume_without_a_finished_checkpoint_starts_over_and_logs_each_step_once(tiny_model_dir, tmp_path):
+    """Killed while writing its first checkpoint (seen on SmolLM2: only `step_000001.tmp` was left), a run
+    resumes from step 0; the step-0 evaluation and step 1 it had logged must not appear twice."""
+    import shutil
+
+    config = reference_config(tiny_model_dir, "train.steps=2", "train.checkpoint_every=1", "pipeline.mode=sync")
+    asyncio.run(run_training(config, tmp_path))
+    checkpoints = tmp_path / "checkpoints"
+    shutil.rmtree(checkpoints / "step_000002")
+    (checkpoints / "step_000001").rename(checkpoints / "step_000001.tmp")  # the write that was cut off
+    asyncio.run(run_training(config, tmp_path, resume=True))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000001", "step_000002"]

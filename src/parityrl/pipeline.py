@@ -155,7 +155,8 @@ class RLRun:
             self.eval_success = self.state.eval_success
             console.print(f"[bold]resuming[/bold] {self.run_dir} at step {self.state.step} (policy v{self.state.version}) from {checkpoint.name}")
         self.counters: dict[str, float] = dict(self.state.counters) if self.state is not None else {}
-        truncate_metrics(self.run_dir, self.finished_step if self.resume else -1)
+        # no checkpoint to go on from (a fresh run, or a resume killed before its first one finished): from step 0
+        truncate_metrics(self.run_dir, self.finished_step if self.state is not None else -1)
         if self.trainer.version > 0:
             self.engine.publish(self.trainer.state_dict_for_engines(), self.trainer.version)
         self.rewards = RewardPool.from_config(config.task)
@@ -174,7 +175,7 @@ class RLRun:
         write_json_atomic(self.run_dir / "engine_settings.json", self.settings)
         self.console.print(f"[bold]engine settings in force[/bold]: {self.settings}")
         wandb_config = config.model_dump() if config.logging.wandb else None
-        self.logger = MetricsLogger(self.run_dir, tensorboard=config.logging.tensorboard, wandb_config=wandb_config, purge_step=self.finished_step + 1)
+        self.logger = MetricsLogger(self.run_dir, tensorboard=config.logging.tensorboard, wandb_config=wandb_config, purge_step=self.finished_step + 1 if state is not None else 0)
         self.rollouts = Rollouts(
             self.engine, config, self.task, self.tokenizer, self.rewards, log=self.warn,
             sampler_state=state.sampler_state if state is not None else None,
