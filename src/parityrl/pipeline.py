@@ -175,7 +175,8 @@ class RLRun:
         write_json_atomic(self.run_dir / "engine_settings.json", self.settings)
         self.console.print(f"[bold]engine settings in force[/bold]: {self.settings}")
         wandb_config = config.model_dump() if config.logging.wandb else None
-        self.logger = MetricsLogger(self.run_dir, tensorboard=config.logging.tensorboard, wandb_config=wandb_config, purge_step=self.finished_step + 1 if state is not None else 0)
+        purge_step = self.finished_step + 1 if state is not None else 0  # TensorBoard drops what the stopped session logged after it
+        self.logger = MetricsLogger(self.run_dir, tensorboard=config.logging.tensorboard, wandb_config=wandb_config, purge_step=purge_step)
         self.rollouts = Rollouts(
             self.engine, config, self.task, self.tokenizer, self.rewards, log=self.warn,
             sampler_state=state.sampler_state if state is not None else None,
