@@ -216,7 +216,7 @@ def test_every_process_of_a_run_dies_with_its_main_process(tiny_model_dir, tmp_p
         # the watchdog would wait 10 minutes: a call's own deadline fires first. 60 s, not less: a deadline
         # covers a call's whole life, queueing included, and at 20 s calls of a busy but healthy engine
         # missed it in module runs (extra restarts)
-        ("deadline", ["engine.stall_timeout_s=600", "engine.request_timeout_s=60"]),
+        ("deadline", ["engine.stall_timeout_s=600", "engine.request_timeout_s=60", "engine.update_timeout_s=60"]),
     ],
 )
 def test_hung_engine_is_replaced_and_the_run_finishes(tiny_model_dir, tmp_path, detected_by, settings):
