@@ -430,7 +430,9 @@ class VLLMEngine:
         stop = [] if self.eos_token_id is None else [self.eos_token_id]
         # streamed (DELTA), so the stall watchdog sees every token: with FINAL_ONLY a batch of long greedy
         # completions (1024 tokens of SmolLM2) showed no progress for minutes and the engine was "restarted"
-        params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop, detokenize=False, output_kind=RequestOutputKind.DELTA)
+        params = SamplingParams(
+            n=1, temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop, detokenize=False, output_kind=RequestOutputKind.DELTA
+        )
 
         async def one(index: int, prompt: list[int]) -> list[int]:
             tokens: list[int] = []
