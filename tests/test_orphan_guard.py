@@ -42,5 +42,8 @@ def test_only_the_dead_runs_weight_buffers_are_unlinked(tmp_path):
     others = [tmp_path / f"parityrl-weights-{live_run}-e5f6", tmp_path / f"parityrl-weights-{dead_run}0-g7h8"]
     for path in theirs + others:
         path.write_bytes(b"x")
-    assert unlink_run_weight_buffers(dead_run, str(tmp_path)) == sorted(str(p) for p in theirs)
-    assert all(p.exists() for p in others)
+    staging = tmp_path / f"parityrl-weights-{dead_run}-dir9"  # the `file` transport's directory
+    staging.mkdir()
+    (staging / "weights.safetensors").write_bytes(b"x")
+    assert unlink_run_weight_buffers(dead_run, str(tmp_path)) == sorted(str(p) for p in [*theirs, staging])
+    assert all(p.exists() for p in others) and not staging.exists()

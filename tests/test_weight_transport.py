@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from parityrl.engines.vllm_worker import map_shared_file, pack_tensors, tensor_layout, tensor_views, unpack_tensors, write_tensors
+from parityrl.engines.vllm_worker import NamelessSharedBuffer, map_shared_file, pack_tensors, tensor_layout, tensor_views, unpack_tensors, write_tensors
 
 pytestmark = pytest.mark.unit
 
@@ -47,6 +49,42 @@ def test_shared_buffer_written_by_one_mapping_is_read_by_another(tmp_path):
         write_tensors(writer, {name: tensor * scale for name, tensor in weights.items()}, layout)
         for name, view in tensor_views(reader, layout):
             assert torch.equal(view, weights[name] * scale), (name, scale)
+
+
+def test_update_buffer_has_no_name_and_nothing_outlives_a_killed_writer(tmp_path):
+    """The `shm` transport's buffer is mapped by another process through its path while the writer
+    holds it, yet never has a name in the directory: a writer SIGKILLed mid-update leaves nothing there.
+    (A named buffer outlived a run killed mid-update: CI found it in /dev/shm; this test failed then.)"""
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time, torch\n"
+        "from parityrl.engines.vllm_worker import NamelessSharedBuffer\n"
+        f"buffer = NamelessSharedBuffer(4096, {str(tmp_path)!r}, prefix='parityrl-weights-')\n"
+        "buffer.tensor[:4] = torch.tensor([7, 1, 2, 9], dtype=torch.uint8)\n"
+        "print(buffer.path, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        path = writer.stdout.readline().strip()
+        assert path, "the writer died before it made its buffer"
+        assert list(tmp_path.iterdir()) == [], "the buffer has a name another run's crash would leave behind"
+        reader = map_shared_file(path, 4096)  # what the vLLM worker does with the path it is sent
+        assert reader[:4].tolist() == [7, 1, 2, 9]
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(10)
+    assert list(tmp_path.iterdir()) == []
+    assert reader[:4].tolist() == [7, 1, 2, 9]  # a mapping keeps the memory alive after its writer is gone
+
+    buffer = NamelessSharedBuffer(64, str(tmp_path), prefix="parityrl-weights-")
+    fd = buffer.fd
+    buffer.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed: the memory goes once the worker drops its mapping
 
 
 def tied_llama():

@@ -10,9 +10,11 @@ process's parent is still the one that started it and the run's main process sti
 SIGKILLs its own process when either is gone. The chain follows: the EngineCore goes within a second
 of the run, its worker within a second of the EngineCore. Before it goes, it unlinks the POSIX shared
 memory it maps (`/dev/shm/psm_*`: vLLM's message queues between frontend, EngineCore and worker,
-unlinked by their owner at a clean shutdown) and the run's weight buffers (`parityrl-weights-<run pid>-*`,
-which the run unlinks once the worker has loaded them): after a SIGKILL nobody else would, and tmpfs
-keeps them, in RAM, until the machine restarts (270 MB per buffer of SmolLM2).
+unlinked by their owner at a clean shutdown) and the `file` transport's weight directories
+(`parityrl-weights-<run pid>-*`, removed by the run once the worker has loaded them): after a SIGKILL
+nobody else would, and tmpfs keeps them, in RAM, until the machine restarts (270 MB per update of
+SmolLM2). The default `shm` transport's buffers have no name to leave (`NamelessSharedBuffer`): vLLM's
+own shutdown can end these processes before the guard's next look, so a name is not left to it.
 
 Polling rather than `PR_SET_PDEATHSIG`: the kernel sends that signal when the *thread* that forked
 the child exits, and vLLM starts its processes from threads that may end long before the run does.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import shutil
 import signal
 import threading
 import time
@@ -96,8 +99,13 @@ def unlink_mapped_shared_memory(maps_path: str = "/proc/self/maps") -> list[str]
 
 
 def unlink_run_weight_buffers(run_pid: int, directory: str = "/dev/shm") -> list[str]:
-    """Unlink the weight buffers the run `run_pid` left (`VLLMEngine` names them `parityrl-weights-<pid>-*`)."""
-    return unlink_paths(glob.glob(os.path.join(directory, f"parityrl-weights-{run_pid}-*")))
+    """Remove the weight files and directories the run `run_pid` left (`VLLMEngine` names them
+    `parityrl-weights-<pid>-*`)."""
+    paths = glob.glob(os.path.join(directory, f"parityrl-weights-{run_pid}-*"))
+    directories = [path for path in paths if os.path.isdir(path)]
+    for path in directories:
+        shutil.rmtree(path, ignore_errors=True)
+    return sorted(directories + unlink_paths(path for path in paths if path not in directories))
 
 
 def _exists(pid: int) -> bool:

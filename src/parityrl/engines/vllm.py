@@ -76,7 +76,7 @@ from parityrl.config import EngineConfig, SamplingConfig
 from parityrl.engines.base import EngineHealth
 from parityrl.engines.orphan_guard import RUN_PID_ENV, mapped_shared_memory, unlink_paths
 from parityrl.engines.vllm_host import child_pids, cpu_seconds, derive_seed, kill_processes, repair_compile_cache
-from parityrl.engines.vllm_worker import KEEP_WEIGHTS_ENV, dtype_name, map_shared_file, pack_tensors, tensor_layout, write_tensors
+from parityrl.engines.vllm_worker import KEEP_WEIGHTS_ENV, NamelessSharedBuffer, dtype_name, pack_tensors, tensor_layout, write_tensors
 from parityrl.hardware import cpu_thread_binding, on_cpu, pin_engine
 
 log = logging.getLogger(__name__)
@@ -155,8 +155,8 @@ class VLLMEngine:
         """PIDs of the EngineCore and worker processes this engine started."""
         self.engine_cpus: list[int] | None = None
         """CPU only: the cores every thread of the engine's processes is kept on (`pin_engine`)."""
-        self._shared: tuple[str, Tensor] | None = None
-        """`shm` transport: the shared-memory file's path and its mapping, made at the first update."""
+        self._shared: NamelessSharedBuffer | None = None
+        """`shm` transport: the current update's buffer (one at a time; released once the worker loaded it)."""
         self._paused = False
         self._update_lock: asyncio.Lock | None = None
         self._inflight = 0
@@ -309,11 +309,10 @@ class VLLMEngine:
         self._release_shared()
 
     def _release_shared(self) -> None:
-        """Unlink and unmap the update's shared buffer; its memory goes with the worker's mapping (the
+        """Close and unmap the update's shared buffer; its memory goes with the worker's mapping (the
         worker drops it after loading; a killed worker's goes with the process)."""
         if self._shared is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._shared[0])
+            self._shared.close()
         self._shared = None
 
     # -- generation ---------------------------------------------------------------------------------
@@ -458,7 +457,7 @@ class VLLMEngine:
         if self.weight_transport == "shm":
             layout = tensor_layout(state_dict)
             write_tensors(self._new_shared_buffer(layout["nbytes"]), state_dict, layout)
-            return "parityrl_load_weights_shared", {**layout, "path": self._shared[0]}  # type: ignore[index]
+            return "parityrl_load_weights_shared", {**layout, "path": self._shared.path}  # type: ignore[union-attr]
         from safetensors.torch import save_file
 
         path = os.path.join(directory, "weights.safetensors")
@@ -522,17 +521,14 @@ class VLLMEngine:
         updates, 0.27 GB each for SmolLM2 in bf16, for the ~0.05 s that mapping it again costs.
         Updates hold `_update_lock`, so there is one at a time."""
         self._release_shared()
-        handle, path = tempfile.mkstemp(prefix=f"parityrl-weights-{os.getpid()}-", dir=shared_memory_dir())
-        os.close(handle)
-        os.truncate(path, nbytes)
-        self._shared = (path, map_shared_file(path, nbytes))
-        return self._shared[1]
+        self._shared = NamelessSharedBuffer(nbytes, shared_memory_dir(), prefix=f"parityrl-weights-{os.getpid()}-")
+        return self._shared.tensor  # type: ignore[return-value]
 
     def _staging_dir(self):
         """`file` transport: a temp dir in shared memory (/dev/shm where there is one) for the weights file."""
         if self.weight_transport != "file":
             return contextlib.nullcontext("")
-        return tempfile.TemporaryDirectory(prefix="parityrl-weights-", dir=shared_memory_dir())
+        return tempfile.TemporaryDirectory(prefix=f"parityrl-weights-{os.getpid()}-", dir=shared_memory_dir())
 
     async def _pause_keep(self) -> None:
         """`pause_generation(mode="keep", clear_cache=False)` without its closing 20 ms sleep.

@@ -15,8 +15,10 @@ Two ways to apply new weights (`engine.weight_update`):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -133,6 +135,41 @@ def unpack_tensors(packed: Mapping[str, Any]) -> list[tuple[str, Tensor]]:
 def map_shared_file(path: str, nbytes: int) -> Tensor:
     """A uint8 tensor over a file in shared memory (MAP_SHARED: writes by one process are seen by all)."""
     return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+
+
+class NamelessSharedBuffer:
+    """A shared-memory buffer with no name in the file system, for one weight update.
+
+    Created as a file in `directory` and unlinked at once; this process keeps it open, and other
+    processes of the same user map it through `/proc/<pid>/fd/<fd>` (`path`). The kernel frees the
+    memory when the last descriptor and mapping go, so a SIGKILL of any process at any moment leaves
+    nothing behind: a named file outlived a run killed mid-update (CI saw it in /dev/shm), since the
+    processes that would have unlinked it can die first. Where there is no `/proc` the file keeps its
+    name and `close()` unlinks it."""
+
+    def __init__(self, nbytes: int, directory: str | None, prefix: str):
+        handle, named_path = tempfile.mkstemp(prefix=prefix, dir=directory)
+        os.ftruncate(handle, nbytes)
+        self.fd: int | None = handle
+        self.tensor: Tensor | None = map_shared_file(named_path, nbytes)
+        proc_path = f"/proc/{os.getpid()}/fd/{handle}"
+        self._named_path: str | None = named_path
+        if os.path.exists(proc_path):
+            os.unlink(named_path)
+            self._named_path = None
+        self.path = proc_path if self._named_path is None else named_path
+        """What another process opens to map this buffer (while this one keeps it open)."""
+
+    def close(self) -> None:
+        """Drop this process's descriptor and mapping (and the name, where it has one)."""
+        if self._named_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._named_path)
+            self._named_path = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.tensor = None
 
 
 def load_saved_compilation_on_cpu() -> None:
