@@ -87,7 +87,8 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_one_intact_and_says_h
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr
     message = done.stdout.strip()
-    assert "step 2" in message and "File too large" in message and "step_000001, is intact" in message
+    # the optimizer's shards (torch.save inside torch.distributed.checkpoint) hit the limit first
+    assert "step 2" in message and "write was cut short" in message and "step_000001, is intact" in message
     assert f"parityrl train --resume {tmp_path}" in message and "Traceback" not in done.stderr
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000001"]
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))  # the half-written one is gone

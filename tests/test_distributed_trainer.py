@@ -1,10 +1,12 @@
-"""Data-parallel ranks take the same optimiser step as one process on the whole batch: two gloo ranks
-(the code path of `pipeline.backend: ray`, without Ray) against a local Trainer, same samples."""
+"""Trainer ranks take the same optimiser step as one process on the whole batch: two gloo ranks (the
+code path of `pipeline.backend: ray`, without Ray), DDP or FSDP2, against a local Trainer, same
+samples; and a checkpoint written by one layout resumes in another (1 -> 2 and 2 -> 1 ranks, FSDP2)."""
 
 from __future__ import annotations
 
-import os
 import socket
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,35 +16,69 @@ import torch.multiprocessing as mp
 from parityrl.assets import build_model, build_tokenizer
 from parityrl.batch import Sample
 from parityrl.config import load_config
+from parityrl.policy import export_state_dict
+from parityrl.train.checkpoint import RunState
 from parityrl.train.trainer import Trainer, global_normaliser
 
 pytestmark = pytest.mark.unit
 
-OVERRIDES = ["train.objective=grpo", "train.lr=1e-3", "train.grad_clip=0.05", "train.micro_batch_size=2"]
+# 14 tokens per micro-batch: rank 0's half of the batch packs into 2 micro-batches, rank 1's into 3
+# (sequences of 6-8 tokens), so FSDP must even the counts out or its collectives wait forever
+OVERRIDES = ["train.objective=grpo", "train.lr=1e-3", "train.grad_clip=0.05", "train.micro_batch_size=2", "train.micro_batch_tokens=14", "train.device=cpu"]
 
 
-def batch(pad_id: int) -> tuple[list[Sample], torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
+def batch(seed: int) -> tuple[list[Sample], torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
     samples = []
     for row in range(8):
         completion = torch.randint(4, 100, (3 + row % 3,), generator=generator).tolist()
         old = (-torch.rand(len(completion), generator=generator) * 3).tolist()
         samples.append(Sample([1, 20 + row, 21], completion, old, [0] * len(completion)))
-    return samples, torch.linspace(-1, 1, 8)
+    return samples, torch.linspace(-1, 1, 8) * (1 if seed == 0 else -0.5)
 
 
-def rank_main(rank: int, world_size: int, port: int, model_dir: str, out_dir: str) -> None:
+def config_for(fsdp: bool):
+    layout = ["train.world_size=2", "pipeline.backend=ray"] if fsdp else []
+    return load_config(None, [*OVERRIDES, f"train.fsdp={fsdp}", *layout])
+
+
+def rank_step(trainer: Trainer, rank: int, world_size: int, seed: int):
+    samples, advantages = batch(seed)
+    shard = len(samples) // world_size
+    normaliser = global_normaliser(samples, trainer.config.train.objective)
+    return trainer.step_stats(samples[rank * shard : (rank + 1) * shard], advantages[rank * shard : (rank + 1) * shard], None, normaliser)
+
+
+def rank_main(rank: int, world_size: int, port: int, fsdp: bool, model_dir: str, out_dir: str, plan: str) -> None:
+    """One rank: `plan` is `step` (one step, then the weights), `save` (one step, then a checkpoint) or
+    `resume` (the optimizer from `model_dir`'s checkpoint, then a step on the second batch)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    config = load_config(None, [*OVERRIDES, "train.device=cpu"])
-    trainer = Trainer(config, model_dir, pad_id=0, distributed=True)
-    samples, advantages = batch(0)
-    shard = len(samples) // world_size
-    normaliser = global_normaliser(samples, config.train.objective)
-    result = trainer.step_stats(samples[rank * shard : (rank + 1) * shard], advantages[rank * shard : (rank + 1) * shard], None, normaliser)
+    config = config_for(fsdp).model_copy(update={"train": config_for(fsdp).train.model_copy(update={"world_size": world_size})})
+    trainer = Trainer(config, Path(model_dir), pad_id=0, distributed=True)
+    out = Path(out_dir)
+    if plan == "resume":
+        trainer.load_checkpoint(Path(model_dir))
+    result = rank_step(trainer, rank, world_size, seed=1 if plan == "resume" else 0)
+    if plan == "save":
+        trainer.save_checkpoint(out / "run", RunState(step=1, version=1, sampler_state=None))
+    weights = export_state_dict(trainer.model, keep=rank == 0)  # gathered on every rank when sharded
+    layer = trainer.model.model.layers[0].mlp.up_proj.weight
+    local = layer.to_local() if hasattr(layer, "to_local") else layer
     if rank == 0:
-        torch.save({"weights": trainer.model.state_dict(), "grad_norm": result.grad_norm}, os.path.join(out_dir, "rank0.pt"))
+        torch.save({"weights": weights, "grad_norm": result.grad_norm, "layer_local_rows": local.shape[0], "layer_rows": layer.shape[0]}, out / f"{plan}.pt")
     dist.destroy_process_group()
+
+
+def spawn_ranks(*args, world_size: int = 2, timeout_s: float = 300) -> None:
+    """`rank_main` on `world_size` processes; a rank that waits on a collective forever fails the test."""
+    context = mp.spawn(rank_main, args=(world_size, free_port(), *args), nprocs=world_size, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"ranks still running after {timeout_s:.0f} s (a collective that some rank never joined)")
 
 
 def free_port() -> int:
@@ -51,19 +87,55 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_two_ranks_step_like_one_process_on_the_whole_batch(tmp_path):
-    config = load_config(None, [*OVERRIDES, "train.device=cpu"])  # the ranks' device: on a GPU machine `auto` would be cuda
-    tokenizer = build_tokenizer(tmp_path / "model")
-    build_model(config, tokenizer, tmp_path / "model")
-    local = Trainer(config, tmp_path / "model", pad_id=0)
+def tiny_model(tmp_path: Path) -> Path:
+    config = load_config(None, OVERRIDES)
+    build_model(config, build_tokenizer(tmp_path / "model"), tmp_path / "model")
+    return tmp_path / "model"
+
+
+def assert_same_weights(actual: dict, expected: dict) -> None:
+    # atol 1e-5 = 1% of one Adam step (lr 1e-3): Adam divides by |g|, so an entry whose gradient is ~1e-8
+    # moves by up to lr when the ranks sum in another order; a wrong loss scale moves every entry by ~lr
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_ranks_step_like_one_process_on_the_whole_batch(tmp_path, fsdp):
+    model_dir = tiny_model(tmp_path)
+    local = Trainer(config_for(False), model_dir, pad_id=0)
     samples, advantages = batch(0)
     local_metrics = local.step(samples, advantages)
-    mp.spawn(rank_main, args=(2, free_port(), str(tmp_path / "model"), str(tmp_path)), nprocs=2, join=True)
-    ranked = torch.load(tmp_path / "rank0.pt")
+    spawn_ranks(fsdp, str(model_dir), str(tmp_path), "step")
+    ranked = torch.load(tmp_path / "step.pt")
     # the clip (0.05) is active: a gradient off by the world size would clip differently and show here
     assert ranked["grad_norm"] == pytest.approx(local_metrics["train/grad_norm"], rel=1e-5)
     assert local_metrics["train/grad_norm"] > 0.05
-    # atol 1e-5 = 1% of one Adam step (lr 1e-3): Adam divides by |g|, so an entry whose gradient is ~1e-8
-    # moves by up to lr when the ranks sum in another order; a wrong loss scale moves every entry by ~lr
-    for name, tensor in local.model.state_dict().items():
-        torch.testing.assert_close(ranked["weights"][name], tensor, rtol=1e-5, atol=1e-5)
+    assert_same_weights(ranked["weights"], export_state_dict(local.model))
+    # FSDP really shards: rank 0 holds half of each layer weight's rows; DDP the whole weight
+    assert ranked["layer_local_rows"] == (ranked["layer_rows"] // 2 if fsdp else ranked["layer_rows"])
+
+
+def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path):
+    """One process steps, checkpoints and steps again: the reference. Two FSDP ranks resume from its
+    checkpoint (1 -> 2) and step: the same weights. Two FSDP ranks step and checkpoint; one process
+    resumes from that (2 -> 1) and steps: the same weights again. A lost or misplaced optimizer shard
+    (the AdamW moments) would move the second step's weights by ~lr."""
+    model_dir = tiny_model(tmp_path)
+    reference = Trainer(config_for(False), model_dir, pad_id=0)
+    reference.step(*batch(0))
+    one_rank = reference.save_checkpoint(tmp_path / "one", RunState(step=1, version=1, sampler_state=None))
+    reference.step(*batch(1))
+    expected = export_state_dict(reference.model)
+
+    spawn_ranks(True, str(one_rank), str(tmp_path), "resume")  # 1 -> 2
+    assert_same_weights(torch.load(tmp_path / "resume.pt")["weights"], expected)
+
+    spawn_ranks(True, str(model_dir), str(tmp_path), "save")
+    two_ranks = tmp_path / "run" / "checkpoints" / "step_000001"
+    assert sorted(p.name for p in (two_ranks / "optimizer").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # a file per rank
+    resumed = Trainer(config_for(False), two_ranks, pad_id=0)  # 2 -> 1
+    resumed.load_checkpoint(two_ranks)
+    resumed.step(*batch(1))
+    assert_same_weights(export_state_dict(resumed.model), expected)

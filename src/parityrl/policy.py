@@ -388,24 +388,44 @@ def load_policy(model_dir: str | Path, dtype: str, lm_head_fp32: bool) -> nn.Mod
     return model
 
 
-def export_state_dict(model: nn.Module, dtype: torch.dtype | None = None, keep_fp32: frozenset[str] = frozenset()) -> dict[str, Tensor]:
+def export_state_dict(model: nn.Module, dtype: torch.dtype | None = None, keep_fp32: frozenset[str] = frozenset(), keep: bool = True) -> dict[str, Tensor]:
     """HF-named weights of `model`, copied so the trainer can keep stepping while engines load them.
 
     dtype: the engine's parameter dtype. An engine running bf16 rounds fp32 weights to bf16 as it loads
     them (a copy into its parameters, round-to-nearest-even as `Tensor.to`), so rounding them here gives
     it the same weights in half the copy, shared memory and transfer; the names in `keep_fp32` (the
     fp32 head of fix 4, where the engine holds it in fp32) stay fp32. A tied head is the input
-    embedding's tensor under a second name: it goes once, as the embedding (engines tie it again)."""
+    embedding's parameter under a second name: it goes once, as the embedding (engines tie it again).
+
+    A model sharded by FSDP (`train.fsdp`) is gathered one tensor at a time, on every rank (a
+    collective: each rank walks the same names); `keep` is False on the ranks that only take part, so
+    none holds more than one whole tensor beyond its shard, and the keeping rank only the export."""
+    from parityrl.train.fsdp import full_tensor
+
+    aliases = tied_aliases(model)
     exported: dict[str, Tensor] = {}
-    seen: set[int] = set()
     for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
+        if name in aliases:
             continue
-        seen.add(tensor.data_ptr())
+        tensor = full_tensor(tensor.detach())
+        if not keep:
+            continue
         target = dtype if dtype is not None and tensor.is_floating_point() and name not in keep_fp32 else tensor.dtype
         # on CPU: engines (vLLM's in-place reload, Ray's object store) take host tensors whatever the trainer's device
-        exported[name] = tensor.detach().to("cpu", dtype=target, copy=True).contiguous()
+        exported[name] = tensor.to("cpu", dtype=target, copy=True).contiguous()
     return exported
+
+
+def tied_aliases(model: nn.Module) -> set[str]:
+    """Names of parameters that are a parameter seen earlier under another name (a tied head), by
+    identity: the same answer on every rank of a sharded model, whose local shards may be empty."""
+    first: set[int] = set()
+    aliases = set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            aliases.add(name)
+        first.add(id(parameter))
+    return aliases
 
 
 def sequence_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

@@ -308,6 +308,11 @@ class TrainConfig(Strict):
     world_size: int = Field(1, ge=1)
     """Data-parallel trainer ranks (`pipeline.backend: ray`; torch.distributed DDP, gloo on CPU, nccl on
     GPU). Each step's samples (prompts_per_step x sampling.n) must split evenly over them."""
+    fsdp: bool = False
+    """Shard the trainer over its `world_size` ranks with FSDP2 (`torch.distributed.fsdp.fully_shard`,
+    per decoder layer and the root): each rank holds 1/world_size of the fp32 weights, gradients and
+    AdamW state instead of all of them (DDP). Same step as DDP; compute precision as without it (bf16
+    autocast over fp32 master weights). Needs world_size >= 2 (`pipeline.backend: ray`)."""
     logprob_temperature: float | None = Field(None, gt=0)
     """Temperature the trainer uses to recompute logprobs; None = sampling.temperature (the only consistent
     choice; other values exist to reproduce the pitfall, lint flags them)."""
@@ -432,6 +437,11 @@ class RunConfig(Strict):
             raise ValueError(
                 f"engine.replicas={self.engine.replicas} and train.world_size={self.train.world_size} need "
                 "pipeline.backend: ray (the local backend runs one engine and one trainer process)."
+            )
+        if self.train.fsdp and self.train.world_size < 2:
+            raise ValueError(
+                "train.fsdp shards the trainer over its ranks and needs train.world_size >= 2 (with pipeline.backend: ray); "
+                "with one rank, leave train.fsdp off."
             )
         samples = self.train.prompts_per_step * self.sampling.n
         if samples % self.train.world_size:

@@ -1,9 +1,13 @@
 """Resumable checkpoints: everything a run needs to continue exactly where it stopped.
 
 A checkpoint is RUN_DIR/checkpoints/step_NNNNNN/: the policy as an HF model directory (loadable by
-any HF tool and by `model.path`), the tokenizer, and `run_state.pt` with the optimizer state, the
-step, the policy version, the RNG states, the prompt sampler's state and the prompt groups that were
-drawn but not yet trained on (regenerated first after a resume, so no group is lost or trained twice).
+any HF tool and by `model.path`), the tokenizer, the AdamW state in `optimizer/` (torch.distributed
+.checkpoint: each trainer rank writes its own shards, keyed by parameter name, so a run resumes on
+another number of ranks, sharded or not), and `run_state.pt` with the step, the policy version, the
+RNG states, the prompt sampler's state and the prompt groups that were drawn but not yet trained on
+(regenerated first after a resume, so no group is lost or trained twice). With several ranks every
+rank calls `save_checkpoint` (the optimizer shards and the gathered weights are collectives); rank 0
+writes the rest.
 
 Writes are atomic: everything goes to a `.tmp` directory, is fsynced, then renamed into place; a
 crash mid-write leaves the previous checkpoints intact, and a write that fails (full disk, file-size
@@ -14,11 +18,13 @@ missing file, e.g. copied or restored by hand) from an intact one and fall back 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,7 @@ from parityrl.tasks import Problem
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "run_state.pt"
+OPTIMIZER_DIR = "optimizer"
 MANIFEST = "manifest.json"
 KEEP = 2
 _NAME = re.compile(r"^step_(\d{6,})$")
@@ -131,19 +138,28 @@ def latest_checkpoint(run_dir: Path, report=None) -> Path | None:
     return None
 
 
-def save_checkpoint(run_dir: Path, model, optimizer: torch.optim.Optimizer, tokenizer, state: RunState) -> Path:
+def save_checkpoint(
+    run_dir: Path, model, optimizer: torch.optim.Optimizer, tokenizer, state: RunState, optimizer_module: torch.nn.Module | None = None
+) -> Path:
     """Write checkpoint `step_{state.step}` atomically and prune all but the newest KEEP. A failed
     write (full disk, read-only or size-limited file system) removes its `.tmp` and raises a
-    `UserError` that names the intact previous checkpoint."""
+    `UserError` that names the intact previous checkpoint. `optimizer_module`: the module the
+    optimizer's state is keyed by (its parameter names); default `model`. Under torch.distributed
+    every rank calls this; rank 0 returns once the checkpoint is in place."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     final = root / f"step_{state.step:06d}"
     tmp = root / (final.name + ".tmp")
+    writer = _rank() == 0
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        _write_checkpoint(tmp, model, optimizer, tokenizer, state)
-    except Exception as error:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if writer:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        _barrier()
+        _write_checkpoint(tmp, model, optimizer, optimizer_module or model, tokenizer, state, writer)
+    except BaseException as error:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+        if writer:
+            shutil.rmtree(tmp, ignore_errors=True)
         if not _is_write_failure(error):
             raise
         previous = checkpoint_dirs(run_dir)
@@ -153,6 +169,8 @@ def save_checkpoint(run_dir: Path, model, optimizer: torch.optim.Optimizer, toke
             + f"Free space in {root} (or make it writable), then continue with `parityrl train --resume {run_dir}`.",
             exit_code=1,
         ) from None
+    if not writer:
+        return final
     if final.exists():  # the same step saved again (e.g. a stop right after a periodic checkpoint)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -162,27 +180,81 @@ def save_checkpoint(run_dir: Path, model, optimizer: torch.optim.Optimizer, toke
     return final
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """torch.distributed.checkpoint warns at every single-process save and load that it assumes one
+    process: the intended case for a local run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if _distributed() else 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if _distributed():
+        dist.barrier()
+
+
 # how torch.save (RuntimeError) and safetensors (SafetensorError) report a failed write
 _WRITE_FAILURE = re.compile(r"os error|I/O error|No space|File too large|PytorchStreamWriter|inline_container|unexpected pos", re.IGNORECASE)
 
 
-def _is_write_failure(error: Exception) -> bool:
+def _is_write_failure(error: BaseException) -> bool:
+    error = _underlying(error)
     return isinstance(error, OSError) or bool(_WRITE_FAILURE.search(str(error)))
 
 
-def _first_line(error: Exception) -> str:
+def _underlying(error: BaseException) -> BaseException:
+    """The first rank's own error inside torch.distributed.checkpoint's `CheckpointException` (which
+    gathers each rank's (exception, traceback)); other errors as they are."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        return first[0] if isinstance(first, tuple) else first
+    return error
+
+
+def _first_line(error: BaseException) -> str:
+    error = _underlying(error)
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if re.search(r"unexpected pos|PytorchStreamWriter|inline_container", line):
+        # torch.save's zip writer reports a refused write as a position mismatch, without the OS error
+        return "a write was cut short (the file system is full, read-only, or limits the file size)"
+    return line
 
 
-def _write_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, tokenizer, state: RunState) -> None:
-    model.save_pretrained(str(directory), safe_serialization=True)
+def _write_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, optimizer_module, tokenizer, state: RunState, writer: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from parityrl.policy import export_state_dict
+
+    optimizer_state = {"optimizer": get_optimizer_state_dict(optimizer_module, optimizer)}
+    with _quiet_single_process():
+        dcp.save(optimizer_state, checkpoint_id=str(directory / OPTIMIZER_DIR), no_dist=not _distributed())
+    weights = export_state_dict(model, keep=writer)  # fp32, gathered one tensor at a time when sharded
+    if not writer:
+        return
+    model.save_pretrained(str(directory), state_dict=weights, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     payload = {
         "run_state": asdict(state) | {"pending_prompts": [asdict(p) for p in state.pending_prompts]},
-        "optimizer": optimizer.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "python_rng": random.getstate(),
     }
@@ -192,13 +264,32 @@ def _write_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, 
     _fsync_tree(directory)
 
 
-def load_run_state(checkpoint: Path, optimizer: torch.optim.Optimizer | None = None) -> RunState:
-    """Read `run_state.pt`; restore the optimizer (if given) and the global torch/python RNG states."""
-    payload = torch.load(Path(checkpoint) / STATE_FILE, weights_only=False)
+def load_run_state(checkpoint: Path, optimizer: torch.optim.Optimizer | None = None, optimizer_module: torch.nn.Module | None = None) -> RunState:
+    """Read `run_state.pt`; restore the optimizer (if given; `optimizer_module` as in `save_checkpoint`)
+    and the global torch/python RNG states. Under torch.distributed every rank that holds an optimizer
+    calls this (each reads the shards it needs, whatever the number of ranks that wrote them)."""
+    checkpoint = Path(checkpoint)
+    payload = torch.load(checkpoint / STATE_FILE, weights_only=False)
     if optimizer is not None:
-        optimizer.load_state_dict(payload["optimizer"])
+        if (checkpoint / OPTIMIZER_DIR).is_dir():
+            _load_optimizer(checkpoint / OPTIMIZER_DIR, optimizer, optimizer_module)
+        else:  # a checkpoint from before the sharded layout: one process's torch state dict
+            optimizer.load_state_dict(payload["optimizer"])
     torch.set_rng_state(payload["torch_rng"])
     random.setstate(payload["python_rng"])
     raw = dict(payload["run_state"])
     raw["pending_prompts"] = [Problem(**p) for p in raw.get("pending_prompts", [])]
     return RunState(**raw)
+
+
+def _load_optimizer(directory: Path, optimizer: torch.optim.Optimizer, module: torch.nn.Module | None) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    if module is None:
+        raise ValueError("a checkpoint's optimizer state is keyed by parameter name: pass the module it belongs to")
+    # this rank's layout of the state (allocated if the optimizer has not stepped yet), filled from the files
+    state = {"optimizer": get_optimizer_state_dict(module, optimizer)}
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(directory), no_dist=not _distributed())
+    set_optimizer_state_dict(module, optimizer, state["optimizer"])

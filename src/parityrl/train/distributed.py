@@ -1,11 +1,13 @@
 """Data-parallel trainer ranks as Ray actors, in one torch.distributed group (gloo on CPU, nccl on GPU).
 
-Each rank holds a full `Trainer` whose model is wrapped in DDP; the driver splits every batch into
-equal shards, the ranks step together (DDP averages the gradients; the loss normaliser is the global
-token/sequence count, so the sum over ranks equals the single-process loss), and the driver merges the
-ranks' metric sums into the same metrics a local run logs. Rank 0 publishes the weights (its return
-value lands in Ray's object store once and every engine replica loads it from there), evaluates and
-writes checkpoints.
+Each rank holds a `Trainer` whose model is wrapped in DDP (whole weights, gradients and AdamW state
+on every rank), or sharded by FSDP2 (`train.fsdp`, `train/fsdp.py`: each rank holds 1/world_size of
+them). The driver splits every batch into equal shards, the ranks step together (the gradients are
+averaged over ranks; the loss normaliser is the global token/sequence count, so the sum over ranks
+equals the single-process loss), and the driver merges the ranks' metric sums into the same metrics a
+local run logs. Rank 0 publishes the weights (its return value lands in Ray's object store once and
+every engine replica loads it from there) and writes the checkpoint's weights; every rank writes its
+optimizer shards.
 
 Why plain Ray actors and not Ray Train's `TorchTrainer`: an RL step is driven from outside, between
 generation, weight publication, evaluation and checkpoints, and Ray Train runs a training function to
@@ -74,16 +76,12 @@ class TrainerRank:
         return self.trainer.state_dict_for_engines()
 
     def load_optimizer(self, checkpoint: str) -> None:
-        from parityrl.train.checkpoint import load_run_state
-
         assert self.trainer is not None
-        load_run_state(Path(checkpoint), self.trainer.optimizer)
+        self.trainer.load_checkpoint(Path(checkpoint))
 
     def save_checkpoint(self, run_dir: str, state: RunState) -> str:
-        from parityrl.train.checkpoint import save_checkpoint
-
         assert self.trainer is not None
-        return str(save_checkpoint(Path(run_dir), self.trainer.model, self.trainer.optimizer, self.trainer.tokenizer, state))
+        return str(self.trainer.save_checkpoint(Path(run_dir), state))
 
     def shutdown(self) -> None:
         import torch.distributed as dist
@@ -126,8 +124,10 @@ class DistributedTrainer:
             raise ValueError(f"{len(samples)} samples do not split evenly over train.world_size={self.world_size}")
         shard = len(samples) // self.world_size
         normaliser = global_normaliser(samples, self.config.train.objective)
+        # sharded, scoring the probe is a collective: every rank scores it and rank 0 counts it
+        probes = [probe if i == 0 or self.config.train.fsdp else None for i in range(self.world_size)]
         calls = [
-            rank.step.remote(samples[i * shard : (i + 1) * shard], advantages[i * shard : (i + 1) * shard], probe if i == 0 else None, normaliser)
+            rank.step.remote(samples[i * shard : (i + 1) * shard], advantages[i * shard : (i + 1) * shard], probes[i], normaliser)
             for i, rank in enumerate(self.ranks)
         ]
         results: list[StepResult] = ray.get(calls)
@@ -145,13 +145,17 @@ class DistributedTrainer:
         }
 
     def state_dict_for_engines(self):
-        """An object-store reference to rank 0's weights (every replica loads the same object)."""
-        return self.ranks[0].state_dict.remote()
+        """An object-store reference to rank 0's weights (every replica loads the same object). Sharded
+        (`train.fsdp`), every rank takes part in gathering them, one tensor at a time; the other
+        ranks' calls return nothing and finish before their next step (an actor runs its calls in order)."""
+        calls = [rank.state_dict.remote() for rank in (self.ranks if self.config.train.fsdp else self.ranks[:1])]
+        return calls[0]
 
     def save_checkpoint(self, run_dir: Path, state: RunState) -> Path:
         import ray
 
-        return Path(ray.get(self.ranks[0].save_checkpoint.remote(str(run_dir), state)))
+        # every rank writes its optimizer shards (and takes part in gathering the weights); rank 0 the rest
+        return Path(ray.get([rank.save_checkpoint.remote(str(run_dir), state) for rank in self.ranks])[0])
 
     def load_checkpoint(self, checkpoint: Path) -> None:
         import ray

@@ -27,6 +27,7 @@ from parityrl.memory import process_rss_gb, release_free_memory, uses_activation
 from parityrl.policy import export_state_dict, load_policy, torch_dtype
 from parityrl.scoring import Mismatch, PolicyScorer, Scored, k3, score
 from parityrl.train.checkpoint import RunState, load_run_state, save_checkpoint
+from parityrl.train.fsdp import full_tensor
 from parityrl.train.objectives import policy_loss
 
 Probe = list[Sample] | Callable[[], list[Sample] | None] | None
@@ -145,13 +146,16 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 class Trainer:
     def __init__(self, config: RunConfig, model_dir: Path, pad_id: int, distributed: bool = False):
-        """distributed: this is one rank of an initialised torch.distributed group (`train.distributed`);
-        the model is wrapped in DDP and skip decisions are agreed over all ranks."""
+        """distributed: this is one rank of an initialised torch.distributed group (`train.world_size`);
+        the model is wrapped in DDP, or sharded with FSDP2 (`train.fsdp`), and skip decisions are agreed
+        over all ranks."""
         self.config = config
         self.model_dir = Path(model_dir)
         self.pad_id = pad_id
         self.distributed = distributed
         self.world_size = torch.distributed.get_world_size() if distributed else 1
+        self.rank = torch.distributed.get_rank() if distributed else 0
+        self.fsdp = distributed and config.train.fsdp
         self.device = resolve_device(config.train.device)
         from parityrl.policy import load_tokenizer
         self.tokenizer = load_tokenizer(self.model_dir)
@@ -165,7 +169,11 @@ class Trainer:
         self.shape = ModelShape.of(self.model)
         # the module whose forward the loss goes through: body + chunked head (`scoring.PolicyScorer`)
         self.train_model: torch.nn.Module = PolicyScorer(self.model)
-        if distributed:
+        if self.fsdp:
+            from parityrl.train.fsdp import shard
+
+            self.train_model = shard(self.train_model)  # before the optimizer: it steps the shards
+        elif distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             # no buffers to sync (rotary tables are recomputed); probe and eval use the bare module
@@ -185,7 +193,8 @@ class Trainer:
     def state_dict_for_engines(self) -> dict[str, Tensor]:
         """The weights as the engines hold them: the model dtype, the head fp32 under fix 4 (`export_state_dict`)."""
         head = frozenset({"lm_head.weight"}) if self.config.engine.lm_head_fp32 else frozenset()
-        return export_state_dict(self.model, torch_dtype(self.config.model.dtype), keep_fp32=head)
+        # sharded: every rank takes part in the gather, rank 0 keeps the export
+        return export_state_dict(self.model, torch_dtype(self.config.model.dtype), keep_fp32=head, keep=self.rank == 0)
 
     def _pack(self, samples: list[Sample]) -> PackedBatch:
         """`samples` in shared-prompt rows, on the trainer's device (moved once per micro-batch)."""
@@ -220,6 +229,10 @@ class Trainer:
         train = self.config.train
         stats = StepStats()
         chunks = micro_batches(samples, train.micro_batch_size, train.micro_batch_tokens)
+        if self.fsdp:
+            from parityrl.train.fsdp import equal_micro_batch_count
+
+            chunks = equal_micro_batch_count(chunks)
         packed_all = [self._pack([samples[i] for i in chunk]) for chunk in chunks]
         bad_old = sum(int((~torch.isfinite(p.logprobs_old) & p.completion_mask).sum()) for p in packed_all)
         if _any_rank(bad_old > 0, self.distributed):
@@ -229,15 +242,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         for index, (chunk, packed) in enumerate(zip(chunks, packed_all)):
             last = index == len(chunks) - 1
-            # DDP all-reduces gradients once, on the last micro-batch
-            sync = contextlib.nullcontext() if last or not self.distributed else self.train_model.no_sync()
+            # DDP all-reduces (FSDP reduce-scatters) gradients once, on the last micro-batch
+            sync = contextlib.nullcontext() if last or not self.distributed or self.fsdp else self.train_model.no_sync()
+            if self.fsdp:
+                self.train_model.set_requires_gradient_sync(last)
             with sync:
                 began = time.perf_counter()
                 scored = self._score(packed, self.train_model)
                 out = policy_loss(scored.logprobs_safe, packed.logprobs_old, advantages[chunk], scored.in_support, train)
                 forward_done = time.perf_counter()
-                # DDP averages gradients over ranks; scaling by the world size makes that average the
-                # gradient of the whole batch's loss (sum over all ranks / the global normaliser)
+                # DDP and FSDP average gradients over ranks; scaling by the world size makes that average
+                # the gradient of the whole batch's loss (sum over all ranks / the global normaliser)
                 (out.loss_sum * self.world_size / normaliser).backward()
                 stats.add("forward_s", forward_done - began)
                 stats.add("backward_s", time.perf_counter() - forward_done)
@@ -252,7 +267,7 @@ class Trainer:
         stats.probe_wait_s = time.perf_counter() - waiting
         if probe_samples:
             self._accumulate_probe(stats, probe_samples)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip if train.grad_clip > 0 else float("inf")))
+        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip if train.grad_clip > 0 else float("inf"))))
         loss_sum = stats.sums.get("loss", 0.0)
         if _any_rank(not (math.isfinite(loss_sum) and math.isfinite(grad_norm)), self.distributed):
             # an optimiser step on a NaN/inf gradient would poison every weight: leave them untouched
@@ -269,11 +284,11 @@ class Trainer:
     # -- what the pipeline asks of a trainer besides steps (the Ray ranks answer the same) ------------
 
     def save_checkpoint(self, run_dir: Path, state: RunState) -> Path:
-        return save_checkpoint(run_dir, self.model, self.optimizer, self.tokenizer, state)
+        return save_checkpoint(run_dir, self.model, self.optimizer, self.tokenizer, state, optimizer_module=self.train_model)
 
     def load_checkpoint(self, checkpoint: Path) -> None:
         """Optimizer state of a checkpoint (the weights were loaded from it at construction)."""
-        load_run_state(checkpoint, self.optimizer)
+        load_run_state(checkpoint, self.optimizer, optimizer_module=self.train_model)
 
     def close(self) -> None:
         """Nothing to release in-process (the Ray ranks shut their process group down)."""
@@ -321,7 +336,11 @@ class Trainer:
         """Parity probe: samples the engine generated right after the last update, scored before the
         next optimiser step, so engine and trainer hold identical weights (lag 0 even in async mode)."""
         packed = self._pack(probe)
-        scored = self._score(packed)
+        # sharded: only the root's forward gathers the weights, and every rank scores the probe with it;
+        # otherwise the bare module (DDP's forward outside a step would confuse its gradient reducer)
+        scored = self._score(packed, self.train_model if self.fsdp else None)
+        if self.rank > 0:
+            return  # rank 0 counts the probe (each rank's sums are added up)
         stats.add("probe_tokens", packed.completion_mask.sum())
         self._accumulate_versions(stats, packed, scored.logprobs, prefix="probe_")
 
