@@ -1,6 +1,8 @@
-"""`pipeline.backend: ray` on this CPU: two vLLM engine replicas and two DDP trainer ranks as Ray actors,
-through the real CLI. One engine actor is killed mid-run: the run finishes, the replica comes back
-with the current weights, every replica applied every version and each keeps engine/trainer parity."""
+"""`pipeline.backend: ray` on this CPU: two vLLM engine replicas and two FSDP2 trainer ranks as Ray
+actors, through the real CLI. One engine actor is killed mid-run: the run finishes, the replica comes
+back with the current weights, every replica applied every version and each keeps engine/trainer
+parity (the weights each publication gathers from the shards are the trainer's, to ~1e-9 in k3); the
+run resumes from the checkpoint its ranks wrote. (DDP ranks: tests/test_distributed_trainer.py.)"""
 
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def test_two_replicas_two_ranks_survive_a_lost_engine_actor(tiny_model_dir, tmp_
     command = [
         sys.executable, "-m", "parityrl.cli", "train",
         "--set", f"model.path={tiny_model_dir}",
-        "--set", "pipeline.backend=ray", "--set", "engine.replicas=2", "--set", "train.world_size=2",
+        "--set", "pipeline.backend=ray", "--set", "engine.replicas=2", "--set", "train.world_size=2", "--set", "train.fsdp=true",
         "--set", f"train.steps={STEPS}", "--set", "train.eval_every=10", "--set", "task.eval_size=64",
         "--set", "pipeline.parity_probe_prompts=2",  # one probe group per replica: parity on each
         "--set", "engine.enforce_eager=true", "--set", "logging.tensorboard=false",
@@ -67,6 +69,16 @@ def test_two_replicas_two_ranks_survive_a_lost_engine_actor(tiny_model_dir, tmp_
         assert kls and max(kls) <= 1e-9, (replica, kls)
     settings = json.loads((run_dir / "engine_settings.json").read_text())
     assert len(settings["replicas"]) == 2
+
+    # the checkpoint the two FSDP ranks wrote continues on one rank and one replica (2 -> 1)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "parityrl.cli", "train", "--resume", str(run_dir), "--no-plot", "--set", f"train.steps={STEPS + 3}",
+         "--set", "train.world_size=1", "--set", "train.fsdp=false", "--set", "engine.replicas=1"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    records = assert_each_step_once(run_dir, STEPS + 3)
+    assert [r["train/world_size"] for r in records[STEPS:]] == [1, 1, 1]
 
 
 def test_engines_and_trainer_on_two_nodes_of_a_cluster(tiny_model_dir, tmp_path):

@@ -17,6 +17,9 @@ def test_resume_reads_the_saved_config_and_refuses_overrides_that_change_the_run
     write_resolved_config(load_config(None, ["train.lr=3e-5", "sampling.temperature=0.7"]), tmp_path)
     config = resume_config(tmp_path, ["train.steps=300", "logging.tensorboard=false", "engine.max_restarts=5"])
     assert (config.train.lr, config.sampling.temperature, config.train.steps, config.engine.max_restarts) == (3e-5, 0.7, 300, 5)
+    # the layout may change (optimizer state is kept by parameter name): two FSDP2 ranks on Ray
+    config = resume_config(tmp_path, ["pipeline.backend=ray", "train.world_size=2", "train.fsdp=true", "engine.replicas=2"])
+    assert (config.train.world_size, config.train.fsdp, config.engine.replicas, config.train.lr) == (2, True, 2, 3e-5)
     with pytest.raises(UserError, match="sampling.temperature, train.lr would change what the run is"):
         resume_config(tmp_path, ["sampling.temperature=1.0", "train.lr=1e-3"])
     with pytest.raises(UserError, match="no config.yaml"):

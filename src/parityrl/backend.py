@@ -70,7 +70,7 @@ class LocalBackend:
 
 
 class RayBackend:
-    """`engine.replicas` supervised engine actors and `train.world_size` DDP ranks on Ray (`cluster`)."""
+    """`engine.replicas` supervised engine actors and `train.world_size` DDP or FSDP2 ranks on Ray (`cluster`)."""
 
     def __init__(self, config: RunConfig, model_dir: Path, start_from: Path, pad_id: int, log: Callable[[str], None]):
         from parityrl import cluster

@@ -29,8 +29,15 @@ RESUMABLE_OVERRIDES = (
     "engine.request_timeout_s",
     "engine.update_timeout_s",
     "engine.stall_timeout_s",
+    # the layout: where the same computation runs (checkpoints keep optimizer state by parameter name)
+    "train.world_size",
+    "train.fsdp",
+    "engine.replicas",
+    "pipeline.backend",
+    "ray.",
 )
-"""Keys (or key prefixes ending in '.') a resume may override: length, cadence, logging, fault tolerance."""
+"""Keys (or key prefixes ending in '.') a resume may override: length, cadence, logging, fault
+tolerance, and the layout (trainer ranks, FSDP, engine replicas, Ray)."""
 
 
 def holds_a_run(run_dir: Path) -> bool:
