@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "tasks", "policy", "hardware", "rundir", "reward_pool", "train.objectives", "parity.compare_stats",
     )),
     ("computations on them", (
-        "preflight", "scoring", "evaluate", "pretrained", "train.checkpoint", "parity.compare", "parity.ablate", "plot",
+        "preflight", "scoring", "evaluate", "pretrained", "train.checkpoint", "train.fsdp", "parity.compare", "parity.ablate", "plot",
     )),
     ("resources: memory estimate, assets, the engine protocol", ("memory", "assets", "engines.base", "parity.lint")),
     ("engines and the trainer", ("engines.reference", "engines.supervisor", "engines.vllm", "train.trainer")),

@@ -400,8 +400,6 @@ def export_state_dict(model: nn.Module, dtype: torch.dtype | None = None, keep_f
     A model sharded by FSDP (`train.fsdp`) is gathered one tensor at a time, on every rank (a
     collective: each rank walks the same names); `keep` is False on the ranks that only take part, so
     none holds more than one whole tensor beyond its shard, and the keeping rank only the export."""
-    from parityrl.train.fsdp import full_tensor
-
     aliases = tied_aliases(model)
     exported: dict[str, Tensor] = {}
     for name, tensor in model.state_dict().items():
@@ -414,6 +412,19 @@ def export_state_dict(model: nn.Module, dtype: torch.dtype | None = None, keep_f
         # on CPU: engines (vLLM's in-place reload, Ray's object store) take host tensors whatever the trainer's device
         exported[name] = tensor.to("cpu", dtype=target, copy=True).contiguous()
     return exported
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """The whole tensor: gathered from every rank if it is an FSDP shard (a collective), else itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of an HF causal LM (`model.model.layers` for Qwen2/Llama); [] if not found."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
 
 
 def tied_aliases(model: nn.Module) -> set[str]:

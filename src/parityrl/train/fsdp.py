@@ -4,15 +4,18 @@ AdamW state tensor instead of all of them.
 `fully_shard` (torch.distributed.fsdp) goes on each decoder layer and then on the `PolicyScorer`
 around the model, the root: the scorer's forward is what the loss runs through (body, then the
 chunked head), so the root's all-gather covers the embedding, the final norm and the head, tied or
-not. Every forward and backward of a sharded model is a collective, which is what the rest of this
-module is about: ranks must run the same number of micro-batches (`equal_micro_batch_count`), score
-the parity probe together, and gather the weights for the engines one tensor at a time.
+not. Every forward and backward of a sharded model is a collective: ranks must run the same number
+of micro-batches (`equal_micro_batch_count`, here), score the parity probe together
+(`Trainer._accumulate_probe`), and gather the weights for engines and checkpoints together, one
+tensor at a time (`policy.export_state_dict`).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
+
+from parityrl.policy import decoder_layers
 
 
 def shard(scorer: nn.Module) -> nn.Module:
@@ -21,18 +24,10 @@ def shard(scorer: nn.Module) -> nn.Module:
     without FSDP). Returns the scorer, now an `FSDPModule`."""
     from torch.distributed.fsdp import fully_shard
 
-    from parityrl.train.trainer import decoder_layers
-
     for layer in decoder_layers(scorer.model):  # type: ignore[attr-defined]
         fully_shard(layer)
     fully_shard(scorer)
     return scorer
-
-
-def is_sharded(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
 
 
 def equal_micro_batch_count(chunks: list[list[int]]) -> list[list[int]]:
@@ -54,10 +49,3 @@ def equal_micro_batch_count(chunks: list[list[int]]) -> list[list[int]]:
         half = len(chunks[largest]) // 2
         chunks[largest : largest + 1] = [chunks[largest][:half], chunks[largest][half:]]
     return chunks
-
-
-def full_tensor(tensor: Tensor) -> Tensor:
-    """The whole tensor: gathered from every rank if it is a shard (a collective), else itself."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

@@ -24,10 +24,9 @@ from parityrl.batch import ModelShape, PackedBatch, Sample, pack_samples
 from parityrl.config import RunConfig
 from parityrl.hardware import resolve_device, use_torch_threads
 from parityrl.memory import process_rss_gb, release_free_memory, uses_activation_checkpointing
-from parityrl.policy import export_state_dict, load_policy, torch_dtype
+from parityrl.policy import decoder_layers, export_state_dict, full_tensor, load_policy, torch_dtype
 from parityrl.scoring import Mismatch, PolicyScorer, Scored, k3, score
 from parityrl.train.checkpoint import RunState, load_run_state, save_checkpoint
-from parityrl.train.fsdp import full_tensor
 from parityrl.train.objectives import policy_loss
 
 Probe = list[Sample] | Callable[[], list[Sample] | None] | None
@@ -136,12 +135,6 @@ def follow_thread_count(model: torch.nn.Module, threads_now: Callable[[], int]) 
         if first is not None:  # fires in the backward pass, in the thread that runs it (CPU autograd)
             handles.append(first.register_hook(follow))
     return handles
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks of an HF causal LM (`model.model.layers` for Qwen2/Llama); [] if not found."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
 
 
 class Trainer:
