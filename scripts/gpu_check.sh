@@ -45,7 +45,16 @@ steps = [r for r in rows if "train/loss" in r]
 print(len(steps), "steps; last parity/kl", steps[-1].get("parity/kl"), "| train/step_s", steps[-1].get("train/step_s"))
 assert len(steps) == 5' "$train_dir/metrics.jsonl"
 
-# Ray asks one whole GPU per engine replica and per CUDA trainer rank: the CI test (2 + 2) needs 4
+# FSDP2 over NCCL: two CUDA trainer ranks (one GPU each) and one engine replica need 3 GPUs
+if (( gpus >= 3 )); then
+  stage fsdp2-nccl "$py" -m parityrl.cli train configs/demo.yaml "${tiny[@]}" --set pipeline.backend=ray \
+    --set train.world_size=2 --set train.fsdp=true --set train.device=cuda --set train.steps=10 --set train.eval_every=10 \
+    --set logging.tensorboard=false --run-dir runs/gpu-check/fsdp --overwrite --no-plot
+else
+  echo "=== only $gpus GPU(s): the FSDP2 + NCCL stage needs 3 (two trainer ranks, one engine replica); skipped"
+fi
+
+# Ray asks one whole GPU per engine replica and per CUDA trainer rank: the CI test (2 + 2, FSDP2) needs 4
 if (( gpus >= 4 )); then
   stage ray-backend-tests "$py" -m pytest -m integration -q tests/test_ray_backend.py
 else
