@@ -140,25 +140,25 @@ def map_shared_file(path: str, nbytes: int) -> Tensor:
 class NamelessSharedBuffer:
     """A shared-memory buffer with no name in the file system, for one weight update.
 
-    Created as a file in `directory` and unlinked at once; this process keeps it open, and other
-    processes of the same user map it through `/proc/<pid>/fd/<fd>` (`path`). The kernel frees the
-    memory when the last descriptor and mapping go, so a SIGKILL of any process at any moment leaves
-    nothing behind: a named file outlived a run killed mid-update (CI saw it in /dev/shm), since the
-    processes that would have unlinked it can die first. Where there is no `/proc` the file keeps its
-    name and `close()` unlinks it."""
+    On Linux it is a memfd (`os.memfd_create`): this process holds the descriptor, and other processes
+    of the same user map the memory through `/proc/<pid>/fd/<fd>` (`path`). The kernel frees it when
+    the last descriptor and mapping go, so a SIGKILL of any process at any moment leaves nothing
+    behind: a named file in /dev/shm outlived a run killed mid-update (CI saw it), since the processes
+    that would have unlinked it can die first. Elsewhere it is a named file in `directory` that
+    `close()` unlinks."""
 
     def __init__(self, nbytes: int, directory: str | None, prefix: str):
-        handle, named_path = tempfile.mkstemp(prefix=prefix, dir=directory)
+        self._named_path: str | None = None
+        if hasattr(os, "memfd_create") and os.path.isdir(f"/proc/{os.getpid()}/fd"):
+            handle = os.memfd_create(prefix, os.MFD_CLOEXEC)
+            self.path = f"/proc/{os.getpid()}/fd/{handle}"
+        else:
+            handle, self._named_path = tempfile.mkstemp(prefix=prefix, dir=directory)
+            self.path = self._named_path
+        """What another process opens to map this buffer (while this one keeps it open)."""
         os.ftruncate(handle, nbytes)
         self.fd: int | None = handle
-        self.tensor: Tensor | None = map_shared_file(named_path, nbytes)
-        proc_path = f"/proc/{os.getpid()}/fd/{handle}"
-        self._named_path: str | None = named_path
-        if os.path.exists(proc_path):
-            os.unlink(named_path)
-            self._named_path = None
-        self.path = proc_path if self._named_path is None else named_path
-        """What another process opens to map this buffer (while this one keeps it open)."""
+        self.tensor: Tensor | None = map_shared_file(self.path, nbytes)
 
     def close(self) -> None:
         """Drop this process's descriptor and mapping (and the name, where it has one)."""
