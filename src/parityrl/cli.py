@@ -256,6 +256,9 @@ def _print_check_table(config: RunConfig, rows: dict[str, dict]) -> None:
     legend += [f"×: {ratio_column.name} as a ratio to the first row"] + [f"{m.check_title}: {m.name}, {m.meaning}" for m in columns]
     for line in legend:
         console.print(line, style="dim", markup=False, highlight=False)
+    # what the installed vLLM release cannot do (`engines.vllm_compat`), once
+    for finding in dict.fromkeys(f for row in rows.values() for f in row.get("settings", {}).get("release_findings", [])):
+        console.print(f"finding: {finding}", style="yellow", markup=False, highlight=False)
 
 
 def _fmt(value) -> str:

@@ -75,6 +75,7 @@ from parityrl.batch import Sample
 from parityrl.config import EngineConfig, SamplingConfig
 from parityrl.engines.base import EngineHealth
 from parityrl.engines.orphan_guard import RUN_PID_ENV, mapped_shared_memory, unlink_paths
+from parityrl.engines.vllm_compat import findings, stamps_weight_versions, weight_version_spans
 from parityrl.engines.vllm_host import child_pids, cpu_seconds, derive_seed, kill_processes, repair_compile_cache
 from parityrl.engines.vllm_worker import KEEP_WEIGHTS_ENV, NamelessSharedBuffer, dtype_name, pack_tensors, tensor_layout, write_tensors
 from parityrl.hardware import cpu_thread_binding, on_cpu, pin_engine
@@ -254,6 +255,8 @@ class VLLMEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        if not self.stream and not stamps_weight_versions():
+            raise RuntimeError(f"engine.stream is false, but {findings()[0]}")
         self.eos_token_id = self._read_eos()
         self.engine_args = self._build_engine_args()
         for library in await asyncio.to_thread(repair_compile_cache) if on_cpu() else []:
@@ -369,7 +372,7 @@ class VLLMEngine:
                 stream_versions.extend([version_now] * len(new_ids))
                 if completion.finish_reason is not None:
                     finish_reason = completion.finish_reason
-                    spans = completion.weight_versions
+                    spans = weight_version_spans(completion)
         finally:
             self._inflight -= 1
         versions = stream_versions
@@ -537,7 +540,9 @@ class VLLMEngine:
         returns ("not required for correctness", says vLLM); parityrl's version tags come from the
         engine-stamped spans, not from arrival order, and 20 ms was half of each weight update here."""
         core = getattr(self.engine, "engine_core", None)
-        if core is None or not hasattr(core, "pause_scheduler_async"):
+        # without engine-stamped versions the tags come from arrival: keep vLLM's sleep, so that tokens
+        # computed before the pause reach the stream before the version changes (`vllm_compat`)
+        if core is None or not hasattr(core, "pause_scheduler_async") or not stamps_weight_versions():
             await self.engine.pause_generation(mode="keep", clear_cache=False)  # another vLLM: its own call
             return
         await core.pause_scheduler_async(mode="keep", clear_cache=False)
@@ -616,6 +621,7 @@ class VLLMEngine:
             "compilation_mode": str(vcfg.compilation_config.mode),
             "weight_transport": self.weight_transport,
             "stream": self.stream,
+            "release_findings": findings(),
             "env": dict(self.env),
             "engine_cpus": self.engine_cpus,
             "extra_engine_args": {k: repr(v) for k, v in self.extra_engine_args.items()},
