@@ -213,15 +213,18 @@ class SupervisedEngine:
             await asyncio.sleep(0.25)
         return False
 
-    async def _recover(self, epoch: int) -> None:
-        """Replace the engine of `epoch` (once, whoever asks first); raise EngineGaveUp past the budget."""
+    async def _recover(self, epoch: int, seen_by: str) -> None:
+        """Replace the engine of `epoch` (once, whoever asks first); raise EngineGaveUp past the budget.
+        `seen_by`: the call that found the engine dead (a group, an evaluation, a weight update), named in
+        `failures` when the watchdog found it first: a death first met by a weight update, with every
+        group already generated, requeues nothing."""
         async with self._lock:
             if self._gave_up is not None:
                 raise self._gave_up
             if epoch != self._epoch:  # someone else already restarted it
                 return
             reason = self._dead_reason or "unknown failure"
-            self.failures.append(reason)
+            self.failures.append(reason if reason.startswith(seen_by) else f"{reason} (seen by {seen_by})")
             if self._watchdog is not None:
                 self._watchdog.cancel()
             # the dead engine stays `self._engine` (its death event is set, so calls on it fail fast
@@ -247,7 +250,7 @@ class SupervisedEngine:
                 )
             except EngineFailure:
                 self.requeued_groups += 1
-                await self._recover(epoch)
+                await self._recover(epoch, f"group {request_id}")
 
     async def greedy(self, prompts: list[list[int]], max_new_tokens: int, request_id: str) -> list[list[int]]:
         """Greedy completions; if the engine dies meanwhile, decoded again on the restarted engine."""
@@ -258,7 +261,7 @@ class SupervisedEngine:
                     lambda engine: engine.greedy(prompts, max_new_tokens, request_id), f"evaluation {request_id}", self.config.request_timeout_s
                 )
             except EngineFailure:
-                await self._recover(epoch)
+                await self._recover(epoch, f"evaluation {request_id}")
 
     async def update_weights(self, state_dict: Mapping[str, Tensor], version: int) -> None:
         """Apply weights; they are also kept so a restarted engine starts from them."""
@@ -271,7 +274,7 @@ class SupervisedEngine:
                 )
                 return
             except EngineFailure:
-                await self._recover(epoch)
+                await self._recover(epoch, f"weight update v{version}")
 
     async def pause(self) -> None:
         await self._guarded(lambda engine: engine.pause(), "pause", self.config.update_timeout_s)
