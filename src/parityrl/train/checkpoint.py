@@ -209,7 +209,9 @@ def _barrier() -> None:
 
 
 # how torch.save (RuntimeError) and safetensors (SafetensorError) report a failed write
-_WRITE_FAILURE = re.compile(r"os error|I/O error|No space|File too large|PytorchStreamWriter|inline_container|unexpected pos", re.IGNORECASE)
+_CUT_SHORT = r"PytorchStreamWriter|inline_container|unexpected pos"
+"""torch.save's zip writer reporting a refused write as a position mismatch, without the OS error."""
+_WRITE_FAILURE = re.compile(rf"os error|I/O error|No space|File too large|{_CUT_SHORT}", re.IGNORECASE)
 
 
 def _is_write_failure(error: BaseException) -> bool:
@@ -232,8 +234,7 @@ def _first_line(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    if re.search(r"unexpected pos|PytorchStreamWriter|inline_container", line):
-        # torch.save's zip writer reports a refused write as a position mismatch, without the OS error
+    if re.search(_CUT_SHORT, line, re.IGNORECASE):
         return "a write was cut short (the file system is full, read-only, or limits the file size)"
     return line
 
