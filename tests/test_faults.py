@@ -106,6 +106,7 @@ def test_engine_killed_mid_run_is_restarted_and_the_run_finishes(tiny_model_dir,
         tiny_model_dir, run_dir, "--set", "task.reward=rewards_for_tests:fails_every_20th",
         "--set", "train.prompts_per_step=8", "--set", "sampling.n=8",
     )  # fmt: skip
+    shared_before = shared_memory_names()
     log = open(tmp_path / "train.log", "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment(), start_new_session=True)
     rng = random.Random(FAULT_SEED)
@@ -139,6 +140,8 @@ def test_engine_killed_mid_run_is_restarted_and_the_run_finishes(tiny_model_dir,
     # also on the restarted engine (which loaded the current weights itself)
     parity = [r["parity/kl"] for r in records if r.get("parity/kl") is not None]
     assert len(parity) >= STEPS // 2 and max(parity) <= 1e-9, parity
+    # the killed engine's queues (its worker died, and its EngineCore with it) are unlinked too
+    assert not shared_memory_names() - shared_before, (replay, sorted(shared_memory_names() - shared_before))
 
 
 def test_process_group_killed_after_a_checkpoint_resumes_with_each_step_once(tiny_model_dir, tmp_path):

@@ -156,6 +156,8 @@ class VLLMEngine:
         """PIDs of the EngineCore and worker processes this engine started."""
         self.engine_cpus: list[int] | None = None
         """CPU only: the cores every thread of the engine's processes is kept on (`pin_engine`)."""
+        self._engine_queues: set[str] = set()
+        """vLLM's shared-memory queues between this engine's processes, as mapped once it had started."""
         self._shared: NamelessSharedBuffer | None = None
         """`shm` transport: the current update's buffer (one at a time; released once the worker loaded it)."""
         self._paused = False
@@ -270,6 +272,7 @@ class VLLMEngine:
         if on_cpu():
             self.engine_cpus = pin_engine(self.process_ids, os.environ.get("VLLM_CPU_OMP_THREADS_BIND", ""))
         await self.engine.update_weight_version(str(self.version))
+        self._engine_queues = self._mapped_by_engine()
         reports = await self.engine.collective_rpc("parityrl_report")
         self._worker_report = reports[0] if reports else {}
         await self._warm_up()
@@ -302,14 +305,20 @@ class VLLMEngine:
         engine, self.engine = self.engine, None
         if engine is not None:
             # the message queues between EngineCore and worker are theirs to unlink: a killed (hung, crashed)
-            # engine leaves them in /dev/shm (170-250 MB each, in RAM), so whatever they mapped goes after them
-            queues = {path for pid in self.process_ids for path in mapped_shared_memory(f"/proc/{pid}/maps")}
+            # engine leaves them in /dev/shm (170-250 MB each, in RAM), so whatever they mapped goes after them;
+            # read at start too, since a process that already died (a killed worker takes its EngineCore
+            # with it) has no maps left to read by now
+            queues = self._engine_queues | self._mapped_by_engine()
             try:
                 engine.shutdown()
             finally:
                 kill_processes(self.process_ids)
                 unlink_paths(queues)
         self._release_shared()
+
+    def _mapped_by_engine(self) -> set[str]:
+        """The shared-memory queues and locks the engine's processes map now (`orphan_guard.mapped_shared_memory`)."""
+        return {path for pid in self.process_ids for path in mapped_shared_memory(f"/proc/{pid}/maps")}
 
     def _release_shared(self) -> None:
         """Close and unmap the update's shared buffer; its memory goes with the worker's mapping (the
