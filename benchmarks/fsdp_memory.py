@@ -12,9 +12,12 @@ made-up engine logprobs, GRPO, the config's micro-batching. Measured on every ra
 - `peak_rss_gib`: the rank's high-water mark (the kernel's `ru_maxrss`), including loading the whole
   model before sharding it;
 - `step_s`: the median step after the first;
-- `publish_s` / `publish_extra_gib`: gathering the weights for the engines (`export_state_dict`, as
-  a publication does) and the most this rank's RSS rose above where it stood before (sampled every
-  10 ms).
+- `publish_s` / `publish_extra_gib`: gathering the weights for the engines, layer by layer, as a
+  publication does (`policy.export_chunks`; each chunk dropped before the next, where a run puts it
+  in Ray's object store, whose copy is the publication itself and is not counted here), and the most
+  this rank's RSS rose above where it stood before (sampled every 10 ms);
+- `publish_whole_s` / `publish_whole_extra_gib`: the same gathered into one dict
+  (`export_state_dict`), as publication did before it streamed: the whole copy it held.
 
 Results go to benchmarks/results/fsdp_memory.json with the environment.
 """
@@ -90,7 +93,7 @@ def rank_main(rank: int, world_size: int, port: int, layout: str, args: dict, re
     import torch.distributed as dist
 
     from parityrl.config import load_config
-    from parityrl.policy import export_state_dict
+    from parityrl.policy import export_chunks, export_state_dict
     from parityrl.train.trainer import Trainer, global_normaliser
 
     torch.set_num_threads(args["threads"])
@@ -114,11 +117,16 @@ def rank_main(rank: int, world_size: int, port: int, layout: str, args: dict, re
     weights = sum(local_bytes(p) for p in parameters)
     gradients = sum(local_bytes(p.grad) for p in parameters)
     optimizer = sum(local_bytes(v) for state in trainer.optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))
-    with PeakSampler() as sampler:
-        before = rss_gib()
+    before = rss_gib()
+    with PeakSampler() as streamed:
+        began = time.perf_counter()
+        for chunk in export_chunks(trainer.model, keep=rank == 0):
+            del chunk  # sent on
+        publish_s = time.perf_counter() - began
+    with PeakSampler() as whole:
         began = time.perf_counter()
         exported = export_state_dict(trainer.model, keep=rank == 0)
-        publish_s = time.perf_counter() - began
+        publish_whole_s = time.perf_counter() - began
     del exported
     results[f"{layout}/{rank}"] = {
         "layout": layout,
@@ -131,7 +139,9 @@ def rank_main(rank: int, world_size: int, port: int, layout: str, args: dict, re
         "rss_after_steps_gib": before,
         "step_s": statistics.median(step_s[1:] or step_s),
         "publish_s": publish_s,
-        "publish_extra_gib": sampler.peak - before,
+        "publish_extra_gib": streamed.peak - before,
+        "publish_whole_s": publish_whole_s,
+        "publish_whole_extra_gib": whole.peak - before,
     }
     if distributed:
         dist.destroy_process_group()
@@ -188,11 +198,13 @@ def main() -> None:
         "fsdp_over_ddp_local_state": max(r["local_state_gib"] for r in fsdp) / max(r["local_state_gib"] for r in ddp),
         "fsdp_over_ddp_peak_rss": max(r["peak_rss_gib"] for r in fsdp) / max(r["peak_rss_gib"] for r in ddp),
         "fsdp_over_ddp_step_s": max(r["step_s"] for r in fsdp) / max(r["step_s"] for r in ddp),
+        "streamed_over_whole_publish_extra": max(r["publish_extra_gib"] for r in fsdp) / max(r["publish_whole_extra_gib"] for r in fsdp),
     }
     write_results(options.out, {"environment": environment(), "settings": {**args, "argv": sys.argv}, "ratios": ratios, "ranks": rows})
     for row in rows:
         print(f"{row['layout']:>14} rank {row['rank']}: state {row['local_state_gib']:.3f} GiB, peak RSS {row['peak_rss_gib']:.2f} GiB, "
-              f"step {row['step_s']:.2f} s, publish {row['publish_s']:.2f} s (+{row['publish_extra_gib']:.2f} GiB)")
+              f"step {row['step_s']:.2f} s, publish {row['publish_s']:.2f} s (+{row['publish_extra_gib']:.2f} GiB; "
+              f"whole: +{row['publish_whole_extra_gib']:.2f} GiB)")
     print(ratios)
 
 

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from parityrl.assets import build_model, build_tokenizer
 from parityrl.batch import Sample
 from parityrl.config import load_config
-from parityrl.policy import export_state_dict
+from parityrl.policy import export_chunks, export_state_dict
 from parityrl.train.checkpoint import RunState
 from parityrl.train.trainer import Trainer, global_normaliser
 
@@ -62,11 +62,15 @@ def rank_main(rank: int, world_size: int, port: int, fsdp: bool, model_dir: str,
     result = rank_step(trainer, rank, world_size, seed=1 if plan == "resume" else 0)
     if plan == "save":
         trainer.save_checkpoint(out / "run", RunState(step=1, version=1, sampler_state=None))
-    weights = export_state_dict(trainer.model, keep=rank == 0)  # gathered on every rank when sharded
+    # as a publication: gathered one decoder layer at a time on every rank when sharded, kept by rank 0
+    chunks = list(export_chunks(trainer.model, keep=rank == 0))
+    assert rank == 0 or chunks == [], "only the publishing rank keeps chunks"
+    weights = {name: tensor for chunk in chunks for name, tensor in chunk.items()}
     layer = trainer.model.model.layers[0].mlp.up_proj.weight
     local = layer.to_local() if hasattr(layer, "to_local") else layer
     if rank == 0:
-        torch.save({"weights": weights, "grad_norm": result.grad_norm, "layer_local_rows": local.shape[0], "layer_rows": layer.shape[0]}, out / f"{plan}.pt")
+        saved = {"weights": weights, "chunk_names": [list(chunk) for chunk in chunks], "grad_norm": result.grad_norm}
+        torch.save(saved | {"layer_local_rows": local.shape[0], "layer_rows": layer.shape[0]}, out / f"{plan}.pt")
     dist.destroy_process_group()
 
 
@@ -113,6 +117,11 @@ def test_two_ranks_step_like_one_process_on_the_whole_batch(tmp_path, fsdp):
     assert ranked["grad_norm"] == pytest.approx(local_metrics["train/grad_norm"], rel=1e-5)
     assert local_metrics["train/grad_norm"] > 0.05
     assert_same_weights(ranked["weights"], export_state_dict(local.model))
+    # published one decoder layer per chunk (every other tensor alone), so no rank holds the whole export
+    layers = local.model.config.num_hidden_layers
+    layer_chunks = [names for names in ranked["chunk_names"] if names[0].startswith("model.layers.")]
+    assert [{name.split(".")[2] for name in names} for names in layer_chunks] == [{str(i)} for i in range(layers)]
+    assert all(len(names) == 1 for names in ranked["chunk_names"] if not names[0].startswith("model.layers."))
     # FSDP really shards: rank 0 holds half of each layer weight's rows; DDP the whole weight
     assert ranked["layer_local_rows"] == (ranked["layer_rows"] // 2 if fsdp else ranked["layer_rows"])
 

@@ -7,7 +7,17 @@ import os
 import pytest
 import torch
 
-from parityrl.engines.vllm_worker import NamelessSharedBuffer, map_shared_file, pack_tensors, tensor_layout, tensor_views, unpack_tensors, write_tensors
+from parityrl.engines.base import weight_specs
+from parityrl.engines.vllm_worker import (
+    NamelessSharedBuffer,
+    layout_of_specs,
+    map_shared_file,
+    pack_tensors,
+    tensor_layout,
+    tensor_views,
+    unpack_tensors,
+    write_tensors,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -46,9 +56,24 @@ def test_shared_buffer_written_by_one_mapping_is_read_by_another(tmp_path):
     writer = map_shared_file(str(path), layout["nbytes"])
     reader = map_shared_file(str(path), layout["nbytes"])  # mapped before anything is written
     for scale in (1.0, -3.0):
-        write_tensors(writer, {name: tensor * scale for name, tensor in weights.items()}, layout)
+        write_tensors(writer, ((name, tensor * scale) for name, tensor in weights.items()), layout)
         for name, view in tensor_views(reader, layout):
             assert torch.equal(view, weights[name] * scale), (name, scale)
+
+
+def test_chunked_weights_land_by_name_whatever_order_they_arrive_in():
+    """Chunked publication (`WeightChunks`): the buffer is laid out from the specs before any tensor
+    arrives, then filled as chunks come; a chunk that never comes is an error, not zero weights."""
+    weights = mixed_weights()
+    specs = weight_specs(weights)
+    layout = layout_of_specs(specs)
+    assert layout == tensor_layout(weights)
+    buffer = torch.zeros(layout["nbytes"], dtype=torch.uint8)
+    write_tensors(buffer, reversed(list(weights.items())), layout)
+    for name, view in tensor_views(buffer, layout):
+        assert torch.equal(view, weights[name]), name
+    with pytest.raises(ValueError, match="never came"):
+        write_tensors(buffer, list(weights.items())[:-1], layout)
 
 
 def test_update_buffer_has_no_name_and_nothing_outlives_a_killed_writer(tmp_path):

@@ -35,7 +35,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import re
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -389,7 +391,22 @@ def load_policy(model_dir: str | Path, dtype: str, lm_head_fp32: bool) -> nn.Mod
 
 
 def export_state_dict(model: nn.Module, dtype: torch.dtype | None = None, keep_fp32: frozenset[str] = frozenset(), keep: bool = True) -> dict[str, Tensor]:
-    """HF-named weights of `model`, copied so the trainer can keep stepping while engines load them.
+    """HF-named weights of `model`, copied so the trainer can keep stepping while engines load them:
+    every chunk of `export_chunks` in one dict (the arguments are `export_chunks`')."""
+    exported: dict[str, Tensor] = {}
+    for chunk in export_chunks(model, dtype, keep_fp32, keep):
+        exported |= chunk
+    return exported
+
+
+def export_chunks(
+    model: nn.Module, dtype: torch.dtype | None = None, keep_fp32: frozenset[str] = frozenset(), keep: bool = True
+) -> Iterator[dict[str, Tensor]]:
+    """`model`'s HF-named weights, copied, one decoder layer at a time (every other tensor alone).
+
+    A consumer that sends each chunk on before taking the next (`TrainerRank.weight_chunks` puts it in
+    Ray's object store) never holds more than one layer beyond its shard: a whole copy of a 7B model's
+    weights on rank 0 was the memory ceiling of publication.
 
     dtype: the engine's parameter dtype. An engine running bf16 rounds fp32 weights to bf16 as it loads
     them (a copy into its parameters, round-to-nearest-even as `Tensor.to`), so rounding them here gives
@@ -398,20 +415,37 @@ def export_state_dict(model: nn.Module, dtype: torch.dtype | None = None, keep_f
     embedding's parameter under a second name: it goes once, as the embedding (engines tie it again).
 
     A model sharded by FSDP (`train.fsdp`) is gathered one tensor at a time, on every rank (a
-    collective: each rank walks the same names); `keep` is False on the ranks that only take part, so
-    none holds more than one whole tensor beyond its shard, and the keeping rank only the export."""
+    collective: each rank walks the same names); `keep` is False on the ranks that only take part:
+    they yield nothing (but must exhaust the iterator, as the keeping rank does)."""
     aliases = tied_aliases(model)
-    exported: dict[str, Tensor] = {}
+    chunk: dict[str, Tensor] = {}
+    chunk_key: str | None = None
     for name, tensor in model.state_dict().items():
         if name in aliases:
             continue
+        key = _chunk_key(name)
+        if chunk and key != chunk_key:
+            yield chunk
+            chunk = {}
+        chunk_key = key
         tensor = full_tensor(tensor.detach())
         if not keep:
             continue
         target = dtype if dtype is not None and tensor.is_floating_point() and name not in keep_fp32 else tensor.dtype
         # on CPU: engines (vLLM's in-place reload, Ray's object store) take host tensors whatever the trainer's device
-        exported[name] = tensor.to("cpu", dtype=target, copy=True).contiguous()
-    return exported
+        chunk[name] = tensor.to("cpu", dtype=target, copy=True).contiguous()
+        del tensor  # a gathered shard: free it before the next gather
+    if chunk:
+        yield chunk
+
+
+_DECODER_LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
+
+
+def _chunk_key(name: str) -> str:
+    """The decoder layer a weight belongs to (`model.layers.3`), or the weight's own name."""
+    match = _DECODER_LAYER.match(name)
+    return match.group(1) if match else name
 
 
 def full_tensor(tensor: Tensor) -> Tensor:

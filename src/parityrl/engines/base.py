@@ -8,16 +8,59 @@ applies them between decode steps and tags later tokens with the new version.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
 from parityrl.batch import Sample
 from parityrl.config import SamplingConfig
 
-__all__ = ["EngineHealth", "RolloutEngine", "Sample"]
+__all__ = ["EngineHealth", "RolloutEngine", "Sample", "WeightChunks", "Weights", "weight_items", "weight_specs"]
+
+CHUNK_FETCH_TIMEOUT_S = 600.0
+"""The longest one chunk of published weights may take to arrive from Ray's object store."""
+
+
+@dataclass(frozen=True)
+class WeightChunks:
+    """Published weights held in Ray's object store, one chunk per decoder layer (`policy.export_chunks`).
+
+    A sharded trainer's ranks gather the weights one layer at a time and rank 0 puts each layer in the
+    store before taking the next (`train.distributed.TrainerRank.weight_chunks`); an engine copies them
+    into its transport buffer one chunk at a time. So no process but the store holds a whole copy:
+    before, rank 0 held the whole export and each replica's actor a deserialised whole copy."""
+
+    specs: tuple[tuple[str, str, tuple[int, ...]], ...]
+    """(name, dtype name as torch spells it, shape) of every tensor, in chunk order."""
+    refs: tuple[Any, ...]
+    """One Ray ObjectRef per chunk (a dict of HF name -> CPU tensor)."""
+
+    def items(self) -> Iterator[tuple[str, Tensor]]:
+        """(name, tensor) pairs, fetching the next chunk only when the last one has been consumed."""
+        import ray
+
+        for ref in self.refs:
+            chunk = ray.get(ref, timeout=CHUNK_FETCH_TIMEOUT_S)
+            yield from chunk.items()
+            del chunk
+
+
+Weights = Mapping[str, Tensor] | WeightChunks
+"""What `RolloutEngine.update_weights` takes: HF name -> tensor, or chunks in Ray's object store."""
+
+
+def weight_items(weights: Weights) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) pairs of either form (chunks are fetched lazily)."""
+    return weights.items() if isinstance(weights, WeightChunks) else iter(weights.items())
+
+
+def weight_specs(weights: Weights) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, dtype name, shape) of every tensor, without fetching any chunk."""
+    if isinstance(weights, WeightChunks):
+        return list(weights.specs)
+    return [(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape)) for name, tensor in weights.items()]
 
 
 @dataclass
@@ -44,7 +87,7 @@ class RolloutEngine(Protocol):
         """Greedy (temperature 0) completion token ids of each prompt under the current weights, up to
         EOS (included) or `max_new_tokens`: held-out evaluation decodes here, not in the trainer."""
 
-    async def update_weights(self, state_dict: Mapping[str, Tensor], version: int) -> None:
+    async def update_weights(self, state_dict: Weights, version: int) -> None:
         """Apply new weights inflight (fix 3: block, load, resume; in-flight KV kept)."""
 
     async def pause(self) -> None:

@@ -16,15 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
-
 from parityrl.batch import Sample
 from parityrl.config import RunConfig, SamplingConfig
-from parityrl.engines.base import EngineHealth
+from parityrl.engines.base import EngineHealth, Weights
 from parityrl.engines.supervisor import SupervisedEngine
 
 HEALTH_POLL_S = 1.0
@@ -53,7 +50,7 @@ class EngineActor:
     async def greedy(self, prompts: list[list[int]], max_new_tokens: int, request_id: str) -> list[list[int]]:
         return await self.engine.greedy(prompts, max_new_tokens, request_id)
 
-    async def update_weights(self, state_dict: Mapping[str, Tensor], version: int) -> None:
+    async def update_weights(self, state_dict: Weights, version: int) -> None:
         await self.engine.update_weights(state_dict, version)
 
     def health(self) -> EngineHealth:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from parityrl.batch import Sample
 from parityrl.config import SamplingConfig
 from parityrl.decoding import decode_batch, greedy_picker, left_pad
-from parityrl.engines.base import EngineHealth
+from parityrl.engines.base import EngineHealth, Weights, weight_items
 from parityrl.policy import (
     apply_penalties,
     compute_context,
@@ -183,8 +183,9 @@ class ReferenceEngine:
             self._cond.notify_all()
         return list(await asyncio.gather(*futures))
 
-    async def update_weights(self, state_dict: Mapping[str, Tensor], version: int) -> None:
-        update = _Update(state_dict, version)
+    async def update_weights(self, state_dict: Weights, version: int) -> None:
+        # chunks are fetched here, not in the decode thread (which holds the condition while it applies them)
+        update = _Update(await asyncio.to_thread(lambda: dict(weight_items(state_dict))), version)
         with self._cond:
             self._update = update
             self._cond.notify_all()

@@ -24,14 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
-
-from torch import Tensor
 
 from parityrl.batch import Sample
 from parityrl.config import EngineConfig, SamplingConfig
-from parityrl.engines.base import EngineHealth, RolloutEngine
+from parityrl.engines.base import EngineHealth, RolloutEngine, Weights
 
 T = TypeVar("T")
 
@@ -73,7 +71,7 @@ class SupervisedEngine:
         self._dead_reason = ""
         self._watchdog: asyncio.Task | None = None
         self._lock = asyncio.Lock()
-        self._published: tuple[Mapping[str, Tensor], int] | None = None
+        self._published: tuple[Weights, int] | None = None
         self._gave_up: EngineGaveUp | None = None
 
     @property
@@ -90,7 +88,7 @@ class SupervisedEngine:
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
-    def publish(self, state_dict: Mapping[str, Tensor], version: int) -> None:
+    def publish(self, state_dict: Weights, version: int) -> None:
         """Weights a (re)started engine must load before serving, e.g. the checkpoint a run resumes from."""
         self._published = (state_dict, version)
 
@@ -263,7 +261,7 @@ class SupervisedEngine:
             except EngineFailure:
                 await self._recover(epoch, f"evaluation {request_id}")
 
-    async def update_weights(self, state_dict: Mapping[str, Tensor], version: int) -> None:
+    async def update_weights(self, state_dict: Weights, version: int) -> None:
         """Apply weights; they are also kept so a restarted engine starts from them."""
         self._published = (state_dict, version)
         while True:

@@ -73,11 +73,11 @@ from torch import Tensor
 
 from parityrl.batch import Sample
 from parityrl.config import EngineConfig, SamplingConfig
-from parityrl.engines.base import EngineHealth
+from parityrl.engines.base import EngineHealth, Weights, weight_items, weight_specs
 from parityrl.engines.orphan_guard import RUN_PID_ENV, mapped_shared_memory, unlink_paths
 from parityrl.engines.vllm_compat import findings, stamps_weight_versions, weight_version_spans
 from parityrl.engines.vllm_host import child_pids, cpu_seconds, derive_seed, kill_processes, repair_compile_cache
-from parityrl.engines.vllm_worker import KEEP_WEIGHTS_ENV, NamelessSharedBuffer, dtype_name, pack_tensors, tensor_layout, write_tensors
+from parityrl.engines.vllm_worker import KEEP_WEIGHTS_ENV, NamelessSharedBuffer, dtype_name, layout_of_specs, pack_tensors, write_tensors
 from parityrl.hardware import cpu_thread_binding, on_cpu, pin_engine
 
 log = logging.getLogger(__name__)
@@ -461,20 +461,24 @@ class VLLMEngine:
 
     # -- weights ------------------------------------------------------------------------------------
 
-    def _stage_weights(self, state_dict: Mapping[str, Tensor], directory: str) -> tuple[str, Any]:
+    def _stage_weights(self, state_dict: Weights, directory: str) -> tuple[str, Any]:
         """Serialise the weights for the worker before the engine pauses (blocking: run in a thread),
-        so the pause lasts only as long as the worker's load: (rpc method, its argument)."""
-        if self.weight_transport == "rpc":
-            return "parityrl_load_weights", pack_tensors(state_dict)
+        so the pause lasts only as long as the worker's load: (rpc method, its argument).
+
+        `shm` places chunked weights (`WeightChunks`) straight into the buffer, one chunk at a time;
+        the other transports need them whole first."""
         if self.weight_transport == "shm":
-            layout = tensor_layout(state_dict)
-            write_tensors(self._new_shared_buffer(layout["nbytes"]), state_dict, layout)
+            layout = layout_of_specs(weight_specs(state_dict))
+            write_tensors(self._new_shared_buffer(layout["nbytes"]), weight_items(state_dict), layout)
             return "parityrl_load_weights_shared", {**layout, "path": self._shared.path}  # type: ignore[union-attr]
+        whole = dict(weight_items(state_dict))
+        if self.weight_transport == "rpc":
+            return "parityrl_load_weights", pack_tensors(whole)
         from safetensors.torch import save_file
 
         path = os.path.join(directory, "weights.safetensors")
         tensors, seen = {}, set()
-        for name, tensor in state_dict.items():
+        for name, tensor in whole.items():
             tensor = tensor.detach().to("cpu").contiguous()
             # safetensors refuses two names on one tensor (a tied embedding and head): copy the second
             tensors[name] = tensor.clone() if tensor.data_ptr() in seen else tensor
@@ -482,7 +486,7 @@ class VLLMEngine:
         save_file(tensors, path)
         return "parityrl_load_weights_file", path
 
-    async def update_weights(self, state_dict: Mapping[str, Tensor], version: int) -> None:
+    async def update_weights(self, state_dict: Weights, version: int) -> None:
         """Apply `state_dict` (HF names, any device) as policy `version` (see module doc, fix 3).
 
         keep: pause(keep, no cache clear) -> load -> set version -> resume; in-flight requests continue.

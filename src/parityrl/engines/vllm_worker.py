@@ -20,7 +20,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -85,15 +85,20 @@ the element size (a 10-byte bf16 tensor before an fp32 one broke that), and 64 i
 
 def tensor_layout(weights: Mapping[str, Tensor]) -> dict:
     """Where each tensor sits in one flat byte buffer: names, dtypes, shapes, byte offsets, nbytes."""
+    return layout_of_specs((name, dtype_name(tensor.dtype), tuple(tensor.shape)) for name, tensor in weights.items())
+
+
+def layout_of_specs(specs: Iterable[tuple[str, str, Sequence[int]]]) -> dict:
+    """`tensor_layout` from (name, dtype name, shape) triples: weights still to arrive can be placed."""
     names, dtypes, shapes, offsets = [], [], [], []
     offset = 0
-    for name, tensor in weights.items():
+    for name, dtype, shape in specs:
         offset = -(-offset // TENSOR_ALIGNMENT) * TENSOR_ALIGNMENT
         names.append(name)
-        dtypes.append(dtype_name(tensor.dtype))
-        shapes.append(list(tensor.shape))
+        dtypes.append(dtype)
+        shapes.append(list(shape))
         offsets.append(offset)
-        offset += tensor.numel() * tensor.element_size()
+        offset += math.prod(shape) * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
     return {"names": names, "dtypes": dtypes, "shapes": shapes, "offsets": offsets, "nbytes": offset}
 
 
@@ -107,10 +112,16 @@ def tensor_views(buffer: Tensor, layout: Mapping[str, Any]) -> list[tuple[str, T
     return items
 
 
-def write_tensors(buffer: Tensor, weights: Mapping[str, Tensor], layout: Mapping[str, Any]) -> None:
-    """Copy `weights` into `buffer` at the places `layout` gives them."""
-    for (_, view), tensor in zip(tensor_views(buffer, layout), weights.values()):
-        view.copy_(tensor.detach())
+def write_tensors(buffer: Tensor, items: Iterable[tuple[str, Tensor]], layout: Mapping[str, Any]) -> None:
+    """Copy each (name, tensor) of `items` into `buffer` at the place `layout` gives the name (one at a
+    time: `items` may fetch them lazily); every name of the layout must come."""
+    views = dict(tensor_views(buffer, layout))
+    written = set()
+    for name, tensor in items:
+        views[name].copy_(tensor.detach())
+        written.add(name)
+    if missing := views.keys() - written:
+        raise ValueError(f"weights for {len(missing)} tensors of the layout never came (e.g. {sorted(missing)[0]})")
 
 
 def pack_tensors(weights: Mapping[str, Tensor]) -> dict:
@@ -121,7 +132,7 @@ def pack_tensors(weights: Mapping[str, Tensor]) -> dict:
     """
     layout = tensor_layout(weights)
     buffer = torch.empty(layout["nbytes"], dtype=torch.uint8)
-    write_tensors(buffer, weights, layout)
+    write_tensors(buffer, weights.items(), layout)
     return {**layout, "data": buffer.numpy().tobytes()}
 
 

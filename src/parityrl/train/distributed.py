@@ -5,9 +5,10 @@ on every rank), or sharded by FSDP2 (`train.fsdp`, `train/fsdp.py`: each rank ho
 them). The driver splits every batch into equal shards, the ranks step together (the gradients are
 averaged over ranks; the loss normaliser is the global token/sequence count, so the sum over ranks
 equals the single-process loss), and the driver merges the ranks' metric sums into the same metrics a
-local run logs. Rank 0 publishes the weights (its return value lands in Ray's object store once and
-every engine replica loads it from there) and writes the checkpoint's weights; every rank writes its
-optimizer shards.
+local run logs. Rank 0 publishes the weights: it puts them in Ray's object store one decoder layer at a
+time (`WeightChunks`; sharded, every rank takes part in each layer's gather) and every engine replica
+copies them from there into its own transport, chunk by chunk. Rank 0 writes the checkpoint's weights;
+every rank writes its optimizer shards.
 
 Why plain Ray actors and not Ray Train's `TorchTrainer`: an RL step is driven from outside, between
 generation, weight publication, evaluation and checkpoints, and Ray Train runs a training function to
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from parityrl.batch import Sample
 from parityrl.config import RunConfig
+from parityrl.engines.base import WeightChunks
 from parityrl.hardware import rank_threads
 from parityrl.memory import one_malloc_arena
 from parityrl.train.checkpoint import RunState
@@ -71,9 +73,20 @@ class TrainerRank:
         assert self.trainer is not None
         self.trainer.version = version
 
-    def state_dict(self) -> dict[str, Tensor]:
+    def weight_chunks(self) -> WeightChunks | None:
+        """Gather the weights for the engines one decoder layer at a time and put each in Ray's object
+        store before the next (rank 0; the other ranks take part in the gathers and return None): so
+        this rank holds at most one layer beyond its shard, where it held a whole copy."""
+        import ray
+
         assert self.trainer is not None
-        return self.trainer.state_dict_for_engines()
+        specs: list[tuple[str, str, tuple[int, ...]]] = []
+        refs = []
+        for chunk in self.trainer.chunks_for_engines():
+            specs += [(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape)) for name, tensor in chunk.items()]
+            refs.append(ray.put(chunk))
+            del chunk
+        return WeightChunks(tuple(specs), tuple(refs)) if self.rank == 0 else None
 
     def load_optimizer(self, checkpoint: str) -> None:
         assert self.trainer is not None
@@ -99,6 +112,7 @@ class DistributedTrainer:
         self.config = config
         self.world_size = config.train.world_size
         self._version = 0
+        self._gathering: list = []  # the non-zero ranks' part in the last publication (`state_dict_for_engines`)
         remote_rank = ray.remote(TrainerRank).options(**actor_options)
         self.ranks = [remote_rank.remote(config, str(model_dir), pad_id, rank, self.world_size) for rank in range(self.world_size)]
         address, port = ray.get(self.ranks[0].rendezvous.remote())
@@ -120,6 +134,7 @@ class DistributedTrainer:
         """One optimiser step over all ranks (blocking: run it in a thread); metrics as a local step's."""
         import ray
 
+        self._collect_gathering()
         if len(samples) % self.world_size:
             raise ValueError(f"{len(samples)} samples do not split evenly over train.world_size={self.world_size}")
         shard = len(samples) // self.world_size
@@ -145,15 +160,25 @@ class DistributedTrainer:
         }
 
     def state_dict_for_engines(self):
-        """An object-store reference to rank 0's weights (every replica loads the same object). Sharded
-        (`train.fsdp`), every rank takes part in gathering them, one tensor at a time; the other
-        ranks' calls return nothing and finish before their next step (an actor runs its calls in order)."""
-        calls = [rank.state_dict.remote() for rank in (self.ranks if self.config.train.fsdp else self.ranks[:1])]
+        """An object-store reference to rank 0's `WeightChunks` (every replica loads the same chunks).
+        Sharded (`train.fsdp`), every rank takes part in gathering them; the other ranks' calls return
+        None and finish before their next step (an actor runs its calls in order), where `step` and
+        `save_checkpoint` collect them, so an error there is raised, not lost."""
+        calls = [rank.weight_chunks.remote() for rank in (self.ranks if self.config.train.fsdp else self.ranks[:1])]
+        self._gathering = calls[1:]
         return calls[0]
+
+    def _collect_gathering(self) -> None:
+        """Raise the error of a rank that failed while taking part in the last publication's gathers."""
+        import ray
+
+        gathering, self._gathering = self._gathering, []
+        ray.get(gathering)
 
     def save_checkpoint(self, run_dir: Path, state: RunState) -> Path:
         import ray
 
+        self._collect_gathering()
         # every rank writes its optimizer shards (and takes part in gathering the weights); rank 0 the rest
         return Path(ray.get([rank.save_checkpoint.remote(str(run_dir), state) for rank in self.ranks])[0])
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from parityrl.batch import ModelShape, PackedBatch, Sample, pack_samples
 from parityrl.config import RunConfig
 from parityrl.hardware import resolve_device, use_torch_threads
 from parityrl.memory import process_rss_gb, release_free_memory, uses_activation_checkpointing
-from parityrl.policy import decoder_layers, export_state_dict, full_tensor, load_policy, torch_dtype
+from parityrl.policy import decoder_layers, export_chunks, full_tensor, load_policy, torch_dtype
 from parityrl.scoring import Mismatch, PolicyScorer, Scored, k3, score
 from parityrl.train.checkpoint import RunState, load_run_state, save_checkpoint
 from parityrl.train.objectives import policy_loss
@@ -184,10 +184,14 @@ class Trainer:
         self._thread_hooks = follow_thread_count(self.model, threads_now) if threads_now is not None else []
 
     def state_dict_for_engines(self) -> dict[str, Tensor]:
-        """The weights as the engines hold them: the model dtype, the head fp32 under fix 4 (`export_state_dict`)."""
+        """The weights as the engines hold them: the model dtype, the head fp32 under fix 4, in one dict."""
+        return {name: tensor for chunk in self.chunks_for_engines() for name, tensor in chunk.items()}
+
+    def chunks_for_engines(self) -> Iterator[dict[str, Tensor]]:
+        """`state_dict_for_engines` one decoder layer at a time (`policy.export_chunks`). Sharded, every
+        rank takes part in each gather and rank 0 alone keeps the chunks (the others yield none)."""
         head = frozenset({"lm_head.weight"}) if self.config.engine.lm_head_fp32 else frozenset()
-        # sharded: every rank takes part in the gather, rank 0 keeps the export
-        return export_state_dict(self.model, torch_dtype(self.config.model.dtype), keep_fp32=head, keep=self.rank == 0)
+        return export_chunks(self.model, torch_dtype(self.config.model.dtype), keep_fp32=head, keep=self.rank == 0)
 
     def _pack(self, samples: list[Sample]) -> PackedBatch:
         """`samples` in shared-prompt rows, on the trainer's device (moved once per micro-batch)."""
