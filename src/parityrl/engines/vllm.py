@@ -75,7 +75,7 @@ from parityrl.batch import Sample
 from parityrl.config import EngineConfig, SamplingConfig
 from parityrl.engines.base import EngineHealth, Weights, weight_items, weight_specs
 from parityrl.engines.orphan_guard import RUN_PID_ENV, mapped_shared_memory, unlink_paths
-from parityrl.engines.vllm_compat import findings, stamps_weight_versions, weight_version_spans
+from parityrl.engines.vllm_compat import findings, keeps_pause_sleep, stamps_weight_versions, weight_version_spans
 from parityrl.engines.vllm_host import child_pids, cpu_seconds, derive_seed, kill_processes, repair_compile_cache
 from parityrl.engines.vllm_worker import KEEP_WEIGHTS_ENV, NamelessSharedBuffer, dtype_name, layout_of_specs, pack_tensors, write_tensors
 from parityrl.hardware import cpu_thread_binding, on_cpu, pin_engine
@@ -555,7 +555,7 @@ class VLLMEngine:
         core = getattr(self.engine, "engine_core", None)
         # without engine-stamped versions the tags come from arrival: keep vLLM's sleep, so that tokens
         # computed before the pause reach the stream before the version changes (`vllm_compat`)
-        if core is None or not hasattr(core, "pause_scheduler_async") or not stamps_weight_versions():
+        if core is None or not hasattr(core, "pause_scheduler_async") or keeps_pause_sleep():
             await self.engine.pause_generation(mode="keep", clear_cache=False)  # another vLLM: its own call
             return
         await core.pause_scheduler_async(mode="keep", clear_cache=False)

@@ -11,12 +11,36 @@ virtualenv with another release. Each difference found, and what parityrl does a
 
 The differences are detected from the installed vLLM (attributes, not version numbers), so a
 release that gains or loses a feature is handled by what it has.
+
+Each shim has a name (`SHIMS`); `PARITYRL_VLLM_SHIMS_OFF=name[,name]` switches shims off, to show what
+a release does without them (`scripts/parity_matrix.py --shims-off`: the matrix's bounds must catch
+it). A shim switched off is itself a finding, so such a run never passes for a normal one.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
+
+SHIMS = {
+    "stream_tags": "tag tokens with the version current when they reach the stream, where the release stamps none",
+    "pause_sleep": "keep vLLM's closing sleep in a keep-mode pause where tokens are tagged at stream time",
+}
+SHIMS_OFF_ENV = "PARITYRL_VLLM_SHIMS_OFF"
+
+
+def shims_off() -> frozenset[str]:
+    """The shims `PARITYRL_VLLM_SHIMS_OFF` switches off (unknown names are an error: a typo would
+    otherwise run the shim and pass)."""
+    names = frozenset(name.strip() for name in os.environ.get(SHIMS_OFF_ENV, "").split(",") if name.strip())
+    if unknown := names - SHIMS.keys():
+        raise ValueError(f"{SHIMS_OFF_ENV} names unknown shims {sorted(unknown)}; the shims are {sorted(SHIMS)}")
+    return names
+
+
+def shim_on(name: str) -> bool:
+    return name not in shims_off()
 
 
 @functools.cache
@@ -30,8 +54,18 @@ def stamps_weight_versions() -> bool:
 
 
 def weight_version_spans(completion: Any) -> list | None:
-    """The engine-stamped version spans of a finished request's output, or None where the release has none."""
+    """The engine-stamped version spans of a finished request's output, or None where the release has
+    none (shim `stream_tags`: the caller keeps the stream-time tags; switched off, a release without
+    them fails here as parityrl did before the shim)."""
+    if not shim_on("stream_tags"):
+        return completion.weight_versions
     return getattr(completion, "weight_versions", None)
+
+
+def keeps_pause_sleep() -> bool:
+    """Whether a keep-mode pause must keep vLLM's closing sleep (shim `pause_sleep`): tokens computed
+    before the pause must reach the stream before the version changes where tags come from the stream."""
+    return not stamps_weight_versions() and shim_on("pause_sleep")
 
 
 def findings() -> list[str]:
@@ -44,4 +78,5 @@ def findings() -> list[str]:
             f"vLLM {vllm.__version__} does not stamp outputs with weight versions (CompletionOutput.weight_versions, "
             "vLLM 0.32): version_per_token comes from when each token reached the stream, so engine.stream must stay true"
         )
+    found += [f"shim {name} switched off ({SHIMS_OFF_ENV}): parity is not expected to hold" for name in sorted(shims_off())]
     return found

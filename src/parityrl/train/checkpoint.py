@@ -243,15 +243,12 @@ def _write_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    from parityrl.policy import export_state_dict
-
     optimizer_state = {"optimizer": get_optimizer_state_dict(optimizer_module, optimizer)}
     with _quiet_single_process():
         dcp.save(optimizer_state, checkpoint_id=str(directory / OPTIMIZER_DIR), no_dist=not _distributed())
-    weights = export_state_dict(model, keep=writer)  # fp32, gathered one tensor at a time when sharded
+    _write_weights(directory, model, writer)
     if not writer:
         return
-    model.save_pretrained(str(directory), state_dict=weights, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     payload = {
@@ -263,6 +260,60 @@ def _write_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, 
     sizes = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
     (directory / MANIFEST).write_text(json.dumps(sizes, indent=1))
     _fsync_tree(directory)
+
+
+WEIGHT_FILE_BYTES = 2 * 2**30
+"""At most about this much of a checkpoint's weights per safetensors file (HF's sharded layout, as
+`save_pretrained(max_shard_size=...)` writes it; one `model.safetensors` when they fit)."""
+
+
+def _write_weights(directory: Path, model, writer: bool) -> None:
+    """The model's weights (fp32 master weights) as an HF directory: config.json and safetensors files
+    with an index when there are several. Gathered one decoder layer at a time (`export_chunks`; a
+    collective when sharded, so every rank calls this) and written a file at a time, so the writer
+    never holds more than one file's worth: a whole copy was rank 0's memory ceiling under FSDP."""
+    from safetensors.torch import save_file
+
+    from parityrl.policy import export_chunks
+
+    files: list[list[str]] = []
+    pending: dict[str, torch.Tensor] = {}
+    failed: BaseException | None = None
+    total_bytes = 0
+
+    def write() -> None:
+        nonlocal failed, total_bytes
+        total_bytes += sum(tensor.nbytes for tensor in pending.values())
+        if failed is None:
+            try:
+                save_file(pending, str(directory / f"part-{len(files):05d}.safetensors"), metadata={"format": "pt"})
+            except BaseException as error:  # kept until every gather is done: the other ranks are in them
+                failed = error
+        files.append(list(pending))
+        pending.clear()
+
+    for chunk in export_chunks(model, keep=writer):
+        pending |= chunk
+        if sum(tensor.nbytes for tensor in pending.values()) >= WEIGHT_FILE_BYTES:
+            write()
+    if not writer:
+        return
+    if pending or not files:
+        write()
+    if failed is not None:
+        raise failed
+    names = ["model.safetensors"] if len(files) == 1 else [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    for index, name in enumerate(names):
+        os.replace(directory / f"part-{index:05d}.safetensors", directory / name)
+    if len(files) > 1:
+        weight_map = {tensor: name for name, tensors in zip(names, files) for tensor in tensors}
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    # what save_pretrained records: the dtype the weights were saved in (fp32 master weights)
+    model.config.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    model.config.save_pretrained(str(directory))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(directory))
 
 
 def load_run_state(checkpoint: Path, optimizer: torch.optim.Optimizer | None = None, optimizer_module: torch.nn.Module | None = None) -> RunState:

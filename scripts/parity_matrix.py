@@ -1,0 +1,97 @@
+"""Run `parityrl check` on every installed vLLM release and write docs/parity_matrix.md.
+
+    bash scripts/setup.sh --vllm 0.31.0            # once per other release (.venv-vllm-0.31.0)
+    .venv/bin/python scripts/parity_matrix.py       # every .venv*, every case; skips results already there
+    .venv/bin/python scripts/parity_matrix.py --venv .venv-vllm-0.31.0 --case fp32 --force
+
+Each (release, case) runs `VENV/bin/parityrl check configs/demo.yaml --json ...` (the cases are
+`parity.matrix.CASES`) and its whole output goes to docs/parity_matrix/<release>/<case>.json as soon
+as it finishes, so an interrupted matrix continues where it stopped. The page is rendered from all the
+JSON there at the end (`--render-only`: just that). One check at a time: each starts a vLLM engine.
+
+`--shims-off NAME[,NAME]` runs with those `engines.vllm_compat` shims switched off
+(`PARITYRL_VLLM_SHIMS_OFF`) and writes to docs/parity_matrix/simulated/ instead, outside the page:
+the run that shows the matrix's test would fail on a release that lacked the shim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from parityrl.parity.matrix import CASE_BY_NAME, CASES, CONFIG, failures, load_results, render  # noqa: E402
+
+OUT = REPO / "docs" / "parity_matrix"
+PAGE = REPO / "docs" / "parity_matrix.md"
+COMMAND = ".venv/bin/python scripts/parity_matrix.py"
+CHECK_TIMEOUT_S = 3600
+
+
+def installed_venvs() -> list[Path]:
+    return [path for path in [REPO / ".venv", *sorted(REPO.glob(".venv-vllm-*"))] if (path / "bin" / "parityrl").exists()]
+
+
+def release_of(venv: Path) -> str:
+    return subprocess.run([str(venv / "bin" / "python"), "-c", "import vllm; print(vllm.__version__)"],
+                          check=True, capture_output=True, text=True, timeout=300).stdout.strip().splitlines()[-1]
+
+
+def run_check(venv: Path, case_name: str, shims_off: str) -> dict:
+    case = CASE_BY_NAME[case_name]
+    command = [str(venv / "bin" / "parityrl"), "check", CONFIG, "--json", *case.flags]
+    for override in case.sets:
+        command += ["--set", override]
+    environment = dict(os.environ)
+    if shims_off:
+        environment["PARITYRL_VLLM_SHIMS_OFF"] = shims_off
+    began = time.monotonic()
+    done = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
+    shown = [str(Path(command[0]).relative_to(REPO)), *command[1:]]
+    result = {"case": case_name, "command": " ".join(shown), "shims_off": shims_off, "elapsed_s": round(time.monotonic() - began, 1)}
+    if done.returncode != 0:  # a release on which the check fails is a row of the matrix, with what it said
+        said = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+        return result | {"check": {}, "error": f"exit {done.returncode}: " + " / ".join(said[-3:])}
+    printed = next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{"))  # `check --json`: one line
+    return result | {"check": json.loads(printed)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--venv", type=Path, action="append", help="a release's virtualenv (repeatable; default: every .venv*)")
+    parser.add_argument("--case", action="append", choices=[case.name for case in CASES], help="default: every case")
+    parser.add_argument("--force", action="store_true", help="run again where a result is already there")
+    parser.add_argument("--shims-off", default="", help="switch these vllm_compat shims off (results go to simulated/)")
+    parser.add_argument("--render-only", action="store_true", help="only write the page from the JSON there")
+    options = parser.parse_args()
+
+    if not options.render_only:
+        for venv in [REPO / v if not v.is_absolute() else v for v in options.venv or []] or installed_venvs():
+            release = release_of(venv)
+            for case_name in options.case or [case.name for case in CASES]:
+                target = OUT / ("simulated" if options.shims_off else release) / (
+                    f"{release}-{case_name}-{options.shims_off}-off.json" if options.shims_off else f"{case_name}.json")
+                if target.exists() and not options.force:
+                    print(f"vLLM {release} {case_name}: kept {target.relative_to(REPO)}", flush=True)
+                    continue
+                print(f"vLLM {release} {case_name}: running parityrl check ...", flush=True)
+                result = {"release": release} | run_check(venv, case_name, options.shims_off)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                partial = target.with_suffix(".json.partial")
+                partial.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+                partial.replace(target)  # atomic: a killed run leaves no half-written result
+                problems = failures(result)
+                print(f"  {result['elapsed_s']:.0f} s: " + ("holds" if not problems else "; ".join(problems)), flush=True)
+    PAGE.write_text(render(load_results(OUT), COMMAND))
+    print(f"wrote {PAGE.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
