@@ -193,6 +193,14 @@ class Trainer:
         head = frozenset({"lm_head.weight"}) if self.config.engine.lm_head_fp32 else frozenset()
         return export_chunks(self.model, torch_dtype(self.config.model.dtype), keep_fp32=head, keep=self.rank == 0)
 
+    def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Across ranks, gradients are reduced once per step, on its last micro-batch: DDP all-reduces
+        unless under `no_sync`, FSDP2 reduce-scatters when `set_requires_gradient_sync` says so."""
+        if self.fsdp:
+            self.train_model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return self.train_model.no_sync() if self.distributed and not last else contextlib.nullcontext()
+
     def _pack(self, samples: list[Sample]) -> PackedBatch:
         """`samples` in shared-prompt rows, on the trainer's device (moved once per micro-batch)."""
         return pack_samples(samples, self.pad_id, self.shape).to(self.device)
@@ -239,11 +247,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         for index, (chunk, packed) in enumerate(zip(chunks, packed_all)):
             last = index == len(chunks) - 1
-            # DDP all-reduces (FSDP reduce-scatters) gradients once, on the last micro-batch
-            sync = contextlib.nullcontext() if last or not self.distributed or self.fsdp else self.train_model.no_sync()
-            if self.fsdp:
-                self.train_model.set_requires_gradient_sync(last)
-            with sync:
+            with self._gradient_sync(last):
                 began = time.perf_counter()
                 scored = self._score(packed, self.train_model)
                 out = policy_loss(scored.logprobs_safe, packed.logprobs_old, advantages[chunk], scored.in_support, train)
