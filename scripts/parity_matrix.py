@@ -9,6 +9,9 @@ Each (release, case) runs `VENV/bin/parityrl check configs/demo.yaml --json ...`
 as it finishes, so an interrupted matrix continues where it stopped. The page is rendered from all the
 JSON there at the end (`--render-only`: just that). One check at a time: each starts a vLLM engine.
 
+`--out DIR --strict` (CI's release stage, `.ci/run`) writes the results and page under DIR instead and
+exits 1 if any release breaks a bound of `parity.matrix.failures`.
+
 `--shims-off NAME[,NAME]` runs with those `engines.vllm_compat` shims switched off
 (`PARITYRL_VLLM_SHIMS_OFF`) and writes to docs/parity_matrix/simulated/ instead, outside the page:
 the run that shows the matrix's test would fail on a release that lacked the shim.
@@ -57,8 +60,9 @@ def run_check(venv: Path, case_name: str, shims_off: str) -> dict:
     shown = [str(Path(command[0]).relative_to(REPO)), *command[1:]]
     result = {"case": case_name, "command": " ".join(shown), "shims_off": shims_off, "elapsed_s": round(time.monotonic() - began, 1)}
     if done.returncode != 0:  # a release on which the check fails is a row of the matrix, with what it said
-        said = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-        return result | {"check": {}, "error": f"exit {done.returncode}: " + " / ".join(said[-3:])}
+        # what it said last, without the warnings that follow any exit (the resource tracker's at shutdown)
+        said = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip() and "warn" not in line.lower()]
+        return result | {"check": {}, "error": f"exit {done.returncode}: " + " / ".join(said[-4:])}
     printed = next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{"))  # `check --json`: one line
     return result | {"check": json.loads(printed)}
 
@@ -70,16 +74,21 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="run again where a result is already there")
     parser.add_argument("--shims-off", default="", help="switch these vllm_compat shims off (results go to simulated/)")
     parser.add_argument("--render-only", action="store_true", help="only write the page from the JSON there")
+    parser.add_argument("--out", type=Path, default=OUT, help="where the JSON goes (the page beside it as parity_matrix.md "
+                        "unless it is the default, docs/parity_matrix/, whose page is docs/parity_matrix.md)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if a release breaks a bound")
     options = parser.parse_args()
+    out = options.out.resolve()
+    page = PAGE if out == OUT else out / "parity_matrix.md"
 
     if not options.render_only:
         for venv in [REPO / v if not v.is_absolute() else v for v in options.venv or []] or installed_venvs():
             release = release_of(venv)
             for case_name in options.case or [case.name for case in CASES]:
-                target = OUT / ("simulated" if options.shims_off else release) / (
+                target = out / ("simulated" if options.shims_off else release) / (
                     f"{release}-{case_name}-{options.shims_off}-off.json" if options.shims_off else f"{case_name}.json")
                 if target.exists() and not options.force:
-                    print(f"vLLM {release} {case_name}: kept {target.relative_to(REPO)}", flush=True)
+                    print(f"vLLM {release} {case_name}: kept {target}", flush=True)
                     continue
                 print(f"vLLM {release} {case_name}: running parityrl check ...", flush=True)
                 result = {"release": release} | run_check(venv, case_name, options.shims_off)
@@ -89,8 +98,12 @@ def main() -> None:
                 partial.replace(target)  # atomic: a killed run leaves no half-written result
                 problems = failures(result)
                 print(f"  {result['elapsed_s']:.0f} s: " + ("holds" if not problems else "; ".join(problems)), flush=True)
-    PAGE.write_text(render(load_results(OUT), COMMAND))
-    print(f"wrote {PAGE.relative_to(REPO)}")
+    results = load_results(out)
+    page.write_text(render(results, COMMAND))
+    print(f"wrote {page}")
+    problems = [problem for result in results for problem in failures(result)]
+    if options.strict and problems:
+        raise SystemExit("parity matrix: " + "; ".join(problems))
 
 
 if __name__ == "__main__":

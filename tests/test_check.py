@@ -64,7 +64,10 @@ def test_full_vocab_parity_with_min_p_and_penalties_replayed(tiny_model_dir):
     result = asyncio.run(run_check(load_config(None, shaped), num_prompts=4, inflight=False, full_vocab=True))
     assert result["parity/full_listed_tokens"] == 128  # the whole vocabulary at every position
     assert result["parity/full_positions"] == result["parity/tokens"] == 4 * 4 * 24
-    assert result["parity/kl"] <= 1e-9 and result["parity/full_kl"] <= 1e-9
+    # the whole distribution's KL depends on the CPU more than the sampled tokens' does (its tail sums
+    # over every entry): ~1e-12 on this project's AMD machine, 2.2e-9 on one of CI's (sampled tokens
+    # 2.4e-14 there); a transform left out of the replay is >1e-4 (below)
+    assert result["parity/kl"] <= 1e-9 and result["parity/full_kl"] <= 1e-7
     assert result["parity/support_mismatch_frac"] == 0
     # the trainer forgets the repetition penalty: both checks must see it
     forgot = asyncio.run(run_check(load_config(None, [*shaped, "train.logprob_repetition_penalty=1.0"]), num_prompts=4, inflight=False, full_vocab=True))

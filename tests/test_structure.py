@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "parityrl"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("leaves: no parityrl imports", (
         "", "parity", "train", "errors", "progress", "metric_registry", "metrics", "batch", "decoding",
-        "engines.vllm_worker", "engines.orphan_guard", "engines.vllm_host", "engines.vllm_compat",
+        "engines.vllm_worker", "engines.orphan_guard", "engines.vllm_host", "engines.vllm_compat", "parity.matrix",
     )),
     ("rewards", ("rewards",)),
     ("config schema", ("config.schema",)),

