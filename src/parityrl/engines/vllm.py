@@ -75,7 +75,14 @@ from parityrl.batch import Sample
 from parityrl.config import EngineConfig, SamplingConfig
 from parityrl.engines.base import EngineHealth, Weights, weight_items, weight_specs
 from parityrl.engines.orphan_guard import RUN_PID_ENV, mapped_shared_memory, unlink_paths
-from parityrl.engines.vllm_compat import findings, keeps_pause_sleep, stamps_weight_versions, weight_version_spans
+from parityrl.engines.vllm_compat import (
+    findings,
+    head_findings,
+    keeps_pause_sleep,
+    set_weight_version,
+    stamps_weight_versions,
+    weight_version_spans,
+)
 from parityrl.engines.vllm_host import child_pids, cpu_seconds, derive_seed, kill_processes, repair_compile_cache
 from parityrl.engines.vllm_worker import KEEP_WEIGHTS_ENV, NamelessSharedBuffer, dtype_name, layout_of_specs, pack_tensors, write_tensors
 from parityrl.hardware import cpu_thread_binding, on_cpu, pin_engine
@@ -271,7 +278,7 @@ class VLLMEngine:
             self.process_ids = sorted(child_pids() - children_before)
         if on_cpu():
             self.engine_cpus = pin_engine(self.process_ids, os.environ.get("VLLM_CPU_OMP_THREADS_BIND", ""))
-        await self.engine.update_weight_version(str(self.version))
+        await set_weight_version(self.engine, self.version)
         self._engine_queues = self._mapped_by_engine()
         reports = await self.engine.collective_rpc("parityrl_report")
         self._worker_report = reports[0] if reports else {}
@@ -514,7 +521,7 @@ class VLLMEngine:
                 loaded_at = time.perf_counter()
                 if method == "parityrl_load_weights_shared":
                     self._release_shared()
-                await self.engine.update_weight_version(str(int(version)))
+                await set_weight_version(self.engine, version)
                 self.version = int(version)
                 if not was_paused:
                     await self.engine.resume_generation()
@@ -634,7 +641,7 @@ class VLLMEngine:
             "compilation_mode": str(vcfg.compilation_config.mode),
             "weight_transport": self.weight_transport,
             "stream": self.stream,
-            "release_findings": findings(),
+            "release_findings": findings() + head_findings(requested["head_dtype"], in_force["head_dtype"]),
             "env": dict(self.env),
             "engine_cpus": self.engine_cpus,
             "extra_engine_args": {k: repr(v) for k, v in self.extra_engine_args.items()},

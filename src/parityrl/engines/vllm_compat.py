@@ -9,6 +9,13 @@ virtualenv with another release. Each difference found, and what parityrl does a
   computed before the pause reach the stream before the version changes. The engine's settings
   (`release_findings`, printed by `check` and written to `engine_settings.json`) say so.
 
+- **0.18.1: no `update_weight_version`, no fp32 head for a generating model.** `AsyncLLM` cannot
+  be told the weight version (`set_weight_version` skips the call: tags come from the stream, as on
+  0.31.0), and `hf_overrides={"head_dtype": "float32"}` is honoured for pooling models only: vLLM
+  logs a warning and runs the head in the model dtype. Fix 4 is then unavailable on that release;
+  the engine's settings list it in `overridden_by_vllm` and as a finding (`head_findings`), and the
+  parity matrix's bf16 row shows what it costs.
+
 The differences are detected from the installed vLLM (attributes, not version numbers), so a
 release that gains or loses a feature is handled by what it has.
 
@@ -80,3 +87,22 @@ def findings() -> list[str]:
         )
     found += [f"shim {name} switched off ({SHIMS_OFF_ENV}): parity is not expected to hold" for name in sorted(shims_off())]
     return found
+
+
+async def set_weight_version(engine: Any, version: int) -> None:
+    """Tell the engine the weight version it now runs, where the release can be told (0.18.1 cannot:
+    there the version comes from the stream, as where outputs carry no stamped versions)."""
+    if hasattr(engine, "update_weight_version"):
+        await engine.update_weight_version(str(int(version)))
+
+
+def head_findings(requested_head: str, head_in_force: str) -> list[str]:
+    """A head dtype asked for and not given (vLLM 0.18.1 honours `head_dtype` for pooling models only)."""
+    if requested_head == head_in_force:
+        return []
+    import vllm
+
+    return [
+        f"vLLM {vllm.__version__} runs the head in {head_in_force}, not the {requested_head} asked for (hf_overrides "
+        "head_dtype serves pooling models only there): fix 4 is not available on this release"
+    ]
