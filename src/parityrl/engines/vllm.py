@@ -382,6 +382,10 @@ class VLLMEngine:
                 version_now = self.version
                 new_lps = completion.logprobs or []
                 if len(new_lps) != len(new_ids):
+                    if completion.finish_reason == "abort":
+                        # vLLM 0.18.1's last output of an aborted request lists earlier positions' logprobs
+                        # again (measured: 1 new token, 3 entries): its tokens go with the aborted request
+                        break
                     raise RuntimeError(f"{request_id}: {len(new_ids)} new tokens but {len(new_lps)} logprob entries")
                 for token, entry in zip(new_ids, new_lps):
                     logprobs.append(float(entry[token].logprob))

@@ -9,6 +9,8 @@ virtualenv with another release. Each difference found, and what parityrl does a
   computed before the pause reach the stream before the version changes. The engine's settings
   (`release_findings`, printed by `check` and written to `engine_settings.json`) say so.
 
+- **0.18.1: an aborted request's last output lists earlier logprob entries again** (1 new token, 3
+  entries, with `pause_generation(mode="abort")`): `VLLMEngine` drops that output with the request.
 - **0.18.1: no `AsyncLLM.get_num_unfinished_requests`** (its output processor has it:
   `unfinished_requests`).
 - **0.18.1: no `update_weight_version`, no fp32 head for a generating model.** `AsyncLLM` cannot
