@@ -59,3 +59,30 @@ def test_unfinished_requests_on_a_release_whose_frontend_lacks_the_method():
     assert vllm_compat.unfinished_requests(SimpleNamespace(get_num_unfinished_requests=lambda: 3)) == 3
     older = SimpleNamespace(output_processor=SimpleNamespace(get_num_unfinished_requests=lambda: 2))  # 0.18.1
     assert vllm_compat.unfinished_requests(older) == 2
+
+
+def test_an_aborted_requests_last_output_with_extra_logprob_entries_is_dropped(tmp_path):
+    """vLLM 0.18.1, pause in abort mode: the aborted request's last output has 1 new token and 3
+    logprob entries (earlier positions again). The sample keeps what was streamed before and is an
+    abort; the same mismatch on a request that was not aborted is still an error."""
+
+    def output(ids, entries, finish_reason=None):
+        logprobs = [{token: SimpleNamespace(logprob=value)} for token, value in entries]
+        completion = SimpleNamespace(token_ids=ids, logprobs=logprobs, finish_reason=finish_reason)
+        return SimpleNamespace(outputs=[completion], finished=finish_reason is not None)
+
+    def engine_streaming(*outputs):
+        async def generate(prompt, params, request_id):
+            for item in outputs:
+                yield item
+
+        return SimpleNamespace(generate=generate)
+
+    engine = VLLMEngine(tmp_path, "float32", EngineConfig(), seed=0)
+    params = SimpleNamespace(logprobs=0)
+    engine.engine = engine_streaming(output([26], [(26, -0.5)]), output([27], [(27, -0.2), (26, 0.0), (27, -0.2)], "abort"))
+    sample = asyncio.run(engine._generate_one([1, 2], params, "aborted"))
+    assert (sample.completion_token_ids, sample.logprobs_old, sample.finish_reason) == ([26], [-0.5], "abort")
+    engine.engine = engine_streaming(output([26], [(26, -0.5)]), output([27], [(27, -0.2), (26, 0.0)], "length"))
+    with pytest.raises(RuntimeError, match="1 new tokens but 2 logprob entries"):
+        asyncio.run(engine._generate_one([1, 2], params, "finished"))
