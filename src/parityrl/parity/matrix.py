@@ -162,6 +162,8 @@ def render(results: list[dict], command: str) -> str:
         + ", ".join(f"`{s.removeprefix('sampling.')}`" for s in SHAPED_SAMPLING) + ".",
         "",
     ]
+    machines = sorted({r.get("machine", "not recorded") for r in results})
+    lines += [f"Measured on: {'; '.join(machines)}.", ""]
     for case in CASES:
         rows = [r for r in results if r["case"] == case.name]
         if not rows:

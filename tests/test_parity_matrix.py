@@ -1,0 +1,83 @@
+"""docs/parity_matrix.md is what its committed JSON says, and every release in it holds the bounds.
+
+The JSON is `parityrl check --json` on each release's own virtualenv (`scripts/parity_matrix.py`); this
+test needs no vLLM: it re-derives the page and applies `parity.matrix.failures` to what was measured.
+The last test mutates a measured result the ways a release could break parity and requires each to
+be caught, so the bounds are not vacuous."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from parityrl.parity.matrix import CASES, CONFIGURED, FIX_ROWS, KNOWN_LIMITS, failures, load_results, render, unexpected_failures
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[1]
+MATRIX = REPO / "docs" / "parity_matrix"
+
+
+@pytest.fixture(scope="module")
+def results() -> list[dict]:
+    return load_results(MATRIX)
+
+
+def test_page_is_rendered_from_the_committed_json(results):
+    assert (REPO / "docs" / "parity_matrix.md").read_text() == render(results, ".venv/bin/python scripts/parity_matrix.py"), (
+        "docs/parity_matrix.md differs from its JSON: run `.venv/bin/python scripts/parity_matrix.py --render-only`"
+    )
+
+
+def test_every_release_measured_holds_every_bound_but_its_known_limits(results):
+    measured = {(r["release"], r["case"]): r for r in results}
+    for release in ("0.18.1", "0.31.0", "0.32.0"):
+        for case in CASES:
+            assert (release, case.name) in measured, f"vLLM {release} {case.name} is not in the matrix"
+    assert [problem for result in results for problem in unexpected_failures(result)] == []
+    for (release, case), (text, _) in KNOWN_LIMITS.items():  # still a limit: else it goes from KNOWN_LIMITS
+        assert any(text in problem for problem in failures(measured[(release, case)])), (release, case)
+
+
+def test_a_release_without_a_shim_is_caught():
+    """The simulated runs (a shim switched off on a release that needs it) must fail the bounds."""
+    simulated = sorted((MATRIX / "simulated").glob("*.json"))
+    assert simulated, "no simulated run under docs/parity_matrix/simulated/"
+    for path in simulated:
+        assert failures(json.loads(path.read_text())), f"{path.name}: a release without the shim passed"
+
+
+def test_bounds_catch_what_a_release_could_break(results):
+    fp32 = next(r for r in results if r["case"] == "fp32" and not r.get("error"))
+
+    def broken(change) -> list[str]:
+        result = copy.deepcopy(fp32)
+        change(result["check"])
+        return failures(result)
+
+    assert failures(fp32) == []
+
+    def ignores_logprobs_mode(check):  # fix 1 off reads the same as on: the setting never reached the sampler
+        check[FIX_ROWS["fix1 off"]]["parity/kl"] = check[CONFIGURED]["parity/kl"]
+
+    def reports_raw(check):
+        check[CONFIGURED]["settings"].setdefault("worker", {})["sampler_logprobs_mode"] = "raw_logprobs"
+
+    def drifts_inflight(check):  # tokens after a keep-mode update scored against the wrong version
+        check[CONFIGURED]["inflight_v/kl"] = 3e-6
+
+    def aborts_inflight(check):
+        check[CONFIGURED]["inflight/aborted_frac"] = 0.25
+
+    def full_kl_nan(check):
+        check[CONFIGURED]["parity/full_kl"] = float("nan")
+
+    for change, expected in [(ignores_logprobs_mode, "ignored logprobs_mode"), (reports_raw, "raw_logprobs"),
+                             (drifts_inflight, "inflight_v/kl"), (aborts_inflight, "did not keep"),
+                             (full_kl_nan, "parity/full_kl")]:  # fmt: skip
+        found = broken(change)
+        assert any(expected in problem for problem in found), (change.__name__, found)
+    assert failures(fp32 | {"error": "exit 1: EngineDeadError"})  # a release on which check fails is a failure
