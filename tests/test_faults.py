@@ -147,6 +147,7 @@ def test_engine_killed_mid_run_is_restarted_and_the_run_finishes(tiny_model_dir,
 
 def test_process_group_killed_after_a_checkpoint_resumes_with_each_step_once(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
+    shared_before = shared_memory_names()
     log = open(tmp_path / "train.log", "w")
     process = subprocess.Popen(train_command(tiny_model_dir, run_dir), stdout=log, stderr=subprocess.STDOUT, env=environment(), start_new_session=True)
     try:
@@ -167,6 +168,11 @@ def test_process_group_killed_after_a_checkpoint_resumes_with_each_step_once(tin
     log.close()
     assert resumed.returncode == 0, (tmp_path / "train.log").read_text()[-3000:]
     assert "resuming" in (tmp_path / "train.log").read_text()
+    # nothing of the killed run could unlink its engine's queues (~420 MB of RAM): the resume did
+    assert "shared-memory queue(s) the stopped run's engine left" in (tmp_path / "train.log").read_text()
+    # (a 32-byte `sem.mp-*` of the killed main process's own may stay: nothing records or unlinks those)
+    left = [path for path in shared_memory_left(shared_before) if not path.name.startswith("sem.mp-")]
+    assert not left, f"shared memory left by the killed run or its resume: {left}"
     assert_each_step_once(run_dir, STEPS)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["eval_success_end"] is not None and summary["eval_success_start"] is not None

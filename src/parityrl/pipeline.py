@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,7 @@ from rich.console import Console
 from parityrl.assets import prepare_model
 from parityrl.backend import Backend, make_backend
 from parityrl.config import RunConfig
+from parityrl.engines.orphan_guard import recorded_shared_memory, unlink_unmapped
 from parityrl.engines.supervisor import EngineGaveUp
 from parityrl.errors import UserError
 from parityrl.evaluate import engine_greedy_completions, success_rate
@@ -139,6 +141,8 @@ class RLRun:
         check_memory(config, hf_config, longest_prompt, console)
         if (warning := slow_bf16_warning(config.model.dtype)) is not None:
             self.warn(warning)
+        if self.resume:
+            self._unlink_queues_of_the_killed_run()
         checkpoint = latest_checkpoint(self.run_dir, report=self.warn) if self.resume else None
         if self.resume and checkpoint is None:
             self.warn(f"{self.run_dir} has no complete checkpoint yet: starting from step 0")
@@ -455,6 +459,16 @@ class RLRun:
 
     def warn(self, line: str) -> None:
         self.console.print(f"[yellow]{line}[/yellow]")
+
+    def _unlink_queues_of_the_killed_run(self) -> None:
+        """A run killed with its whole process group (SIGKILL) leaves its engine's queues in /dev/shm,
+        ~420 MB of RAM per engine, with nobody left to unlink them; its engine_settings.json names them."""
+        try:
+            settings = json.loads((self.run_dir / "engine_settings.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return
+        if unlinked := unlink_unmapped(recorded_shared_memory(settings)):
+            self.warn(f"unlinked {len(unlinked)} shared-memory queue(s) the stopped run's engine left in /dev/shm")
 
 
 def check_memory(config: RunConfig, hf_config: dict, longest_prompt: int, console: Console) -> None:

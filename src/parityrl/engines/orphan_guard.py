@@ -29,6 +29,7 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 RUN_PID_ENV = "PARITYRL_RUN_PID"
 """The run's main process id, exported before the engine starts (vLLM's processes inherit it)."""
@@ -113,3 +114,26 @@ def _exists(pid: int) -> bool:
         os.kill(pid, 0)
         return True
     return False
+
+
+def unlink_unmapped(paths) -> list[str]:
+    """Unlink each of `paths` (this project's queues, named by a run that died) that no live process
+    maps; returns those unlinked. What a SIGKILL to a whole run's process group leaves: its engine's
+    processes, their guards and the resource tracker all die at once, so none can unlink them."""
+    wanted = {str(path) for path in paths if str(path).startswith(SHARED_MEMORY_PREFIXES)}
+    if not wanted:
+        return []
+    in_use = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        in_use |= mapped_shared_memory(str(maps)) & wanted
+    return unlink_paths(wanted - in_use)
+
+
+def recorded_shared_memory(settings: object) -> set[str]:
+    """Every `shared_memory` list in an engine_settings.json (one engine's, or each replica's)."""
+    if isinstance(settings, dict):
+        found = {str(path) for path in settings.get("shared_memory", [])}
+        return found.union(*(recorded_shared_memory(value) for value in settings.values()))
+    if isinstance(settings, list):
+        return set().union(*(recorded_shared_memory(value) for value in settings))
+    return set()

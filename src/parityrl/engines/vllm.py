@@ -649,6 +649,9 @@ class VLLMEngine:
             "compilation_mode": str(vcfg.compilation_config.mode),
             "weight_transport": self.weight_transport,
             "stream": self.stream,
+            # the queues between the engine's processes: a later `--resume` unlinks them if a SIGKILL to the
+            # whole run left them (`orphan_guard.unlink_unmapped`)
+            "shared_memory": sorted(self._engine_queues),
             "release_findings": findings() + head_findings(requested["head_dtype"], in_force["head_dtype"]),
             "env": dict(self.env),
             "engine_cpus": self.engine_cpus,
