@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import logging
 import os
 import tempfile
@@ -320,6 +321,9 @@ class VLLMEngine:
             # read at start too, since a process that already died (a killed worker takes its EngineCore
             # with it) has no maps left to read by now
             queues = self._engine_queues | self._mapped_by_engine()
+            # Intel OpenMP (preloaded on releases that ask for it, `vllm_compat.engine_preload`) registers each
+            # process in a /dev/shm file that a killed process leaves behind
+            queues |= {path for pid in self.process_ids for path in glob.glob(f"/dev/shm/__KMP_REGISTERED_LIB_{pid}_*")}
             try:
                 engine.shutdown()
             finally:
