@@ -14,8 +14,6 @@ from parityrl.config import load_config
 from parityrl.progress import progress_bar
 from parityrl.tasks import load_task
 
-pytestmark = pytest.mark.unit
-
 
 def _sft_weights(tmp_path, name: str, caller_threads: int) -> dict[str, torch.Tensor]:
     config = load_config(None, ["assets.sft.steps=6", "assets.sft.batch_size=16", "assets.sft.target_success=null"])

@@ -13,29 +13,13 @@ import vllm  # noqa: F401,E402  (a missing vLLM must fail CI, not skip these tes
 from parityrl.config import load_config
 from parityrl.parity.check import run_check
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.vllm
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # the vLLM worker is bound to the other core
-    yield
-    torch.set_num_threads(previous)
-
-
-def test_check_fixed_v1_on_fp32_model(tiny_model_dir):
-    config = load_config(
-        None,
-        [
-            f"model.path={tiny_model_dir}",
-            "engine.enforce_eager=true",
-            "sampling.temperature=0.7",
-            "sampling.top_p=0.9",
-            "sampling.n=4",
-        ],
-    )
-    result = asyncio.run(run_check(config, num_prompts=6))
+def test_check_fixed_v1_on_fp32_model(vllm_slot, tiny_model_dir):
+    """The fast tier's real-engine smoke test: generate, update inflight, parity (the shared engine)."""
+    config = load_config(None, [f"model.path={tiny_model_dir}", "sampling.temperature=0.7", "sampling.top_p=0.9", "sampling.n=4"])
+    result = vllm_slot.run(run_check(config, num_prompts=6, engine=vllm_slot.get()))
     assert result["settings"]["logprobs_mode"] == "processed_logprobs"
     assert result["parity/tokens"] > 20
     assert result["parity/kl"] <= 1e-9 and result["parity/abs_diff_max"] <= 1e-5
@@ -52,16 +36,16 @@ def test_check_fixed_v1_on_fp32_model(tiny_model_dir):
     assert result["post_update/kl"] <= 1e-9
 
 
-def test_full_vocab_parity_with_min_p_and_penalties_replayed(tiny_model_dir):
+def test_full_vocab_parity_with_min_p_and_penalties_replayed(vllm_slot, tiny_model_dir):
     """Every sampling transform vLLM applies is replayed by the trainer: the sampled tokens' logprobs
     AND the whole processed distribution at every position agree to fp32 rounding; leaving one
     transform out of the replay (the trainer-side override) is visible in both."""
     shaped = [
-        f"model.path={tiny_model_dir}", "engine.enforce_eager=true", "sampling.n=4", "sampling.max_new_tokens=24",
+        f"model.path={tiny_model_dir}", "sampling.n=4", "sampling.max_new_tokens=24",
         "sampling.ignore_eos=true", "sampling.temperature=0.8", "sampling.top_k=40", "sampling.min_p=0.05",
         "sampling.repetition_penalty=1.3", "sampling.presence_penalty=0.4", "sampling.frequency_penalty=0.2",
     ]  # fmt: skip
-    result = asyncio.run(run_check(load_config(None, shaped), num_prompts=4, inflight=False, full_vocab=True))
+    result = vllm_slot.run(run_check(load_config(None, shaped), num_prompts=4, inflight=False, full_vocab=True, engine=vllm_slot.get()))
     assert result["parity/full_listed_tokens"] == 128  # the whole vocabulary at every position
     assert result["parity/full_positions"] == result["parity/tokens"] == 4 * 4 * 24
     # the whole distribution's KL depends on the CPU more than the sampled tokens' does (its tail sums
@@ -70,10 +54,12 @@ def test_full_vocab_parity_with_min_p_and_penalties_replayed(tiny_model_dir):
     assert result["parity/kl"] <= 1e-9 and result["parity/full_kl"] <= 1e-7
     assert result["parity/support_mismatch_frac"] == 0
     # the trainer forgets the repetition penalty: both checks must see it
-    forgot = asyncio.run(run_check(load_config(None, [*shaped, "train.logprob_repetition_penalty=1.0"]), num_prompts=4, inflight=False, full_vocab=True))
+    forgot_config = load_config(None, [*shaped, "train.logprob_repetition_penalty=1.0"])
+    forgot = vllm_slot.run(run_check(forgot_config, num_prompts=4, inflight=False, full_vocab=True, engine=vllm_slot.get()))
     assert forgot["parity/kl"] > 1e-4 and (forgot["parity/full_kl"] or 0) + forgot["parity/support_mismatch_frac"] > 1e-4
 
 
+@pytest.mark.slow  # an engine of its own (another model)
 def test_check_on_a_llama_bf16_model_it_was_not_developed_on(tiny_model_dir, tmp_path):
     """Any local HF Llama/Qwen2 directory works: a randomly initialised Llama saved in bf16."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -97,7 +83,12 @@ def test_check_on_a_llama_bf16_model_it_was_not_developed_on(tiny_model_dir, tmp
         [f"model.path={model_dir}", "model.dtype=bfloat16", "engine.enforce_eager=true", "sampling.temperature=0.7",
          "sampling.top_p=0.9", "sampling.n=4", "sampling.max_new_tokens=12"],
     )
-    result = asyncio.run(run_check(config, num_prompts=4, inflight=False))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the trainer-side scoring here; the engine's worker is bound to the other core
+    try:
+        result = asyncio.run(run_check(config, num_prompts=4, inflight=False))
+    finally:
+        torch.set_num_threads(threads)
     assert result["settings"]["dtype"] == "bfloat16" and result["settings"]["head_dtype"] == "float32"
     assert result["parity/tokens"] > 0
     # bf16 numerics differ between engine and trainer, but the semantics are the same: small, finite.

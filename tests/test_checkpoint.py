@@ -14,8 +14,6 @@ import torch
 from parityrl.errors import UserError
 from parityrl.train.checkpoint import MANIFEST, RunState, checkpoint_dirs, latest_checkpoint, load_run_state, save_checkpoint
 
-pytestmark = pytest.mark.unit
-
 
 def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -12,7 +12,6 @@ from filelock import FileLock
 
 from parityrl.engines.vllm_host import repair_compile_cache, truncated_elf
 
-pytestmark = pytest.mark.unit
 
 LIBRARY = Path(torch.__file__).parent / "lib" / "libtorch_global_deps.so"
 

@@ -4,8 +4,6 @@ import pytest
 
 from parityrl.config import ConfigError, RunConfig, describe_fields, load_config
 
-pytestmark = pytest.mark.unit
-
 
 def test_misspelled_key_names_path_and_suggestion(tmp_path):
     path = tmp_path / "c.yaml"

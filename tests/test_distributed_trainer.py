@@ -1,10 +1,14 @@
 """Trainer ranks take the same optimiser step as one process on the whole batch: two gloo ranks (the
 code path of `pipeline.backend: ray`, without Ray), DDP or FSDP2, against a local Trainer, same
-samples; and a checkpoint written by one layout resumes in another (1 -> 2 and 2 -> 1 ranks, FSDP2)."""
+samples; and a checkpoint written by one layout resumes in another (1 -> 2 and 2 -> 1 ranks, FSDP2).
+Then the Ray path (`DistributedTrainer`, two FSDP2 ranks as actors): a rank made to raise, or to hang
+before a collective, stops the call with one paragraph naming it, within `train.collective_timeout_s`."""
 
 from __future__ import annotations
 
+import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -18,9 +22,10 @@ from parityrl.batch import Sample
 from parityrl.config import load_config
 from parityrl.policy import export_chunks, export_state_dict
 from parityrl.train.checkpoint import RunState
+from parityrl.train.distributed import DEADLINE_MARGIN_S, DistributedTrainer, RankFailed, TrainerRank, actor_resources
 from parityrl.train.trainer import Trainer, global_normaliser
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.ray
 
 # 14 tokens per micro-batch: rank 0's half of the batch packs into 2 micro-batches, rank 1's into 3
 # (sequences of 6-8 tokens), so FSDP must even the counts out or its collectives wait forever
@@ -148,3 +153,118 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path):
     resumed.load_checkpoint(two_ranks)
     resumed.step(*batch(1))
     assert_same_weights(export_state_dict(resumed.model), expected)
+
+
+# -- a rank that fails or hangs, through Ray (`DistributedTrainer`) -------------------------------------
+# The rank classes below reach the actors by name: the Ray fixture puts tests/ on the workers' PYTHONPATH.
+
+
+class FailsInStep(TrainerRank):
+    """Rank 1 raises in its step; rank 0 goes on into the step's first collective and waits there."""
+
+    def step(self, *args):
+        if self.rank == 1:
+            raise ValueError("rank 1 was made to fail")
+        return super().step(*args)
+
+
+class FailsInPublication(TrainerRank):
+    """Rank 1 raises instead of taking part in the weights' gathers; rank 0 waits in the first one."""
+
+    def weight_chunks(self):
+        if self.rank == 1:
+            raise ValueError("rank 1 was made to fail")
+        return super().weight_chunks()
+
+
+class HangsInStep(TrainerRank):
+    """Rank 1 sleeps instead of stepping (until the actor is killed); rank 0 waits in a collective."""
+
+    def step(self, *args):
+        if self.rank == 1:
+            time.sleep(3600)
+        return super().step(*args)
+
+
+@pytest.fixture(scope="module")
+def ray_model(tmp_path_factory):
+    """A local Ray instance (whose workers can import this module) and the tiny model's directory."""
+    import ray
+
+    tests = str(Path(__file__).resolve().parent)
+    path = os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    try:
+        yield tiny_model(tmp_path_factory.mktemp("ray"))
+    finally:
+        ray.shutdown()
+
+
+def ray_ranks(model_dir: Path, rank_class: type[TrainerRank], collective_timeout_s: float) -> DistributedTrainer:
+    layout = ["train.fsdp=true", "train.world_size=2", "pipeline.backend=ray"]
+    config = load_config(None, [*OVERRIDES, *layout, f"train.collective_timeout_s={collective_timeout_s}"])
+    return DistributedTrainer(config, model_dir, 0, actor_resources(config), rank_class=rank_class)
+
+
+def within(seconds: float, call):
+    """`call()`, failing the test if it has not returned or raised after `seconds` (it is left waiting on
+    the ranks: closing the trainer kills them, which ends it)."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = call()
+        except BaseException as error:  # handed to the test's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"the driver still waits on the ranks after {seconds:.0f} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def failure_of(trainer: DistributedTrainer, call, seconds: float) -> tuple[str, float]:
+    """The one-paragraph error `call(trainer)` raises, and how long it took to come."""
+    try:
+        began = time.monotonic()
+        with pytest.raises(RankFailed) as failure:
+            within(seconds, lambda: call(trainer))
+        elapsed = time.monotonic() - began
+        with pytest.raises(RankFailed):  # the group is broken: a later call says so at once
+            trainer.save_checkpoint(Path("unused"), RunState(step=1, version=1, sampler_state=None))
+    finally:
+        trainer.close()
+    message = str(failure.value)
+    print(f"\n[{elapsed:.1f} s] {message}")  # TEMP
+    assert "\n" not in message and "Traceback" not in message, message
+    return message, elapsed
+
+
+@pytest.mark.parametrize(
+    ("rank_class", "call", "what"),
+    [
+        (FailsInStep, lambda trainer: trainer.step(*batch(0)), "in a step"),
+        (FailsInPublication, lambda trainer: trainer.state_dict_for_engines(), "while publishing the weights"),
+    ],
+    ids=["step", "publication"],
+)
+def test_a_rank_that_raises_is_named_at_once(ray_model, rank_class, call, what):
+    """Rank 0 waits for rank 1 in a collective until the 120 s timeout; rank 1's error comes first."""
+    message, elapsed = failure_of(ray_ranks(ray_model, rank_class, collective_timeout_s=120), call, seconds=60)
+    assert f"trainer rank 1 of 2 failed {what}: ValueError: rank 1 was made to fail" in message
+    assert elapsed < 30, f"{elapsed:.0f} s: the error waited for rank 0's collective to time out"
+
+
+def test_a_rank_that_hangs_before_a_collective_is_named_within_the_timeout(ray_model):
+    """Rank 0 gives up on the collective after train.collective_timeout_s (not torch's 30-minute
+    default); the driver names rank 1, which never answered, and the setting to raise."""
+    timeout = 10
+    trainer = ray_ranks(ray_model, HangsInStep, collective_timeout_s=timeout)
+    message, elapsed = failure_of(trainer, lambda trainer: trainer.step(*batch(0)), seconds=timeout + DEADLINE_MARGIN_S + 20)
+    assert "trainer rank 1 of 2 did not answer in a step" in message, message
+    assert "raise train.collective_timeout_s" in message, message
+    assert timeout <= elapsed < timeout + DEADLINE_MARGIN_S, elapsed

@@ -16,34 +16,43 @@ from parityrl.evaluate import engine_greedy_completions, greedy_completions, suc
 from parityrl.policy import export_state_dict, load_policy, load_tokenizer
 from parityrl.tasks import load_task
 
-pytestmark = pytest.mark.integration
+
+def test_vllm_greedy_success_equals_the_trainer_side_decoding(vllm_slot, tiny_model_dir):
+    """On the shared vLLM engine (its weights are restored for the next test by the slot)."""
+    assert_greedy_success_equals_the_trainer_side_decoding(tiny_model_dir, vllm_slot.get(), vllm_slot.run)
 
 
-@pytest.mark.parametrize("kind", ["vllm", "reference"])
-def test_engine_greedy_success_equals_the_trainer_side_decoding(tiny_model_dir, kind):
+def test_reference_greedy_success_equals_the_trainer_side_decoding(tiny_model_dir):
+    config = load_config(None, ["engine.kind=reference"])
+    engine = make_engine(config, tiny_model_dir)
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(engine.start())
+    try:
+        assert_greedy_success_equals_the_trainer_side_decoding(tiny_model_dir, engine, loop.run_until_complete)
+    finally:
+        loop.run_until_complete(engine.close())
+        loop.close()
+
+
+def assert_greedy_success_equals_the_trainer_side_decoding(tiny_model_dir, engine, run) -> None:
     """128 held-out addition problems on the warmed-up tiny model (fp32): the same success as HF-style
     decoding in the trainer, the same text for >= 97% of problems (a logit tie at the argmax may
     break the other way in another kernel); after an update to a model whose weights are zeroed, the
     engine decodes under the new weights (every completion changes)."""
-    config = load_config(None, ["engine.enforce_eager=true", f"engine.kind={kind}", "task.eval_size=128"])
+    config = load_config(None, ["task.eval_size=128"])
     task = load_task(config.task)
     tokenizer = load_tokenizer(tiny_model_dir)
     model = load_policy(tiny_model_dir, "float32", True)
     expected = greedy_completions(model, tokenizer, task, task.eval, "float32", config.sampling.max_new_tokens)
-    engine = make_engine(config, tiny_model_dir)
 
-    async def run() -> tuple[list[str], list[str]]:
-        await engine.start()
-        try:
-            before = await engine_greedy_completions(engine, tokenizer, task, task.eval, config.sampling.max_new_tokens, "eval-0")
-            zeroed = {name: torch.zeros_like(t) if "mlp" in name else t for name, t in export_state_dict(model).items()}
-            await engine.update_weights(zeroed, 1)
-            after = await engine_greedy_completions(engine, tokenizer, task, task.eval, config.sampling.max_new_tokens, "eval-1")
-            return before, after
-        finally:
-            await engine.close()
+    async def decode() -> tuple[list[str], list[str]]:
+        before = await engine_greedy_completions(engine, tokenizer, task, task.eval, config.sampling.max_new_tokens, "eval-0")
+        zeroed = {name: torch.zeros_like(t) if "mlp" in name else t for name, t in export_state_dict(model).items()}
+        await engine.update_weights(zeroed, engine.version + 1)
+        after = await engine_greedy_completions(engine, tokenizer, task, task.eval, config.sampling.max_new_tokens, "eval-1")
+        return before, after
 
-    got, after_update = asyncio.run(run())
+    got, after_update = run(decode())
     success_engine = success_rate(got, task.eval, None, task.reward_kind)
     success_trainer = success_rate(expected, task.eval, None, task.reward_kind)
     assert 0.05 < success_trainer < 0.95  # a model that is sometimes right: the comparison means something

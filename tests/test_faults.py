@@ -1,14 +1,15 @@
 """Fault injection with the real vLLM engine on the tiny model, through the real CLI.
 
-- the vLLM EngineCore or worker is SIGKILLed mid-run: the run finishes every step, restarts the
-  engine, logs each step once and trains no prompt group twice (a reward that fails on 5% of calls
-  runs at the same time and is counted);
+- one run meets three engine faults in turn (`engine.max_restarts=2`): the vLLM EngineCore or worker
+  SIGKILLed mid-run (restarted, its groups requeued, a reward that fails on 5% of calls counted), the
+  engine hung (SIGSTOP: alive, never progressing; the stall watchdog must be what declares it dead),
+  and a third death: past `engine.max_restarts` the run stops with a checkpoint, one paragraph and a
+  non-zero exit, and leaves no process behind; `--resume` then finishes with every step logged once
+  and no prompt group trained twice (one run for three faults: 4 engine starts where three runs took 6);
 - the whole `parityrl train` process group is SIGKILLed after a checkpoint: `--resume` finishes
   with every step logged exactly once and the policy versions continuous;
-- the engine hangs (SIGSTOP: alive, never progressing): the stall watchdog, or the request deadline
-  when the watchdog is slower, declares it dead and a new engine finishes the run;
-- the engine keeps dying: past `engine.max_restarts` the run stops with a checkpoint, one paragraph
-  and a non-zero exit, and leaves no process behind.
+- the engine hangs where the watchdog waits 10 minutes: a call's own deadline declares it dead;
+- the main process alone is SIGKILLed: every process of the run dies with it.
 
 Kill steps and victims come from `random.Random(FAULT_SEED)` (env `PARITYRL_FAULT_SEED`, default 0),
 printed in every failure message, so a failure can be replayed.
@@ -29,7 +30,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 TESTS = Path(__file__).resolve().parent
 STEPS = 10
@@ -99,50 +100,114 @@ def assert_each_step_once(run_dir: Path, steps: int) -> list[dict]:
     return records
 
 
-def test_engine_killed_mid_run_is_restarted_and_the_run_finishes(tiny_model_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    # 8 prompts x 8 samples as in the demo: 64 rewards per step, so every-20th failures stay under 10%
+def engine_failures_logged(log: Path) -> list[str]:
+    """The supervisor's line for each engine death ('engine failure: REASON; restarting it ...')."""
+    return [line.split("engine failure: ", 1)[1] for line in log.read_text().splitlines() if "engine failure: " in line]
+
+
+def test_killed_then_hung_then_dying_engine_stops_the_run_and_resume_finishes(tiny_model_dir, tmp_path):
+    run_dir, log_path = tmp_path / "run", tmp_path / "train.log"
+    # 8 prompts x 8 samples as in the demo: 64 rewards per step, so every-20th failures stay under 10%.
+    # The update deadline is far above the stall timeout: within 30 s of a stop only the watchdog can fire
     command = train_command(
         tiny_model_dir, run_dir, "--set", "task.reward=rewards_for_tests:fails_every_20th",
-        "--set", "train.prompts_per_step=8", "--set", "sampling.n=8",
+        "--set", "train.prompts_per_step=8", "--set", "sampling.n=8", "--set", "train.steps=400", "--set", "train.checkpoint_every=0",
+        "--set", "engine.max_restarts=2", "--set", "engine.stall_timeout_s=5", "--set", "engine.update_timeout_s=120",
     )  # fmt: skip
     shared_before = shared_memory_names()
-    log = open(tmp_path / "train.log", "w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment(), start_new_session=True)
+    process = subprocess.Popen(command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=environment(), start_new_session=True)
     rng = random.Random(FAULT_SEED)
+    everything: list[psutil.Process] = []
+    seen: set[int] = set()  # the pids of every engine so far
+    replay = f"(PARITYRL_FAULT_SEED={FAULT_SEED})"
+
+    def steps_logged() -> int:
+        return len([r for r in logged_steps(run_dir) if r["step"] > 0])
+
+    def next_engine(after_steps: int, what: str) -> list[psutil.Process]:
+        """Wait for `after_steps` more logged steps and an engine not seen before; its processes."""
+        target = steps_logged() + after_steps
+        wait_for(lambda: steps_logged() >= target, process, 600, f"step {target} before {what}", log_path)
+        wait_for(lambda: {p.pid for p in vllm_processes(process.pid)} - seen, process, 300, f"an engine before {what}", log_path)
+        engine = [p for p in vllm_processes(process.pid) if p.pid not in seen]
+        seen.update(p.pid for p in engine)
+        everything.extend(psutil.Process(process.pid).children(recursive=True))
+        return sorted(engine, key=lambda p: p.name())  # a fixed order for the seeded choice
+
     try:
-        kill_after = rng.randint(2, 5)
-        wait_for(lambda: any(r["step"] >= kill_after for r in logged_steps(run_dir)), process, 600, f"step {kill_after}", tmp_path / "train.log")
-        victims = sorted(vllm_processes(process.pid), key=lambda p: p.name())  # this run's own, in a fixed order
-        assert victims, "no vLLM EngineCore/worker process found"
-        victim = rng.choice(victims)
-        victim_name = victim.name()
+        # 1. a vLLM process killed
+        victim = rng.choice(next_engine(rng.randint(2, 4), "the kill"))
+        replay += f" {victim.name()} killed;"
         victim.kill()
-        replay = f"(PARITYRL_FAULT_SEED={FAULT_SEED}: {victim_name} killed after step {kill_after})"
-        assert process.wait(timeout=900) == 0, replay + (tmp_path / "train.log").read_text()[-3000:]
+        # 2. the new engine stopped while its requests stream. A stop that lands in a weight update (paused)
+        # or while nothing is in flight is no stall for the watchdog to see: resumed, and stopped again later
+        stopped = next_engine(1, "the stop")
+        for attempt in range(1, 5):
+            for member in stopped:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    member.suspend()
+            began = time.monotonic()
+            while time.monotonic() - began < 30 and not {p.pid for p in vllm_processes(process.pid)} - seen and process.poll() is None:
+                time.sleep(0.5)
+            if {p.pid for p in vllm_processes(process.pid)} - seen or process.poll() is not None:
+                break
+            for member in stopped:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    member.resume()
+            target = steps_logged() + 1
+            wait_for(lambda target=target: steps_logged() >= target, process, 600, f"a step after stop attempt {attempt}", log_path)
+        replay += f" stopped at attempt {attempt};"
+        # 3. a third death: past engine.max_restarts=2
+        rng.choice(next_engine(1, "the last kill")).kill()
+        assert process.wait(timeout=300) == 1, replay + log_path.read_text()[-3000:]
+        _, alive = psutil.wait_procs(everything, timeout=15)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-        log.close()
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["engine_restarts"] >= 1, f"no restart was recorded {replay}"
+        for member in everything:  # a stopped process outlives the test otherwise
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+    output = log_path.read_text()
+    failures = engine_failures_logged(log_path)
+    assert len(failures) == 2, (replay, failures)  # the third death is the one the run stops on
+    # the watchdog, nothing else, declared the stopped engine dead
+    assert "no token streamed and no CPU used for 5 s" in failures[1], (replay, failures)
+    assert "engine.max_restarts=2" in output and "parityrl train --resume" in output, output[-3000:]
+    # vLLM logs the dead EngineCore's stack (lines it prefixes with its process), and an EngineCore whose worker
+    # was killed dies with a traceback that multiprocessing heads "Process EngineCore:"; parityrl ends in one paragraph
+    lines = output.splitlines()
+    own = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)") and not lines[i - 1].startswith("Process ")]
+    assert not own and "the run stopped at step" in output, output[-3000:]
+    records = [r for r in logged_steps(run_dir) if r["step"] > 0]
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints[-1] == f"step_{records[-1]['step']:06d}", (checkpoints, records[-1]["step"])
+    assert not alive, f"left running after the run stopped: {[(p.pid, p.name()) for p in alive]}"
+    # every engine's queues (the killed, the stopped, the last) are unlinked: RAM otherwise
+    assert not shared_memory_left(shared_before), (replay, shared_memory_left(shared_before, grace_s=0))
+    assert sum(r["pipeline/engine_restarts"] for r in records) == 2
     # a death met by a group's request redoes the groups in flight; one met first by a weight update (or an
     # evaluation) can come when every slot's group is already generated (measured: 'weight update v6 failed',
     # 0 requeued; and the watchdog's 'the engine reported an error ... (seen by weight update v4)', 0 requeued)
-    if any("group " in failure for failure in summary["engine_failures"]):
-        assert summary["requeued_groups"] >= 1, f"no group was requeued {replay}: {summary['engine_failures']}"
-    records = assert_each_step_once(run_dir, STEPS)
+    if any("group " in failure for failure in failures):
+        assert sum(r["pipeline/requeued_groups"] for r in records) >= 1, (replay, failures)
     # the flaky reward failed on ~5% of calls: counted, never more than 10% of a step
-    assert summary["reward_errors"] == sum(r["pipeline/reward_errors"] for r in records) > 0
-    assert max(r["pipeline/reward_errors"] for r in records) <= 0.1 * 64
-    assert summary["eval_success_end"] is not None
-    # vLLM through the pipeline, fp32: the parity probe (lag-0 tokens) must agree with the trainer,
-    # also on the restarted engine (which loaded the current weights itself)
+    assert sum(r["pipeline/reward_errors"] for r in records) > 0 and max(r["pipeline/reward_errors"] for r in records) <= 0.1 * 64
+    # vLLM through the pipeline, fp32: the parity probe (lag-0 tokens) agrees with the trainer, also on the
+    # restarted engines (which loaded the current weights themselves)
     parity = [r["parity/kl"] for r in records if r.get("parity/kl") is not None]
-    assert len(parity) >= STEPS // 2 and max(parity) <= 1e-9, parity
-    # the killed engine's queues (its worker died, and its EngineCore with it) are unlinked too
-    left = shared_memory_left(shared_before)
-    assert not left, (replay, left)
+    assert len(parity) >= len(records) // 2 and max(parity) <= 1e-9, parity
+
+    # the checkpoint the run stopped with continues: each step once, no group trained twice
+    stopped_at = records[-1]["step"]
+    resumed = subprocess.run(
+        [sys.executable, "-m", "parityrl.cli", "train", "--resume", str(run_dir), "--no-plot", "--set", f"train.steps={stopped_at + 3}"],
+        stdout=open(tmp_path / "resume.log", "w"), stderr=subprocess.STDOUT, env=environment(), timeout=900,
+    )  # fmt: skip
+    assert resumed.returncode == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    assert_each_step_once(run_dir, stopped_at + 3)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["engine_restarts"] >= 2 and summary["reward_errors"] > 0, summary
+    assert summary["eval_success_end"] is not None
 
 
 def test_process_group_killed_after_a_checkpoint_resumes_with_each_step_once(tiny_model_dir, tmp_path):
@@ -231,19 +296,14 @@ def test_every_process_of_a_run_dies_with_its_main_process(tiny_model_dir, tmp_p
                 os.kill(leftover, signal.SIGKILL)
 
 
-@pytest.mark.parametrize(
-    "detected_by, settings",
-    [
-        # a stop that lands in a weight update (generation paused, nothing to stream) is the update deadline's
-        ("stall", ["engine.stall_timeout_s=5", "engine.update_timeout_s=20"]),
-        # the watchdog would wait 10 minutes: a call's own deadline fires first. 60 s, not less: a deadline
-        # covers a call's whole life, queueing included, and at 20 s calls of a busy but healthy engine
-        # missed it in module runs (extra restarts)
-        ("deadline", ["engine.stall_timeout_s=600", "engine.request_timeout_s=60", "engine.update_timeout_s=60"]),
-    ],
-)
-def test_hung_engine_is_replaced_and_the_run_finishes(tiny_model_dir, tmp_path, detected_by, settings):
-    """SIGSTOP every vLLM process of the run mid-run: alive, holding requests, never streaming again."""
+def test_hung_engine_is_replaced_by_a_call_deadline_and_the_run_finishes(tiny_model_dir, tmp_path):
+    """SIGSTOP every vLLM process of the run mid-run: alive, holding requests, never streaming again.
+    The watchdog would wait 10 minutes: a call's own deadline fires first (the generation's or the
+    weight update's, whichever the stop caught). 60 s, not less: a deadline covers a call's whole
+    life, queueing included, and at 20 s calls of a busy but healthy engine missed it (extra restarts).
+    The watchdog's own verdicts: the run above and tests/test_supervisor.py."""
+    detected_by = "deadline"
+    settings = ["engine.stall_timeout_s=600", "engine.request_timeout_s=60", "engine.update_timeout_s=60"]
     run_dir = tmp_path / "run"
     shared_before = shared_memory_names()
     overrides = [arg for setting in settings for arg in ("--set", setting)]
@@ -276,49 +336,11 @@ def test_hung_engine_is_replaced_and_the_run_finishes(tiny_model_dir, tmp_path, 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["engine_restarts"] == 1, replay
     (failure,) = summary["engine_failures"]
-    if detected_by == "stall" and not failure.startswith("weight update"):  # the watchdog fires only with requests in flight: redone
-        assert "no token streamed" in failure and summary["requeued_groups"] >= 1, (replay, failure)
-    else:  # a deadline can be the weight update's, with every group already generated and none in flight
-        assert "deadline" in failure, (replay, failure)
+    # the generation's deadline (its group requeued) or the weight update's (every group already generated)
+    assert "deadline" in failure, (replay, failure)
+    if failure.startswith("group "):
+        assert summary["requeued_groups"] >= 1, (replay, failure)
     assert_each_step_once(run_dir, STEPS)
     # the hung engine was closed, not left stopped beside its successor, nor its queues in /dev/shm (RAM)
     assert not [p for p in stopped if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], replay
-    assert not shared_memory_names() - shared_before, (replay, sorted(shared_memory_names() - shared_before))
-
-
-def test_engine_that_keeps_dying_stops_the_run_with_a_checkpoint(tiny_model_dir, tmp_path):
-    """engine.max_restarts=1: the first death is survived, the second stops the run (exit 1) with a
-    checkpoint of the last finished step, a message naming `--resume`, and nothing left running."""
-    run_dir = tmp_path / "run"
-    command = train_command(tiny_model_dir, run_dir, "--set", "engine.max_restarts=1", "--set", "train.steps=400", "--set", "train.checkpoint_every=0")
-    log_path = tmp_path / "train.log"
-    process = subprocess.Popen(command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=environment(), start_new_session=True)
-    rng = random.Random(FAULT_SEED)
-    everything: list[psutil.Process] = []
-    killed: set[int] = set()
-    try:
-        for death in (1, 2):
-            after = len(logged_steps(run_dir)) + rng.randint(1, 3)
-            wait_for(lambda after=after: len(logged_steps(run_dir)) >= after, process, 600, f"{after} logged steps before death {death}", log_path)
-            # the trainer may go on with groups already generated while the engine restarts: wait for the new one
-            wait_for(lambda killed=killed: {p.pid for p in vllm_processes(process.pid)} - killed, process, 300, f"an engine before death {death}", log_path)
-            victims = [p for p in vllm_processes(process.pid) if p.pid not in killed]
-            everything += psutil.Process(process.pid).children(recursive=True)
-            killed |= {p.pid for p in victims}
-            rng.choice(sorted(victims, key=lambda p: p.name())).kill()
-        assert process.wait(timeout=300) == 1, f"(PARITYRL_FAULT_SEED={FAULT_SEED}) " + log_path.read_text()[-3000:]
-        _, alive = psutil.wait_procs(everything, timeout=15)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    output = log_path.read_text()
-    assert "engine.max_restarts=1" in output and "parityrl train --resume" in output, output[-3000:]
-    # vLLM logs the dead EngineCore's stack (lines it prefixes with its process), and an EngineCore whose worker
-    # was killed dies with a traceback that multiprocessing heads "Process EngineCore:"; parityrl ends in one paragraph
-    lines = output.splitlines()
-    own = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)") and not lines[i - 1].startswith("Process ")]
-    assert not own and "the run stopped at step" in output, output[-3000:]
-    steps = [r["step"] for r in logged_steps(run_dir) if r["step"] > 0]
-    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert checkpoints[-1] == f"step_{steps[-1]:06d}", (checkpoints, steps[-1])
-    assert not alive, f"left running after the run stopped: {[(p.pid, p.name()) for p in alive]}"
+    assert not shared_memory_left(shared_before), (replay, shared_memory_left(shared_before, grace_s=0))

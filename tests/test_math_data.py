@@ -15,7 +15,6 @@ from parityrl.config import load_config
 from parityrl.rewards import RewardItem, score_in_process
 from parityrl.tasks import load_task
 
-pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "math_word_problems.jsonl"

@@ -12,7 +12,6 @@ from rich.console import Console
 
 from parityrl.metric_registry import METRICS, PANELS, check_columns, compared_metrics, metric, plot_panels, reference_markdown
 
-pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
 # a metric key in source: a quoted string that starts with one of the metric namespaces

@@ -11,8 +11,6 @@ from parityrl.config import TrainConfig
 from parityrl.scoring import k3
 from parityrl.train.objectives import group_advantages, policy_loss
 
-pytestmark = pytest.mark.unit
-
 
 def test_group_norm_all_equal_rewards_gives_zero_not_nan():
     adv = group_advantages(torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]), "group_norm")

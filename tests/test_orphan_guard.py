@@ -9,8 +9,6 @@ import pytest
 
 from parityrl.engines.orphan_guard import unlink_mapped_shared_memory, unlink_run_weight_buffers
 
-pytestmark = pytest.mark.unit
-
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm on this system")
 def test_only_the_mapped_psm_segments_are_unlinked(tmp_path):

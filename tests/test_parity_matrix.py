@@ -15,7 +15,6 @@ import pytest
 
 from parityrl.parity.matrix import CASES, CONFIGURED, FIX_ROWS, KNOWN_LIMITS, failures, load_results, render, unexpected_failures
 
-pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[1]
 MATRIX = REPO / "docs" / "parity_matrix"

@@ -20,8 +20,6 @@ from parityrl.policy import (
     use_fp32_head,
 )
 
-pytestmark = pytest.mark.unit
-
 
 def brute_force_logprob(
     logits: list[float], token: int, temperature: float, top_k: int, top_p: float, min_p: float = 0.0

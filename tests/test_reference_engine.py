@@ -14,8 +14,6 @@ from parityrl.policy import load_policy, load_tokenizer, processed_logprobs, seq
 from parityrl.scoring import k3
 from parityrl.tasks import encode_prompt
 
-pytestmark = pytest.mark.integration
-
 
 def full_recompute(model, prompt_ids, completion_ids, sampling: SamplingConfig) -> torch.Tensor:
     ids = torch.tensor([prompt_ids + completion_ids])

@@ -22,8 +22,6 @@ from parityrl.rewards import (
 )
 from parityrl.tasks import Task
 
-pytestmark = pytest.mark.unit
-
 
 @pytest.mark.parametrize(
     ("completion", "expected"),

@@ -10,8 +10,6 @@ from parityrl.errors import UserError
 from parityrl.metrics import truncate_metrics
 from parityrl.rundir import clear_run, refuse_existing_run, resume_config
 
-pytestmark = pytest.mark.unit
-
 
 def test_resume_reads_the_saved_config_and_refuses_overrides_that_change_the_run(tmp_path):
     write_resolved_config(load_config(None, ["train.lr=3e-5", "sampling.temperature=0.7"]), tmp_path)

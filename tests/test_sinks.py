@@ -52,7 +52,6 @@ def wandb_offline_history(run_dir: Path) -> list[dict[str, float]]:
     return rows
 
 
-@pytest.mark.integration
 def test_a_run_from_a_datasets_directory_logs_the_same_numbers_to_jsonl_tensorboard_and_wandb(tiny_model_dir, tmp_path, monkeypatch):
     from datasets import Dataset
 
@@ -83,7 +82,6 @@ def test_a_run_from_a_datasets_directory_logs_the_same_numbers_to_jsonl_tensorbo
     assert tensorboard_scalars(run_dir / "tb", "eval/success").keys() == set(eval_steps)
 
 
-@pytest.mark.unit
 def test_tensorboard_after_a_resume_shows_each_step_once_with_the_new_value(tmp_path):
     first = MetricsLogger(tmp_path, tensorboard=True)
     for step in (1, 2, 3, 4):
@@ -109,7 +107,6 @@ class HeldReplica:
         return [Sample(prompt_token_ids, [5, 6], [-1.0, -1.0], [0, 0])]
 
 
-@pytest.mark.unit
 def test_replica_set_sends_each_group_to_the_replica_with_the_fewest_outstanding_groups():
     async def scenario() -> None:
         replicas = [HeldReplica() for _ in range(3)]

@@ -12,7 +12,7 @@ from parityrl.config import EngineConfig
 from parityrl.engines import vllm_compat
 from parityrl.engines.vllm import VLLMEngine
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.vllm  # imports vLLM (no engine starts)
 
 
 def test_a_release_without_weight_versions_is_a_finding_and_needs_streaming(monkeypatch, tmp_path):

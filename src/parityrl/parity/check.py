@@ -32,7 +32,7 @@ from parityrl.engines import make_engine
 from parityrl.engines.base import RolloutEngine
 from parityrl.engines.reference import score_with_kv_switch
 from parityrl.errors import UserError
-from parityrl.policy import compute_context, load_policy, load_tokenizer
+from parityrl.policy import compute_context, export_state_dict, load_policy, load_tokenizer
 from parityrl.scoring import DistributionMismatch, Mismatch, listed_logprobs, score
 from parityrl.tasks import load_task, task_prompt_ids
 
@@ -117,9 +117,18 @@ def full_distribution_mismatch(model: nn.Module, samples: list[Sample], sampling
 
 
 async def run_check(
-    config: RunConfig, num_prompts: int = 16, inflight: bool = True, perturb_scale: float = 0.05, full_vocab: bool = False
+    config: RunConfig,
+    num_prompts: int = 16,
+    inflight: bool = True,
+    perturb_scale: float = 0.05,
+    full_vocab: bool = False,
+    engine: RolloutEngine | None = None,
 ) -> dict:
-    """All measurements for one configuration; returns metric-name → value."""
+    """All measurements for one configuration; returns metric-name → value.
+
+    `engine`: a started engine on `config`'s model and engine settings to measure instead of starting
+    one (a notebook's, or the test suite's shared one). It is left running, back on the model's own
+    weights (a new version) when the inflight measurement perturbed them."""
     task = load_task(config.task)
     model_dir = prepare_model(config, task)
     tokenizer = load_tokenizer(model_dir)
@@ -131,8 +140,12 @@ async def run_check(
     top_logprobs = full_vocab_k(model_dir) if full_vocab else 0
     if full_vocab and config.engine.kind != "vllm":
         raise UserError("check --full-vocab compares vLLM's listed logprobs with the trainer: it needs engine.kind=vllm.")
-    engine = make_engine(config, model_dir, max_logprobs=top_logprobs or None)
-    await engine.start()
+    owned = engine is None
+    if engine is None:
+        engine = make_engine(config, model_dir, max_logprobs=top_logprobs or None)
+        await engine.start()
+    elif engine.settings().get("logprobs_mode", config.engine.logprobs_mode) != config.engine.logprobs_mode:
+        raise UserError(f"check: the engine given reports {engine.settings()['logprobs_mode']}, the config asks for {config.engine.logprobs_mode}.")
     result: dict = {"settings": engine.settings()}
     try:
         samples = await generate_all(engine, prompts, sampling, "static", top_logprobs)
@@ -144,7 +157,10 @@ async def run_check(
         if inflight:
             result |= await _inflight(engine, model_v0, prompts, sampling, trainer_sampling, dtype, perturb_scale)
     finally:
-        await engine.close()
+        if owned:
+            await engine.close()
+        elif inflight:
+            await engine.update_weights(export_state_dict(model_v0), version=engine.version + 1)
     return result
 
 
