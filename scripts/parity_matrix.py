@@ -11,6 +11,8 @@ JSON there at the end (`--render-only`: just that). One check at a time: each st
 
 `--out DIR --strict` (CI's release stage, `.ci/run`) writes the results and page under DIR instead and
 exits 1 if any release breaks a bound of `parity.matrix.failures` (its `KNOWN_LIMITS` aside).
+`--compare-with docs/parity_matrix` also exits 1 where a fresh result reaches another verdict than the
+committed one (`parity.matrix.disagreements`: read-back settings, each bound, fixes 1 and 3 showing).
 
 `--shims-off NAME[,NAME]` runs with those `engines.vllm_compat` shims switched off
 (`PARITYRL_VLLM_SHIMS_OFF`) and writes to docs/parity_matrix/simulated/ instead, outside the page:
@@ -30,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from parityrl.parity.matrix import CASE_BY_NAME, CASES, CONFIG, failures, load_results, render, unexpected_failures  # noqa: E402
+from parityrl.parity.matrix import CASE_BY_NAME, CASES, CONFIG, disagreements, failures, load_results, render, unexpected_failures  # noqa: E402
 
 OUT = REPO / "docs" / "parity_matrix"
 PAGE = REPO / "docs" / "parity_matrix.md"
@@ -87,10 +89,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT, help="where the JSON goes (the page beside it as parity_matrix.md "
                         "unless it is the default, docs/parity_matrix/, whose page is docs/parity_matrix.md)")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a release breaks a bound")
+    parser.add_argument("--compare-with", type=Path, help="a committed matrix (docs/parity_matrix): exit 1 where a result run now "
+                        "reaches another verdict than the committed one")
     options = parser.parse_args()
     out = options.out.resolve()
     page = PAGE if out == OUT else out / "parity_matrix.md"
 
+    fresh: list[dict] = []
     if not options.render_only:
         for venv in [REPO / v if not v.is_absolute() else v for v in options.venv or []] or installed_venvs():
             release = release_of(venv)
@@ -106,6 +111,7 @@ def main() -> None:
                 partial = target.with_suffix(".json.partial")
                 partial.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
                 partial.replace(target)  # atomic: a killed run leaves no half-written result
+                fresh.append(result)
                 problems = failures(result)
                 print(f"  {result['elapsed_s']:.0f} s: " + ("holds" if not problems else "; ".join(problems)), flush=True)
     results = load_results(out)
@@ -113,7 +119,16 @@ def main() -> None:
     page.write_text(render(results, COMMAND))
     print(f"wrote {page}")
     problems = [problem for result in results for problem in unexpected_failures(result)]
-    if options.strict and problems:
+    if options.compare_with is not None:
+        for result in fresh:
+            committed = options.compare_with / result["release"] / f"{result['case']}.json"
+            if not committed.is_file():
+                problems.append(f"vLLM {result['release']} {result['case']}: nothing committed at {committed} to compare with")
+                continue
+            found = disagreements(result, json.loads(committed.read_text()))
+            problems += found
+            print(f"vLLM {result['release']} {result['case']} against {committed}: " + ("same verdicts" if not found else "; ".join(found)))
+    if (options.strict or options.compare_with is not None) and problems:
         raise SystemExit("parity matrix: " + "; ".join(problems))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from parityrl.parity.matrix import CASES, CONFIGURED, FIX_ROWS, KNOWN_LIMITS, failures, load_results, render, unexpected_failures
+from parityrl.parity.matrix import CASES, CONFIGURED, FIX_ROWS, KNOWN_LIMITS, disagreements, failures, load_results, render, unexpected_failures
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,3 +80,20 @@ def test_bounds_catch_what_a_release_could_break(results):
         found = broken(change)
         assert any(expected in problem for problem in found), (change.__name__, found)
     assert failures(fp32 | {"error": "exit 1: EngineDeadError"})  # a release on which check fails is a failure
+
+
+def test_a_fresh_measurement_is_held_to_the_committed_verdicts(results):
+    """CI's release stage measures a release afresh and compares it with its committed row: the values
+    may move with the CPU, a verdict may not."""
+    committed = next(r for r in results if r["release"] == "0.31.0" and r["case"] == "fp32")
+    fresh = copy.deepcopy(committed)
+    fresh["check"][CONFIGURED]["parity/kl"] *= 3  # another CPU's rounding: same verdict
+    assert disagreements(fresh, committed) == []
+    broken = copy.deepcopy(committed)
+    broken["check"][CONFIGURED]["post_update/kl"] = 2e-6  # stale prefix KV after an update
+    broken["check"][FIX_ROWS["fix1 off"]]["parity/kl"] = 1e-12  # logprobs_mode ignored
+    broken["check"][CONFIGURED]["settings"].setdefault("worker", {})["enable_prefix_caching"] = True
+    found = disagreements(broken, committed)
+    assert len(found) == 3 and any("post_update/kl" in f for f in found) and any("fix1 off" in f for f in found), found
+    assert any("prefix caching" in f for f in found), found
+    assert disagreements(fresh | {"error": "exit 1: EngineDeadError"}, committed)

@@ -123,6 +123,41 @@ def unexpected_failures(result: dict) -> list[str]:
     return [problem for problem in failures(result) if known is None or known[0] not in problem]
 
 
+def disagreements(fresh: dict, committed: dict) -> list[str]:
+    """Where a fresh measurement of a (release, case) reaches another verdict than the committed row:
+    the numerics read back, each bound of `failures` held or broken, fix 1 off showing, fix 3 off
+    aborting. Values themselves may move with the CPU; a verdict may not (CI's release stage)."""
+    where = f"vLLM {fresh['release']} {fresh['case']}"
+    if (fresh["release"], fresh["case"]) != (committed["release"], committed["case"]):
+        return [f"{where}: compared with the committed vLLM {committed['release']} {committed['case']}"]
+    if bool(fresh.get("error")) != bool(committed.get("error")):
+        return [f"{where}: the check {'failed' if fresh.get('error') else 'ran'} where the committed one "
+                f"{'failed' if committed.get('error') else 'ran'} ({fresh.get('error') or committed.get('error')})"]
+    if fresh.get("error"):
+        return []
+    case = CASE_BY_NAME[fresh["case"]]
+    found = []
+    rows_fresh, rows_committed = fresh["check"], committed["check"]
+    seen_fresh = read_back(rows_fresh.get(CONFIGURED, {}).get("settings", {}))
+    seen_committed = read_back(rows_committed.get(CONFIGURED, {}).get("settings", {}))
+    found += [f"{where}: the engine reads back {name} = {seen_fresh[name]!r}, committed {seen_committed[name]!r}"
+              for name in seen_fresh if seen_fresh[name] != seen_committed[name]]  # fmt: skip
+    for name in BOUNDED:
+        bound = case.full_kl_bound if name == "parity/full_kl" else case.kl_bound
+        now, then = rows_fresh.get(CONFIGURED, {}).get(name), rows_committed.get(CONFIGURED, {}).get(name)
+        held_now, held_then = now is not None and now <= bound, then is not None and then <= bound
+        if held_now != held_then:
+            found.append(f"{where}: {name} {_fmt(now)} {'holds' if held_now else 'breaks'} the bound {bound:g}, committed {_fmt(then)}")
+    for short, name, holds in (("fix1 off", "parity/kl", lambda v: v is not None and v >= FIX_SHOWS_KL),
+                               ("fix3 off", "inflight/aborted_frac", lambda v: v == 1.0)):  # fmt: skip
+        if FIX_ROWS[short] in rows_committed:
+            now = rows_fresh.get(FIX_ROWS[short], {}).get(name)
+            then = rows_committed[FIX_ROWS[short]].get(name)
+            if holds(now) != holds(then):
+                found.append(f"{where}: {short} gives {name} {_fmt(now)}, committed {_fmt(then)}")
+    return found
+
+
 def read_back(settings: dict) -> dict[str, object]:
     """The numerics settings as the running engine reported them (its worker, where it says)."""
     worker = settings.get("worker", {})
