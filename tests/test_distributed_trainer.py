@@ -239,7 +239,6 @@ def failure_of(trainer: DistributedTrainer, call, seconds: float) -> tuple[str, 
     finally:
         trainer.close()
     message = str(failure.value)
-    print(f"\n[{elapsed:.1f} s] {message}")  # TEMP
     assert "\n" not in message and "Traceback" not in message, message
     return message, elapsed
 

@@ -29,6 +29,7 @@ RESUMABLE_OVERRIDES = (
     "engine.request_timeout_s",
     "engine.update_timeout_s",
     "engine.stall_timeout_s",
+    "train.collective_timeout_s",
     # the layout: where the same computation runs (checkpoints keep optimizer state by parameter name)
     "train.world_size",
     "train.fsdp",

@@ -313,6 +313,12 @@ class TrainConfig(Strict):
     per decoder layer and the root): each rank holds 1/world_size of the fp32 weights, gradients and
     AdamW state instead of all of them (DDP). Same step as DDP; compute precision as without it (bf16
     autocast over fp32 master weights). Needs world_size >= 2 (`pipeline.backend: ray`)."""
+    collective_timeout_s: float = Field(300.0, gt=0)
+    """How long a trainer rank waits in one collective (a gradient all-reduce, an FSDP2 gather, the process
+    group's rendezvous) for the other ranks before it gives up: torch.distributed's process-group timeout
+    (torch's own default is 30 min on gloo). The driver stops the run as soon as a rank raises, naming it;
+    a rank that stops answering is named once the others have waited this long (plus 30 s of margin).
+    Raise it only when a rank can legitimately lag this far behind the others inside one step."""
     logprob_temperature: float | None = Field(None, gt=0)
     """Temperature the trainer uses to recompute logprobs; None = sampling.temperature (the only consistent
     choice; other values exist to reproduce the pitfall, lint flags them)."""
