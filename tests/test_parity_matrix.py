@@ -68,6 +68,9 @@ def test_bounds_catch_what_a_release_could_break(results):
     def drifts_inflight(check):  # tokens after a keep-mode update scored against the wrong version
         check[CONFIGURED]["inflight_v/kl"] = 3e-6
 
+    def mistags_versions(check):  # tokens computed by v tagged v+1 (a pause that did not drain the stream)
+        check[CONFIGURED]["inflight_v1_kept_kv/kl"] = 4e-6
+
     def aborts_inflight(check):
         check[CONFIGURED]["inflight/aborted_frac"] = 0.25
 
@@ -75,7 +78,8 @@ def test_bounds_catch_what_a_release_could_break(results):
         check[CONFIGURED]["parity/full_kl"] = float("nan")
 
     for change, expected in [(ignores_logprobs_mode, "ignored logprobs_mode"), (reports_raw, "raw_logprobs"),
-                             (drifts_inflight, "inflight_v/kl"), (aborts_inflight, "did not keep"),
+                             (drifts_inflight, "inflight_v/kl"), (mistags_versions, "inflight_v1_kept_kv/kl"),
+                             (aborts_inflight, "did not keep"),
                              (full_kl_nan, "parity/full_kl")]:  # fmt: skip
         found = broken(change)
         assert any(expected in problem for problem in found), (change.__name__, found)
