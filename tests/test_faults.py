@@ -6,9 +6,9 @@
   and a third death: past `engine.max_restarts` the run stops with a checkpoint, one paragraph and a
   non-zero exit, and leaves no process behind; `--resume` then finishes with every step logged once
   and no prompt group trained twice (one run for three faults: 4 engine starts where three runs took 6);
-- the whole `parityrl train` process group is SIGKILLed after a checkpoint: `--resume` finishes
-  with every step logged exactly once and the policy versions continuous;
-- the engine hangs where the watchdog waits 10 minutes: a call's own deadline declares it dead;
+- the engine hangs where the watchdog waits 10 minutes: a call's own deadline declares it dead and a
+  new engine carries on; then the whole `parityrl train` process group is SIGKILLed after a
+  checkpoint: `--resume` finishes with every step logged exactly once and the versions continuous;
 - the main process alone is SIGKILLed: every process of the run dies with it.
 
 Kill steps and victims come from `random.Random(FAULT_SEED)` (env `PARITYRL_FAULT_SEED`, default 0),
@@ -210,20 +210,59 @@ def test_killed_then_hung_then_dying_engine_stops_the_run_and_resume_finishes(ti
     assert summary["eval_success_end"] is not None
 
 
-def test_process_group_killed_after_a_checkpoint_resumes_with_each_step_once(tiny_model_dir, tmp_path):
-    run_dir = tmp_path / "run"
+def test_hung_engine_then_process_group_killed_resumes_with_each_step_once(tiny_model_dir, tmp_path):
+    """Two faults, one run. First every vLLM process is SIGSTOPped mid-run (alive, holding requests,
+    never streaming again) where the watchdog would wait 10 minutes: a call's own deadline fires first
+    (the generation's or the weight update's, whichever the stop caught; 60 s, not less: a deadline
+    covers a call's whole life, queueing included, and at 20 s calls of a busy but healthy engine missed
+    it) and a new engine carries on; the hung one is closed, not left stopped beside it. Then, after a
+    checkpoint and a step past it, the whole process group is SIGKILLed: `--resume` unlinks the queues
+    the killed engine left (nothing of the run could), drops the logged steps past the checkpoint and
+    finishes with every step logged once and the versions continuous. (The watchdog's verdicts: the
+    three-fault run above and tests/test_supervisor.py.)"""
+    run_dir, log_path = tmp_path / "run", tmp_path / "train.log"
+    settings = ["engine.stall_timeout_s=600", "engine.request_timeout_s=60", "engine.update_timeout_s=60"]
     shared_before = shared_memory_names()
-    log = open(tmp_path / "train.log", "w")
-    process = subprocess.Popen(train_command(tiny_model_dir, run_dir), stdout=log, stderr=subprocess.STDOUT, env=environment(), start_new_session=True)
+    log = open(log_path, "w")
+    command = train_command(tiny_model_dir, run_dir, *[arg for setting in settings for arg in ("--set", setting)])
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment(), start_new_session=True)
+    stopped: list[psutil.Process] = []
+    stop_after = random.Random(FAULT_SEED).randint(2, 3)
+    replay = f"(PARITYRL_FAULT_SEED={FAULT_SEED}: engine stopped after step {stop_after})"
     try:
-        # killed after the step-3 checkpoint and a step past it, so the resume must drop logged steps
-        wait_for(lambda: (run_dir / "checkpoints" / "step_000003").is_dir() and any(r["step"] >= 4 for r in logged_steps(run_dir)),
-                 process, 600, "the first checkpoint", tmp_path / "train.log")  # fmt: skip
+        wait_for(lambda: any(r["step"] >= stop_after for r in logged_steps(run_dir)), process, 600, f"step {stop_after}", log_path)
+        stopped = vllm_processes(process.pid)
+        assert stopped, f"no vLLM EngineCore/worker among the run's {[(p.pid, p.name()) for p in psutil.Process(process.pid).children(recursive=True)]}"
+        for victim in stopped:
+            victim.suspend()
+        stopped_at = time.monotonic()
+        old_pids = {victim.pid for victim in stopped}
+        wait_for(lambda: {p.pid for p in vllm_processes(process.pid)} - old_pids, process, 300, "a new engine", log_path)
+        print(f"hung engine: a new engine's processes {time.monotonic() - stopped_at:.1f} s after SIGSTOP")
+        # a checkpoint written after the restart and a step past it, so the resume must drop logged steps
+        first = max([r["step"] for r in logged_steps(run_dir)] + [0]) + 1
+
+        def checkpointed_and_one_more() -> bool:
+            done = [int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_0*") if p.is_dir()] if (run_dir / "checkpoints").is_dir() else []
+            newest = max(done, default=0)
+            return newest >= first and any(r["step"] > newest for r in logged_steps(run_dir))
+
+        wait_for(checkpointed_and_one_more, process, 600, "a checkpoint after the restart", log_path)
+        # the hung engine was closed, not left stopped beside its successor
+        assert not [p for p in stopped if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], replay
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=60)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+        for victim in stopped:  # a stopped process outlives the test otherwise
+            with contextlib.suppress(psutil.NoSuchProcess):
+                victim.kill()
+    (failure,) = engine_failures_logged(log_path)
+    # the generation's deadline (its group requeued) or the weight update's (every group already generated)
+    assert "deadline" in failure, (replay, failure)
+    if failure.startswith("group "):
+        assert sum(r["pipeline/requeued_groups"] for r in logged_steps(run_dir) if r["step"] > 0) >= 1, (replay, failure)
     assert not (run_dir / "summary.json").exists()
     time.sleep(2)  # let the killed engine's processes go
     resumed = subprocess.run(
@@ -231,16 +270,18 @@ def test_process_group_killed_after_a_checkpoint_resumes_with_each_step_once(tin
         stdout=log, stderr=subprocess.STDOUT, env=environment(), timeout=900,
     )
     log.close()
-    assert resumed.returncode == 0, (tmp_path / "train.log").read_text()[-3000:]
-    assert "resuming" in (tmp_path / "train.log").read_text()
+    output = log_path.read_text()
+    assert resumed.returncode == 0, output[-3000:]
+    assert "resuming" in output
     # nothing of the killed run could unlink its engine's queues (~420 MB of RAM): the resume did
-    assert "shared-memory queue(s) the stopped run's engine left" in (tmp_path / "train.log").read_text()
+    assert "shared-memory queue(s) the stopped run's engine left" in output
     # (a 32-byte `sem.mp-*` of the killed main process's own may stay: nothing records or unlinks those)
     left = [path for path in shared_memory_left(shared_before) if not path.name.startswith("sem.mp-")]
-    assert not left, f"shared memory left by the killed run or its resume: {left}"
+    assert not left, f"shared memory left by the hung engine, the killed run or its resume: {left}"
     assert_each_step_once(run_dir, STEPS)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["eval_success_end"] is not None and summary["eval_success_start"] is not None
+    assert summary["engine_restarts"] >= 1, summary  # carried across the resume
     # training into it again without --resume/--overwrite is refused
     again = subprocess.run(
         [sys.executable, "-m", "parityrl.cli", "train", "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=60
@@ -294,53 +335,3 @@ def test_every_process_of_a_run_dies_with_its_main_process(tiny_model_dir, tmp_p
         for leftover in [process.pid] + [p.pid for p in children]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(leftover, signal.SIGKILL)
-
-
-def test_hung_engine_is_replaced_by_a_call_deadline_and_the_run_finishes(tiny_model_dir, tmp_path):
-    """SIGSTOP every vLLM process of the run mid-run: alive, holding requests, never streaming again.
-    The watchdog would wait 10 minutes: a call's own deadline fires first (the generation's or the
-    weight update's, whichever the stop caught). 60 s, not less: a deadline covers a call's whole
-    life, queueing included, and at 20 s calls of a busy but healthy engine missed it (extra restarts).
-    The watchdog's own verdicts: the run above and tests/test_supervisor.py."""
-    detected_by = "deadline"
-    settings = ["engine.stall_timeout_s=600", "engine.request_timeout_s=60", "engine.update_timeout_s=60"]
-    run_dir = tmp_path / "run"
-    shared_before = shared_memory_names()
-    overrides = [arg for setting in settings for arg in ("--set", setting)]
-    process = subprocess.Popen(
-        train_command(tiny_model_dir, run_dir, *overrides), stdout=open(tmp_path / "train.log", "w"), stderr=subprocess.STDOUT,
-        env=environment(), start_new_session=True,
-    )  # fmt: skip
-    stopped: list[psutil.Process] = []
-    stop_after = random.Random(FAULT_SEED).randint(2, 5)
-    replay = f"(PARITYRL_FAULT_SEED={FAULT_SEED}: engine stopped after step {stop_after})"
-    try:
-        log = tmp_path / "train.log"
-        wait_for(lambda: any(r["step"] >= stop_after for r in logged_steps(run_dir)), process, 600, f"step {stop_after}", log)
-        stopped = vllm_processes(process.pid)
-        children = [(p.pid, p.name()) for p in psutil.Process(process.pid).children(recursive=True)]
-        assert stopped, f"no vLLM EngineCore/worker process among the run's {children}"
-        for victim in stopped:
-            victim.suspend()
-        stopped_at = time.monotonic()
-        old_pids = {victim.pid for victim in stopped}
-        wait_for(lambda: {p.pid for p in vllm_processes(process.pid)} - old_pids, process, 300, "a new engine", log)
-        print(f"hung engine ({detected_by}): a new engine's processes {time.monotonic() - stopped_at:.1f} s after SIGSTOP")
-        assert process.wait(timeout=600) == 0, replay + (tmp_path / "train.log").read_text()[-3000:]
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        for victim in stopped:  # a stopped process outlives the test otherwise
-            with contextlib.suppress(psutil.NoSuchProcess):
-                victim.kill()
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["engine_restarts"] == 1, replay
-    (failure,) = summary["engine_failures"]
-    # the generation's deadline (its group requeued) or the weight update's (every group already generated)
-    assert "deadline" in failure, (replay, failure)
-    if failure.startswith("group "):
-        assert summary["requeued_groups"] >= 1, (replay, failure)
-    assert_each_step_once(run_dir, STEPS)
-    # the hung engine was closed, not left stopped beside its successor, nor its queues in /dev/shm (RAM)
-    assert not [p for p in stopped if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], replay
-    assert not shared_memory_left(shared_before), (replay, shared_memory_left(shared_before, grace_s=0))

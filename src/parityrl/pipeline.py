@@ -175,8 +175,11 @@ class RLRun:
         engine_began = time.perf_counter()
         await self.engine.start()
         self.startup["engine"] = time.perf_counter() - engine_began
-        self.settings = self.engine.settings()
-        write_json_atomic(self.run_dir / "engine_settings.json", self.settings)
+        self.settings = self.record_engine_settings()
+        # a restarted engine has other shared-memory queues: recorded at once, so that a resume after the run
+        # is killed finds them (the first engine's were unlinked when it was closed)
+        for supervised in getattr(self.engine, "replicas", [self.engine]):
+            supervised.on_start = self.record_restarted_engine
         self.console.print(f"[bold]engine settings in force[/bold]: {self.settings}")
         wandb_config = config.model_dump() if config.logging.wandb else None
         purge_step = self.finished_step + 1 if state is not None else 0  # TensorBoard drops what the stopped session logged after it
@@ -430,6 +433,18 @@ class RLRun:
         if self.plots is not None:  # metrics.jsonl is complete and fsynced: draw it while the engine closes
             self.drawing = asyncio.get_running_loop().run_in_executor(None, self.plots)
         self.summary |= self.backend.summary()
+
+    def record_engine_settings(self) -> dict:
+        """The running engine's settings, as it reports them, in engine_settings.json."""
+        settings = self.engine.settings()
+        write_json_atomic(self.run_dir / "engine_settings.json", settings)
+        return settings
+
+    def record_restarted_engine(self) -> None:
+        try:
+            self.record_engine_settings()
+        except Exception as error:  # the restarted engine serves either way; only a later resume's cleanup misses it
+            self.warn(f"the restarted engine's settings could not be recorded ({type(error).__name__}: {error})")
 
     async def close(self) -> None:
         """Whatever the run reached: background tasks, rollouts, engine, reward workers, trainer, sinks."""

@@ -73,6 +73,9 @@ class SupervisedEngine:
         self._lock = asyncio.Lock()
         self._published: tuple[Weights, int] | None = None
         self._gave_up: EngineGaveUp | None = None
+        self.on_start: Callable[[], None] | None = None
+        """Called after each engine this supervisor starts, restarts included: the pipeline records the
+        new engine's settings, whose shared-memory queues a `--resume` after a kill must find."""
 
     @property
     def engine(self) -> RolloutEngine:
@@ -119,6 +122,8 @@ class SupervisedEngine:
         self._dead = asyncio.Event()
         self._dead_reason = ""
         self._watchdog = asyncio.create_task(self._watch(engine, self._dead))
+        if self.on_start is not None:
+            self.on_start()
 
     def _giving_up(self, reason: str) -> EngineGaveUp:
         return EngineGaveUp(
