@@ -41,12 +41,23 @@ def test_every_release_measured_holds_every_bound_but_its_known_limits(results):
         assert any(text in problem for problem in failures(measured[(release, case)])), (release, case)
 
 
+# what each shim keeps from happening, as the run without it fails: a crash of another cause (an engine
+# that does not start, a typo in the shim's name) must not count as the shim's failure
+SHIM_FAILURES = {"stream_tags": "object has no attribute 'weight_versions'"}
+
+
 def test_a_release_without_a_shim_is_caught():
-    """The simulated runs (a shim switched off on a release that needs it) must fail the bounds."""
+    """The simulated runs (a shim switched off on a release that needs it) fail the matrix, each for the
+    reason its shim exists. (`pause_sleep` switched off on 0.31.0 held every bound on an AMD EPYC,
+    kept-KV kl 3.3e-12: not a simulated failure, so not here.) The bounds themselves are exercised on
+    measured numbers by the next test."""
     simulated = sorted((MATRIX / "simulated").glob("*.json"))
     assert simulated, "no simulated run under docs/parity_matrix/simulated/"
     for path in simulated:
-        assert failures(json.loads(path.read_text())), f"{path.name}: a release without the shim passed"
+        result = json.loads(path.read_text())
+        assert result["shims_off"] in SHIM_FAILURES, f"{path.name}: no expected failure for shim {result['shims_off']!r}"
+        problems = failures(result)
+        assert any(SHIM_FAILURES[result["shims_off"]] in problem for problem in problems), (path.name, problems)
 
 
 def test_bounds_catch_what_a_release_could_break(results):
