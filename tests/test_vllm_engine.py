@@ -15,7 +15,7 @@ import pytest
 import torch
 import vllm  # noqa: F401  (a missing vLLM must fail CI, not skip these tests)
 
-from conftest import EngineSlot
+from conftest import ENGINE_SEED, EngineSlot
 
 from parityrl.batch import Sample
 from parityrl.config import EngineConfig, SamplingConfig, load_config
@@ -134,7 +134,7 @@ def test_protocol_and_settings(slot):
     settings = engine.settings()
     print("\n[vllm] settings:", settings)
     assert settings["logprobs_mode"] == "processed_logprobs"
-    assert settings["enable_prefix_caching"] is False
+    assert settings["enable_prefix_caching"] is False and settings["prefix_caching"] == "off" and settings["cache_salt"] is None
     assert settings["async_scheduling"] is False
     assert settings["dtype"] == "float32"
     assert settings["head_dtype"] == "float32"
@@ -414,3 +414,52 @@ def test_a_killed_engine_leaves_no_shared_memory_behind(slot):
     slot.close()
     left = sorted(path for path in mapped if os.path.exists(path))
     assert not left, f"left in /dev/shm by the killed engine: {left}"
+
+
+@pytest.mark.slow  # two engines of their own (prefix caching on, unsalted and versioned)
+def test_versioned_prefix_caching_reuses_kv_within_a_policy_version_only(tiny_model_dir, hf_model, tokenizer):
+    """Fix 2, the hazard itself: a prompt prefilled (and cached) at version v, an update, the same prompt
+    again at v+1. Unsalted (`on`, vLLM's default) the v+1 request reuses the blocks v computed and its
+    logprobs miss a v+1 recompute; `versioned` serves it no block of v (and within one version the n
+    samples of a group still share the prompt's blocks), so it matches the recompute to fp32 rounding.
+    32-token blocks (CPU's default is 128) and a 70-token prompt: two blocks to reuse."""
+    from parityrl.engines.vllm import VLLMEngine
+
+    prompt = encode_prompt(tokenizer, "7+58=" * 14)
+    assert len(prompt) > 64
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=8, n=4, ignore_eos=True)
+    state_v1 = perturbed(export_state_dict(hf_model), 0.05, seed=5)
+    model_v1 = load_policy(tiny_model_dir, "float32", lm_head_fp32=True)
+    model_v1.load_state_dict(state_v1)
+    model_v1.eval()
+    loop = asyncio.new_event_loop()
+    measured = {}
+    try:
+        for mode in ("on", "versioned"):
+            config = EngineConfig(prefix_caching=mode, block_size=32, enforce_eager=True)
+            engine = VLLMEngine(tiny_model_dir, "float32", config, seed=ENGINE_SEED)
+            loop.run_until_complete(engine.start())
+            try:
+                assert engine.settings()["enable_prefix_caching"] is True and engine.settings()["prefix_caching"] == mode
+                before = loop.run_until_complete(engine.generate(prompt, sampling, "before"))
+                loop.run_until_complete(engine.update_weights(state_v1, engine.version + 1))
+                after = loop.run_until_complete(engine.generate(prompt, sampling, "after"))
+            finally:
+                loop.run_until_complete(engine.close())
+            k3_after, max_after, _ = parity_stats(after, model_v1, sampling)
+            measured[mode] = (before, after, k3_after, max_after)
+            print(f"\n[vllm] prefix_caching={mode}: cached prompt tokens before {[s.cached_prompt_tokens for s in before]}, "
+                  f"after the update {[s.cached_prompt_tokens for s in after]}; v+1 k3 {k3_after:.3e}, max|d| {max_after:.3e}")
+    finally:
+        loop.close()
+    on_before, on_after, on_k3, on_max = measured["on"]
+    versioned_before, versioned_after, versioned_k3, versioned_max = measured["versioned"]
+    # within one version both modes share the prompt's blocks between the samples of a group
+    assert max(s.cached_prompt_tokens for s in on_before) >= 64 and max(s.cached_prompt_tokens for s in versioned_before) >= 64
+    # unsalted: the first request after the update is served the blocks v computed, and misses the v+1 recompute
+    assert min(s.cached_prompt_tokens for s in on_after) >= 64
+    assert on_max > 1e-4, (on_k3, on_max)
+    # versioned: nothing of v is reused (the v+1 samples may share blocks among themselves), and parity holds
+    assert all(s.kv_version == 1 and set(s.version_per_token) == {1} and not s.mixed_version for s in versioned_after)
+    assert versioned_k3 <= 1e-9 and versioned_max <= 1e-5, (versioned_k3, versioned_max)
+    assert on_max >= 100 * max(versioned_max, 1e-7)

@@ -36,15 +36,27 @@ class Sample:
     top_logprobs_old: list[dict[int, float]] | None = None
     """Only for `check --full-vocab`: per completion position, the engine's processed logprobs of its
     top-K tokens (all tokens when K is the vocabulary size)."""
+    kv_version: int | None = None
+    """`engine.prefix_caching: versioned`: the policy version the request was submitted (and its cache
+    salted) under, the oldest whose KV its prompt may have read from the cache. A request that waited
+    in vLLM's queue across an update reads version-v blocks and samples every token at v+1: it counts
+    as spanning the update. None: the prompt was computed by its first token's version."""
+    cached_prompt_tokens: int | None = None
+    """Prompt tokens vLLM served from its prefix cache (None where the engine does not say)."""
 
     @property
     def mixed_version(self) -> bool:
-        """The sequence spans a weight update (its tokens come from more than one policy version)."""
-        return len(set(self.version_per_token)) > 1
+        """The sequence spans a weight update: its tokens, or the KV its prompt read (`kv_version`), come
+        from more than one policy version."""
+        versions = set(self.version_per_token)
+        if self.kv_version is not None and self.version_per_token:
+            versions.add(self.kv_version)
+        return len(versions) > 1
 
     @property
     def oldest_version(self) -> int:
-        return min(self.version_per_token, default=NO_VERSION)
+        oldest = min(self.version_per_token, default=NO_VERSION)
+        return oldest if self.kv_version is None or not self.version_per_token else min(oldest, self.kv_version)
 
 
 @dataclass
@@ -71,6 +83,7 @@ class PackedBatch:
     logprobs_old: Tensor  # [B, T] engine logprobs, 0 at padding
     version_per_token: Tensor  # [B, T] int64, -1 at padding
     replica: Tensor  # [B] int64 engine replica of each sequence, -1 when unknown (one local engine)
+    kv_version: Tensor  # [B] int64 `Sample.kv_version`, -1 when None (the prompt is its first token's version)
 
     def to(self, device: torch.device | str) -> PackedBatch:
         """The same batch on `device` (the trainer's)."""
@@ -95,6 +108,8 @@ class PackedBatch:
         generated = self.completion_mask
         newest = self.version_per_token.masked_fill(~generated, -1).amax(-1)
         oldest = self.version_per_token.masked_fill(~generated, NO_VERSION).amin(-1)
+        # a prompt read from cache blocks of an older version than any token (`Sample.kv_version`)
+        oldest = torch.where(self.kv_version >= 0, torch.minimum(oldest, self.kv_version), oldest)
         return oldest, newest, generated.any(-1)
 
 
@@ -183,7 +198,8 @@ def pack_samples(samples: list[Sample], pad_id: int, shape: ModelShape | None = 
         completion_mask[index, :count] = True
         logprobs_old[index, :count] = torch.tensor(sample.logprobs_old, dtype=torch.float32)
         versions[index, :count] = torch.tensor(sample.version_per_token, dtype=torch.long)
+    kv_version = torch.tensor([-1 if s.kv_version is None else s.kv_version for s in samples], dtype=torch.long)
     return PackedBatch(
         input_ids, position_ids, segment_ids, sample_row, logit_index, prompt_ids, prompt_mask,
-        completion_ids, completion_mask, logprobs_old, versions, replica,
+        completion_ids, completion_mask, logprobs_old, versions, replica, kv_version,
     )

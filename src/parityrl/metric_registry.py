@@ -156,6 +156,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("train/micro_batches", "forward/backward passes this step took (`train.micro_batch_tokens`, `train.micro_batch_size`)", "train"),
     Metric("perf/probe_wait_s", "seconds this step waited, after its backward passes, for the parity probe's samples (part of train/step_s)", "perf"),
     Metric("perf/trainer_threads", "torch threads this step's forward and backward ran with (`train.threads: auto` adapts them)", "perf"),
+    Metric("perf/prefix_cache_hit_frac", "prompt tokens of the step's samples that vLLM served from its prefix cache (`engine.prefix_caching`), "
+           "over all their prompt tokens: prefill work saved", "perf"),
     Metric("perf/engine_idle_frac", "fraction of the RL wall time so far that the engine had no request", "perf"),
     Metric("perf/trainer_idle_frac", "fraction of the RL wall time so far that the trainer waited for a batch", "perf"),
     # --- train

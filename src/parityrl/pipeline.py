@@ -327,6 +327,7 @@ class RLRun:
             "pipeline/requeued_groups": engine.requeued_groups - self.requeued_seen,
             "pipeline/engine_restarts": engine.restarts - self.restarts_seen,
             "perf/rollout_tok_s": (rollouts.generated_tokens - self.last_tokens) / max(now - self.last_time, 1e-9),
+            "perf/prefix_cache_hit_frac": prefix_cache_hit_frac(self.samples),
             "perf/engine_idle_frac": rollouts.idle_seconds() / max(now - self.rl_start, 1e-9),
             "perf/trainer_idle_frac": self.trainer_wait_s / max(now - self.rl_start, 1e-9),
             "perf/batch_wait_s": waited,
@@ -502,6 +503,14 @@ async def timed(awaitable) -> float:
     began = time.perf_counter()
     await awaitable
     return time.perf_counter() - began
+
+
+def prefix_cache_hit_frac(samples: list) -> float | None:
+    """Prompt tokens served from vLLM's prefix cache over all prompt tokens (None: the engine does not say)."""
+    counted = [s for s in samples if s.cached_prompt_tokens is not None]
+    if not counted:
+        return None
+    return sum(s.cached_prompt_tokens for s in counted) / max(sum(len(s.prompt_token_ids) for s in counted), 1)
 
 
 def _summary(counters: dict, eval_success: float | None, steps: int, run_dir: Path) -> dict:

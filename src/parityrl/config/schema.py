@@ -185,14 +185,32 @@ REPLAYED_SAMPLING_FIELDS = (
 
 
 class EngineConfig(Strict):
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_prefix_caching_key(cls, data):
+        """Runs written before `prefix_caching` say `enable_prefix_caching` (their config.yaml must still load
+        for `--resume` and `compare`): false -> off, true or null (vLLM's default, on) -> on."""
+        if isinstance(data, dict) and "enable_prefix_caching" in data:
+            data = dict(data)
+            legacy = data.pop("enable_prefix_caching")
+            if "prefix_caching" in data:
+                raise ValueError("give engine.prefix_caching only (engine.enable_prefix_caching is its old name)")
+            data["prefix_caching"] = "off" if legacy is False else "on"
+        return data
+
     kind: Literal["vllm", "reference"] = "vllm"
     """Rollout engine: `vllm` (vLLM V1 AsyncLLM) or `reference` (plain torch sampler, ground truth)."""
     logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = "processed_logprobs"
     """Fix 1. `processed_logprobs`: logprob under the distribution sampled from. `raw_logprobs` (naive V1
     default): log-softmax of the unscaled logits, before temperature/top-k/top-p."""
-    enable_prefix_caching: bool | None = False
-    """Fix 2. Prefix caching lets new requests reuse KV computed by older weights (vLLM 0.32 default: on).
-    None leaves it to the installed vLLM's default (lint warns)."""
+    prefix_caching: Literal["off", "versioned", "on"] = "off"
+    """Fix 2. vLLM's prefix caching (KV blocks of a prompt prefix reused by later requests). `off`: every
+    request prefills its whole prompt (n times for a group of n). `versioned`: on, every request salted
+    with the engine's start and the policy version it was submitted under, so blocks are reused within
+    a version and never across one (a request that waited across an update is counted as spanning it:
+    `Sample.kv_version`). `on`: unsalted, vLLM 0.32's default, the naive setting: new samples reuse KV
+    that older weights computed (for the ablation; lint refuses it with inflight updates). On CPU vLLM's
+    blocks are 128 tokens: shorter prompts are never reused unless `block_size` is lowered."""
     async_scheduling: bool | None = False
     """Fix 2. Async scheduling overlaps scheduling with execution. None leaves it to the vLLM default (lint warns)."""
     update_mode: Literal["keep", "abort"] = "keep"

@@ -172,6 +172,7 @@ class VLLMEngine:
         """`shm` transport: the current update's buffer (one at a time; released once the worker loaded it)."""
         self._paused = False
         self._update_lock: asyncio.Lock | None = None
+        self._salt_nonce = ""
         self._inflight = 0
         self._retagged_tokens = 0
         self._generated_tokens = 0
@@ -211,7 +212,7 @@ class VLLMEngine:
             dtype=self.model_dtype,
             seed=self.seed,
             logprobs_mode=cfg.logprobs_mode,
-            enable_prefix_caching=cfg.enable_prefix_caching,
+            enable_prefix_caching=cfg.prefix_caching != "off",
             async_scheduling=cfg.async_scheduling,
             hf_overrides={"head_dtype": "float32" if cfg.lm_head_fp32 else "model"},
             gpu_memory_utilization=cfg.gpu_memory_utilization,
@@ -287,6 +288,9 @@ class VLLMEngine:
         self._engine_queues = self._mapped_by_engine()
         reports = await self.engine.collective_rpc("parityrl_report")
         self._worker_report = reports[0] if reports else {}
+        # in every salt: a restarted engine (or a resumed run, whose versions repeat) never matches blocks
+        # of another start, should a KV store outlive this engine (vLLM's block hashes are deterministic)
+        self._salt_nonce = os.urandom(6).hex()
         await self._warm_up()
         self.start_s = time.perf_counter() - began
         self._update_lock = asyncio.Lock()
@@ -369,18 +373,36 @@ class VLLMEngine:
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
         )
 
-    async def _generate_one(self, prompt_token_ids: list[int], params, request_id: str) -> Sample:
+    async def _engine_prompt(self, prompt_token_ids: list[int]) -> tuple[dict, int | None]:
+        """(vLLM's prompt, the version it is salted with). `prefix_caching: versioned` salts each request
+        with this engine's start and the policy version it is submitted under, once any update in
+        progress has finished: its blocks are shared with requests of the same version only. A request
+        still queued when a later update lands reads blocks of its own version and samples at the next:
+        `Sample.kv_version` says so, and the trainer counts it as spanning the update."""
         from vllm.inputs import TokensPrompt
 
+        if self.config.prefix_caching != "versioned":
+            return TokensPrompt(prompt_token_ids=list(prompt_token_ids)), None
+        if self._update_lock is not None and self._update_lock.locked():
+            async with self._update_lock:
+                pass
+        version = self.version
+        return TokensPrompt(prompt_token_ids=list(prompt_token_ids), cache_salt=f"parityrl-{self._salt_nonce}-v{version}"), version
+
+    async def _generate_one(self, prompt_token_ids: list[int], params, request_id: str) -> Sample:
         tokens: list[int] = []
         logprobs: list[float] = []
         top_logprobs: list[dict[int, float]] = []
         stream_versions: list[int] = []
         finish_reason = "abort"
         spans = None
+        cached_tokens = None
+        prompt, kv_version = await self._engine_prompt(prompt_token_ids)
         self._inflight += 1
         try:
-            async for output in self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt_token_ids)), params, request_id):
+            async for output in self.engine.generate(prompt, params, request_id):
+                if getattr(output, "num_cached_tokens", None) is not None:
+                    cached_tokens = int(output.num_cached_tokens)
                 completion = output.outputs[0]
                 new_ids = list(completion.token_ids)
                 version_now = self.version
@@ -423,6 +445,8 @@ class VLLMEngine:
             version_per_token=versions,
             finish_reason=finish_reason,
             top_logprobs_old=top_logprobs if params.logprobs else None,
+            kv_version=kv_version,
+            cached_prompt_tokens=cached_tokens,
         )
 
     async def generate(
@@ -452,7 +476,6 @@ class VLLMEngine:
     async def greedy(self, prompts: list[list[int]], max_new_tokens: int, request_id: str) -> list[list[int]]:
         """Greedy completions (vLLM temperature 0: argmax of the logits), batched with whatever is in flight."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         if self.engine is None:
@@ -466,9 +489,10 @@ class VLLMEngine:
 
         async def one(index: int, prompt: list[int]) -> list[int]:
             tokens: list[int] = []
+            engine_prompt, _ = await self._engine_prompt(prompt)
             self._inflight += 1
             try:
-                async for output in self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt)), params, f"{request_id}/{index}"):
+                async for output in self.engine.generate(engine_prompt, params, f"{request_id}/{index}"):
                     new_ids = list(output.outputs[0].token_ids)
                     tokens += new_ids
                     self._streamed_tokens += len(new_ids)
@@ -626,7 +650,7 @@ class VLLMEngine:
         requested = {
             "dtype": self.model_dtype,
             "logprobs_mode": self.config.logprobs_mode,
-            "enable_prefix_caching": self.config.enable_prefix_caching,
+            "enable_prefix_caching": self.config.prefix_caching != "off",
             "async_scheduling": self.config.async_scheduling,
             "head_dtype": "float32" if self.config.lm_head_fp32 else self.model_dtype,
         }
@@ -638,6 +662,9 @@ class VLLMEngine:
             **in_force,
             "overridden_by_vllm": {k: {"requested": requested[k], "in_force": v} for k, v in in_force.items() if requested[k] != v},
             "hf_overrides": dict(mc.hf_overrides) if isinstance(mc.hf_overrides, dict) else str(mc.hf_overrides),
+            # how requests reach the cache: salted per policy version (versioned) or not at all (on)
+            "prefix_caching": self.config.prefix_caching,
+            "cache_salt": "per engine start and policy version" if self.config.prefix_caching == "versioned" else None,
             "update_mode": self.config.update_mode,
             "weight_update": self.config.weight_update,
             "seed": self.seed,

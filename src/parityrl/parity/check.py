@@ -40,7 +40,7 @@ from parityrl.tasks import load_task, task_prompt_ids
 FIX_OFF: dict[str, list[str]] = {
     "fix1 off (raw logprobs)": ["engine.logprobs_mode=raw_logprobs"],
     "fix2 off (prefix caching + async scheduling at vLLM defaults)": [
-        "engine.enable_prefix_caching=null",
+        "engine.prefix_caching=on",
         "engine.async_scheduling=null",
     ],
     "fix3 off (pause aborts + clears caches)": ["engine.update_mode=abort"],

@@ -9,9 +9,8 @@ config `key` path, what goes wrong, and the exact fix. Pitfalls checked:
 | `dtype-auto` | error | model.dtype | vLLM's `dtype: auto` silently downcasts an fp32 checkpoint to bf16 on CPU, so engine and trainer run different precisions. parityrl's config only accepts explicit dtypes; `lint_file` inspects the *raw* YAML first so a config migrated from another framework gets this actionable message instead of a bare validation error (the rest of the config is then linted as if `model.dtype` were unset). |
 | `raw-logprobs` | error with temperature != 1, active top-k/top-p/min-p or a penalty, else warning | engine.logprobs_mode | `raw_logprobs` reports log-softmax of the unscaled logits, before penalties, temperature and truncation, not the logprob under the distribution sampled from; the trainer's processed logprob differs by far more than numerical noise. At T=1 with every other sampling transform off the two coincide, but the first sampling change silently breaks parity. |
 | `trainer-sampling-mismatch` | error | train.logprob_temperature / _top_k / _top_p / _min_p / _repetition_penalty / _presence_penalty / _frequency_penalty | the trainer recomputes logprobs under different sampling transforms than the engine sampled with; every ratio is biased. |
-| `prefix-caching-default` | warning | engine.enable_prefix_caching | `null` leaves it to the installed vLLM's default (on in 0.32): the numerics depend on the version. |
 | `async-scheduling-default` | warning | engine.async_scheduling | `null` leaves it to the installed vLLM's default; the run does not record what was in force. |
-| `prefix-caching-stale-kv` | warning | engine.enable_prefix_caching | on, in a run with weight updates (train.steps > 0): new samples of a prompt reuse KV blocks computed by older weights, mixing policy versions inside one "fresh" sample. |
+| `prefix-caching-stale-kv` | error | engine.prefix_caching | `on` (unsalted, vLLM's default; also the old `enable_prefix_caching: true` or `null`) in a run with weight updates (train.steps > 0): new samples of a prompt reuse KV blocks computed by older weights, mixing policy versions inside one "fresh" sample (fix 2). `versioned` reuses KV within a policy version only. |
 | `update-abort` | warning | engine.update_mode | every weight update aborts in-flight requests and clears caches: work is lost and long completions are under-represented, biasing the sample mix toward short ones. |
 | `one-sided-fp32-head` | warning | engine.force_one_sided_head | fp32 lm_head on one side only makes the engine/trainer mismatch worse; config validation refuses it unless forced, so a config that reaches lint is an ablation. |
 | `bf16-head` | error if vocab >= 32000, else warning | model.lm_head_fp32 / engine.lm_head_fp32 | with a bf16 model and the head in bf16, logits carry ~3 significant digits and engine and trainer GEMMs round them differently; the log-sum-exp over a large vocabulary turns that into a per-token logprob mismatch that dominates the KL. |
@@ -171,26 +170,15 @@ def _check_trainer_sampling(config: RunConfig) -> list[Finding]:
 def _check_runtime_defaults(config: RunConfig) -> list[Finding]:
     engine = config.engine
     findings = []
-    if engine.enable_prefix_caching is None:
-        findings.append(
-            Finding(
-                "prefix-caching-default",
-                "warning",
-                "engine.enable_prefix_caching",
-                "null leaves prefix caching to the installed vLLM's default (on in 0.32): new samples may reuse "
-                "KV computed by older weights, depending on the version.",
-                "set engine.enable_prefix_caching: false",
-            )
-        )
-    elif engine.enable_prefix_caching and config.train.steps > 0:
+    if engine.prefix_caching == "on" and config.train.steps > 0:
         findings.append(
             Finding(
                 "prefix-caching-stale-kv",
-                "warning",
-                "engine.enable_prefix_caching",
-                "prefix caching is on in a run with weight updates: a new sample of a prompt reuses KV blocks "
-                "computed by old weights, so a 'fresh' sample silently mixes policy versions.",
-                "set engine.enable_prefix_caching: false",
+                "error",
+                "engine.prefix_caching",
+                "prefix caching is on and unsalted in a run with weight updates (fix 2 off): a new sample of a prompt "
+                "reuses KV blocks computed by old weights, so a 'fresh' sample silently mixes policy versions.",
+                "set engine.prefix_caching: versioned (KV reused within a policy version only) or off",
             )
         )
     if engine.async_scheduling is None:
