@@ -422,13 +422,15 @@ def test_versioned_prefix_caching_reuses_kv_within_a_policy_version_only(tiny_mo
     again at v+1. Unsalted (`on`, vLLM's default) the v+1 request reuses the blocks v computed and its
     logprobs miss a v+1 recompute; `versioned` serves it no block of v (and within one version the n
     samples of a group still share the prompt's blocks), so it matches the recompute to fp32 rounding.
-    32-token blocks (CPU's default is 128) and a 70-token prompt: two blocks to reuse."""
+    32-token blocks (CPU's default is 128) and a 70-token prompt: two blocks to reuse. Measured here:
+    after the update `on` served 64 cached tokens to every sample, k3 6.1e-9 and max|d| 1.8e-4 against
+    the v+1 recompute; `versioned` none to the first (64 to its siblings), k3 8.6e-16, max|d| 1.2e-7."""
     from parityrl.engines.vllm import VLLMEngine
 
     prompt = encode_prompt(tokenizer, "7+58=" * 14)
     assert len(prompt) > 64
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=8, n=4, ignore_eos=True)
-    state_v1 = perturbed(export_state_dict(hf_model), 0.05, seed=5)
+    state_v1 = perturbed(export_state_dict(hf_model), 0.1, seed=5)
     model_v1 = load_policy(tiny_model_dir, "float32", lm_head_fp32=True)
     model_v1.load_state_dict(state_v1)
     model_v1.eval()
@@ -458,8 +460,8 @@ def test_versioned_prefix_caching_reuses_kv_within_a_policy_version_only(tiny_mo
     assert max(s.cached_prompt_tokens for s in on_before) >= 64 and max(s.cached_prompt_tokens for s in versioned_before) >= 64
     # unsalted: the first request after the update is served the blocks v computed, and misses the v+1 recompute
     assert min(s.cached_prompt_tokens for s in on_after) >= 64
-    assert on_max > 1e-4, (on_k3, on_max)
+    assert on_k3 > 1e-9, (on_k3, on_max)  # over the fp32 parity bound
     # versioned: nothing of v is reused (the v+1 samples may share blocks among themselves), and parity holds
     assert all(s.kv_version == 1 and set(s.version_per_token) == {1} and not s.mixed_version for s in versioned_after)
     assert versioned_k3 <= 1e-9 and versioned_max <= 1e-5, (versioned_k3, versioned_max)
-    assert on_max >= 100 * max(versioned_max, 1e-7)
+    assert on_max >= 100 * versioned_max, (on_max, versioned_max)  # measured 1565x
