@@ -108,10 +108,11 @@ def engine_failures_logged(log: Path) -> list[str]:
 def test_killed_then_hung_then_dying_engine_stops_the_run_and_resume_finishes(tiny_model_dir, tmp_path):
     run_dir, log_path = tmp_path / "run", tmp_path / "train.log"
     # 8 prompts x 8 samples as in the demo: 64 rewards per step, so every-20th failures stay under 10%.
-    # The update deadline is far above the stall timeout: within 30 s of a stop only the watchdog can fire
+    # Steps without end: the third death stops the run (a policy that collapsed to empty completions ran
+    # 400 steps in 160 s, before the third kill, in one run). The update deadline is far above the stall timeout: within 30 s of a stop only the watchdog can fire
     command = train_command(
         tiny_model_dir, run_dir, "--set", "task.reward=rewards_for_tests:fails_every_20th",
-        "--set", "train.prompts_per_step=8", "--set", "sampling.n=8", "--set", "train.steps=400", "--set", "train.checkpoint_every=0",
+        "--set", "train.prompts_per_step=8", "--set", "sampling.n=8", "--set", "train.steps=100000", "--set", "train.checkpoint_every=0",
         "--set", "engine.max_restarts=2", "--set", "engine.stall_timeout_s=5", "--set", "engine.update_timeout_s=120",
     )  # fmt: skip
     shared_before = shared_memory_names()
@@ -243,7 +244,9 @@ def test_hung_engine_then_process_group_killed_resumes_with_each_step_once(tiny_
         first = max([r["step"] for r in logged_steps(run_dir)] + [0]) + 1
 
         def checkpointed_and_one_more() -> bool:
-            done = [int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_0*") if p.is_dir()] if (run_dir / "checkpoints").is_dir() else []
+            folder = run_dir / "checkpoints"
+            # finished checkpoints only: one being written is a `step_NNNNNN.tmp` directory
+            done = [int(p.name.removeprefix("step_")) for p in folder.glob("step_*") if p.name.removeprefix("step_").isdigit()] if folder.is_dir() else []
             newest = max(done, default=0)
             return newest >= first and any(r["step"] > newest for r in logged_steps(run_dir))
 
