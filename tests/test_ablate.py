@@ -9,7 +9,6 @@ import pytest
 from parityrl.config import ConfigError, load_config
 from parityrl.parity.ablate import ABLATION_SPEC, ablation_matrix, check_runs, load_ablation_spec
 
-
 MINIMAL = """\
 reference: {engine.kind: reference}
 naive: {engine.kind: vllm, engine.logprobs_mode: raw_logprobs}

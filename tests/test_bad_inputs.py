@@ -24,7 +24,6 @@ from parityrl.errors import InputError, UserError
 from parityrl.preflight import check_model_dir
 from parityrl.tasks import check_prompt_lengths, load_task
 
-
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = Path("tests/bad_inputs")  # relative: the CLI runs in the repository root, like a user would
 DATA = CORPUS / "data"

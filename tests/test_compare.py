@@ -12,7 +12,6 @@ import yaml
 from parityrl.parity.compare import compare_runs, configuration_name
 from parityrl.parity.compare_stats import band_test
 
-
 STEPS = 40
 
 

@@ -6,12 +6,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 from filelock import FileLock
 
 from parityrl.engines.vllm_host import repair_compile_cache, truncated_elf
-
 
 LIBRARY = Path(torch.__file__).parent / "lib" / "libtorch_global_deps.so"
 

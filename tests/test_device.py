@@ -16,7 +16,6 @@ from parityrl.config import ConfigError, load_config
 from parityrl.hardware import cpu_thread_binding, resolve_device
 from parityrl.train.trainer import Trainer
 
-
 # -- resolve_device ---------------------------------------------------------------------------------
 
 

@@ -9,7 +9,6 @@ from parityrl.config import load_config
 from parityrl.errors import InputError
 from parityrl.tasks import Task, encode_prompt, load_task, task_prompt_ids
 
-
 # Role markers make it visible whether the template ran and which roles it saw.
 MARKED_TEMPLATE = (
     "{% for message in messages %}<{{ message['role'] }}>{{ message['content'] }}{% endfor %}"

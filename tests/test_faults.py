@@ -109,7 +109,8 @@ def test_killed_then_hung_then_dying_engine_stops_the_run_and_resume_finishes(ti
     run_dir, log_path = tmp_path / "run", tmp_path / "train.log"
     # 8 prompts x 8 samples as in the demo: 64 rewards per step, so every-20th failures stay under 10%.
     # Steps without end: the third death stops the run (a policy that collapsed to empty completions ran
-    # 400 steps in 160 s, before the third kill, in one run). The update deadline is far above the stall timeout: within 30 s of a stop only the watchdog can fire
+    # 400 steps in 160 s, before the third kill, in one run). The update deadline is far above the stall
+    # timeout: within 30 s of a stop only the watchdog can fire
     command = train_command(
         tiny_model_dir, run_dir, "--set", "task.reward=rewards_for_tests:fails_every_20th",
         "--set", "train.prompts_per_step=8", "--set", "sampling.n=8", "--set", "train.steps=100000", "--set", "train.checkpoint_every=0",

@@ -13,7 +13,6 @@ from rich.console import Console
 from parityrl.config import load_config
 from parityrl.parity.lint import Finding, lint_config, lint_file, render_findings
 
-
 CORPUS = Path(__file__).parent / "lint_corpus"
 REPO = Path(__file__).parent.parent
 HEADER = re.compile(r"^# expect: (?P<codes>.*?) ; exit (?P<exit>\d)")

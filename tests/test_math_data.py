@@ -9,12 +9,9 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
-
 from parityrl.config import load_config
 from parityrl.rewards import RewardItem, score_in_process
 from parityrl.tasks import load_task
-
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "math_word_problems.jsonl"

@@ -11,7 +11,6 @@ from parityrl.config import load_config
 from parityrl.errors import InputError
 from parityrl.memory import GIB, ModelShapeForMemory, check_trainer_fits, estimate_trainer_memory
 
-
 SMOLLM2 = {  # SmolLM2-135M-Instruct's config.json, the fields the estimate reads
     "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536,
     "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True,

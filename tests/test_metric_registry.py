@@ -12,7 +12,6 @@ from rich.console import Console
 
 from parityrl.metric_registry import METRICS, PANELS, check_columns, compared_metrics, metric, plot_panels, reference_markdown
 
-
 ROOT = Path(__file__).resolve().parent.parent
 # a metric key in source: a quoted string that starts with one of the metric namespaces
 LOGGED_KEY = re.compile(r"""["']((?:rl|parity|pipeline|perf|train|eval|inflight|inflight_v|inflight_v1_kept_kv|post_update)/[A-Za-z0-9_.\-]+)["']""")

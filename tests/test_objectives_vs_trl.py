@@ -29,7 +29,6 @@ from parityrl.policy import load_policy, load_tokenizer
 from parityrl.scoring import score
 from parityrl.train.objectives import clip_bounds, policy_loss
 
-
 ADVANTAGES = [1.0, -0.5, 0.8, -1.2]
 COMPLETION_LENGTHS = [5, 3, 6, 4]
 

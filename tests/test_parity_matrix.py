@@ -15,7 +15,6 @@ import pytest
 
 from parityrl.parity.matrix import CASES, CONFIGURED, FIX_ROWS, KNOWN_LIMITS, disagreements, failures, load_results, render, unexpected_failures
 
-
 REPO = Path(__file__).resolve().parents[1]
 MATRIX = REPO / "docs" / "parity_matrix"
 

@@ -18,7 +18,6 @@ from parityrl.pipeline import RunStopped, run_training
 from parityrl.train.checkpoint import latest_checkpoint, load_run_state
 from parityrl.train.trainer import Trainer
 
-
 TESTS = Path(__file__).resolve().parent
 
 

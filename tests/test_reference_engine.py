@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import pytest
 import torch
 
 from parityrl.config import SamplingConfig, load_config

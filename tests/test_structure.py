@@ -7,9 +7,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
-
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "parityrl"
 
 # layer -> modules (dotted, below `parityrl.`; "" is the package itself), lowest first

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import vllm  # noqa: F401  (a missing vLLM must fail CI, not skip these tests)
-
 from conftest import ENGINE_SEED, EngineSlot
 
 from parityrl.batch import Sample

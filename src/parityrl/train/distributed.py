@@ -45,7 +45,6 @@ from parityrl.memory import one_malloc_arena
 from parityrl.train.checkpoint import RunState
 from parityrl.train.trainer import StepResult, StepStats, Trainer, finalise, global_normaliser
 
-
 DEADLINE_MARGIN_S = 30.0
 """Beyond `train.collective_timeout_s`: how long the other ranks have to answer a call once rank 0 has
 (a quick call, one that runs no model work such as setting the version: from its start) before the
