@@ -223,7 +223,10 @@ def test_hung_engine_then_process_group_killed_resumes_with_each_step_once(tiny_
     finishes with every step logged once and the versions continuous. (The watchdog's verdicts: the
     three-fault run above and tests/test_supervisor.py.)"""
     run_dir, log_path = tmp_path / "run", tmp_path / "train.log"
-    settings = ["engine.stall_timeout_s=600", "engine.request_timeout_s=60", "engine.update_timeout_s=60"]
+    # 40 steps: after a 60 s deadline the new engine can find the trainer far ahead (10 steps ended 4 s
+    # after a restart in one run, before the test could see a checkpoint and kill the run)
+    steps = 40
+    settings = ["engine.stall_timeout_s=600", "engine.request_timeout_s=60", "engine.update_timeout_s=60", f"train.steps={steps}"]
     shared_before = shared_memory_names()
     log = open(log_path, "w")
     command = train_command(tiny_model_dir, run_dir, *[arg for setting in settings for arg in ("--set", setting)])
@@ -282,7 +285,7 @@ def test_hung_engine_then_process_group_killed_resumes_with_each_step_once(tiny_
     # (a 32-byte `sem.mp-*` of the killed main process's own may stay: nothing records or unlinks those)
     left = [path for path in shared_memory_left(shared_before) if not path.name.startswith("sem.mp-")]
     assert not left, f"shared memory left by the hung engine, the killed run or its resume: {left}"
-    assert_each_step_once(run_dir, STEPS)
+    assert_each_step_once(run_dir, steps)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["eval_success_end"] is not None and summary["eval_success_start"] is not None
     assert summary["engine_restarts"] >= 1, summary  # carried across the resume
