@@ -65,6 +65,12 @@ CONFIG = "configs/demo.yaml"
 FIX_SHOWS_KL = 1e-4
 """`parity/kl` with fix 1 off under shaped sampling is ~1e-2; below this the engine ignored logprobs_mode."""
 
+FIX_SHOWS = {
+    "fix1 off": ("parity/kl", lambda value: value is not None and value >= FIX_SHOWS_KL),
+    "fix3 off": ("inflight/aborted_frac", lambda value: value == 1.0),
+}
+"""Row -> (metric, whether it shows the fix switched off): `failures` and `disagreements` both judge by it."""
+
 CONFIGURED = "configured"
 FIX_ROWS = {
     "fix1 off": "fix1 off (raw logprobs)",
@@ -121,10 +127,10 @@ def failures(result: dict) -> list[str]:
                      f"(aborted {configured.get('inflight/aborted_frac')}, spanning {configured.get('inflight/spanning_frac')})")
     found += [f"{where}: {problem}" for problem in read_back_problems(configured.get("settings", {}), case)]
     fix1 = rows.get(FIX_ROWS["fix1 off"])
-    if fix1 is not None and not fix1.get("parity/kl", 0.0) >= FIX_SHOWS_KL:
+    if fix1 is not None and not FIX_SHOWS["fix1 off"][1](fix1.get("parity/kl", 0.0)):
         found.append(f"{where}: fix 1 off left parity/kl at {fix1.get('parity/kl'):.3g} (< {FIX_SHOWS_KL:g}): the engine ignored logprobs_mode")
     fix3 = rows.get(FIX_ROWS["fix3 off"])
-    if fix3 is not None and fix3.get("inflight/aborted_frac") != 1.0:
+    if fix3 is not None and not FIX_SHOWS["fix3 off"][1](fix3.get("inflight/aborted_frac")):
         found.append(f"{where}: fix 3 off (abort mode) aborted {fix3.get('inflight/aborted_frac')} of the in-flight requests, not all")
     return found
 
@@ -159,8 +165,7 @@ def disagreements(fresh: dict, committed: dict) -> list[str]:
         held_now, held_then = now is not None and now <= bound, then is not None and then <= bound
         if held_now != held_then:
             found.append(f"{where}: {name} {_fmt(now)} {'holds' if held_now else 'breaks'} the bound {bound:g}, committed {_fmt(then)}")
-    for short, name, holds in (("fix1 off", "parity/kl", lambda v: v is not None and v >= FIX_SHOWS_KL),
-                               ("fix3 off", "inflight/aborted_frac", lambda v: v == 1.0)):  # fmt: skip
+    for short, (name, holds) in FIX_SHOWS.items():
         if FIX_ROWS[short] in rows_committed:
             now = rows_fresh.get(FIX_ROWS[short], {}).get(name)
             then = rows_committed[FIX_ROWS[short]].get(name)
