@@ -76,6 +76,9 @@ def rank_main(rank: int, world_size: int, port: int, fsdp: bool, model_dir: str,
     if rank == 0:
         saved = {"weights": weights, "chunk_names": [list(chunk) for chunk in chunks], "grad_norm": result.grad_norm}
         torch.save(saved | {"layer_local_rows": local.shape[0], "layer_rows": layer.shape[0]}, out / f"{plan}.pt")
+    # both ranks past their last collective before either tears gloo down: in a loaded CI run rank 1
+    # destroyed its group while rank 0 was still saving and aborted ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 
