@@ -58,7 +58,7 @@ def test_selections_read_by_plot_compare_and_check():
     assert [m.name for m in compared_metrics()] == ["rl/clip_rate", "rl/kl_new_old", "rl/entropy", "rl/reward"]
     assert {m.name for m in compared_metrics() if m.mismatch_signal} == {"rl/clip_rate", "rl/kl_new_old"}
     panels = plot_panels()
-    assert list(panels) == ["rl", "parity", "pipeline", "perf", "train"]  # `check` metrics are never in metrics.jsonl
+    assert list(panels) == ["rl", "parity", "pipeline", "episode", "perf", "train"]  # `check` metrics are never in metrics.jsonl
     plotted = {m.name for ms in panels.values() for m in ms}
     assert "pipeline/group_ids" not in plotted and "train/skip_reason" not in plotted  # a list and a string
     assert {"parity/full_kl", "parity/full_tv", "parity/support_mismatch_frac", "pipeline/reward_errors"} <= plotted

@@ -15,7 +15,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "", "parity", "train", "errors", "progress", "metric_registry", "metrics", "batch", "decoding",
         "engines.vllm_worker", "engines.orphan_guard", "engines.vllm_host", "engines.vllm_compat", "parity.matrix",
     )),
-    ("rewards", ("rewards",)),
+    ("rewards and environments", ("rewards", "environments", "environments.addition")),
     ("config schema", ("config.schema",)),
     ("config loading and reference", ("config.loading", "config.reference")),
     ("config", ("config",)),
@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "tasks", "policy", "hardware", "rundir", "reward_pool", "train.objectives", "parity.compare_stats",
     )),
     ("computations on them", (
-        "preflight", "scoring", "evaluate", "pretrained", "train.checkpoint", "train.fsdp", "parity.compare", "parity.ablate", "plot",
+        "preflight", "scoring", "evaluate", "episodes", "pretrained", "train.checkpoint", "train.fsdp", "parity.compare", "parity.ablate", "plot",
     )),
     ("resources: memory estimate, assets, the engine protocol", ("memory", "assets", "engines.base", "parity.lint")),
     ("engines and the trainer", ("engines.reference", "engines.supervisor", "engines.vllm", "train.trainer")),

@@ -28,9 +28,12 @@ from parityrl.tasks import Task, encode_prompt, load_task
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 # BOS in every prompt, SFT and RL alike: the tiny model needs an anchor for position 0. A system
 # message ends with a newline, so the ids equal those of chat_template=none (system + "\n" + prompt).
+# An assistant turn ends with EOS, the token the model stops on: a multi-turn episode's ids then equal
+# the template's rendering of the conversation (`episodes.ChatCodec.check`).
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ message['content'] }}"
-    "{% if message['role'] == 'system' %}{{ '\\n' }}{% endif %}{% endfor %}"
+    "{% if message['role'] == 'system' %}{{ '\\n' }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
 )
 MODEL_VOCAB = 128  # 4 specials + 96 printable characters, padded to a multiple of 64 (model.vocab_size's default)
 
@@ -208,9 +211,12 @@ def sft_warmup(config: RunConfig, task: Task, model_dir: Path) -> dict:
 def _task_fields_that_shape_the_asset(config: RunConfig) -> dict:
     """The task settings SFT sees. The reward pool's timeout/workers never change the model, and the
     prompt-template fields count only when set, so caches built before they existed stay valid."""
-    exclude = {"reward_timeout_s", "reward_workers"}
+    # the episode settings neither: SFT sees each problem's prompt and answer, one turn
+    exclude = {"reward_timeout_s", "reward_workers", "environment", "environment_args", "max_turns", "max_episode_tokens"}
     exclude |= {name for name in ("chat_template", "system_prompt") if getattr(config.task, name) == TaskConfig.model_fields[name].default}
     fields = config.task.model_dump(exclude=exclude)
+    if config.task.kind == "environment":  # the same problems as the single-turn kind that reads them
+        fields["kind"] = "addition" if config.task.path is None else "jsonl"
     if config.task.path is not None:  # the data itself: an edited file must not reuse a model warmed up on the old one
         fields["data_fingerprint"] = _data_fingerprint(Path(config.task.path))
     return fields
@@ -242,7 +248,8 @@ def asset_key(config: RunConfig) -> str:
             # the base asset's own key, not the file's name: a moved or edited base file is seen as such
             **({"init_from": asset_key(base)} if (base := base_config(config)) is not None else {}),
             # 2: spaces are tokens (version 1 assets were warmed up on text whose spaces the loader dropped)
-            "tokenizer_version": 2,
+            # 3: the chat template closes assistant turns with EOS (multi-turn episodes)
+            "tokenizer_version": 3,
             "sft_version": 2,  # bump when the SFT procedure changes: old caches must not be reused
         }
     )

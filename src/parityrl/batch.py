@@ -43,20 +43,35 @@ class Sample:
     as spanning the update. None: the prompt was computed by its first token's version."""
     cached_prompt_tokens: int | None = None
     """Prompt tokens vLLM served from its prefix cache (None where the engine does not say)."""
+    sampled_mask: list[bool] | None = None
+    """Multi-turn episodes (`parityrl.episodes`): per completion token, True where the policy sampled it, False
+    for environment and template tokens (context only: no loss, no parity; logprob 0, the version of the turn
+    before them). None: every completion token was sampled."""
+    turn_prompt_tokens: int | None = None
+    """Multi-turn episodes: prompt tokens submitted to the engine over all turns (None: `prompt_token_ids`)."""
+
+    @property
+    def sampled_tokens(self) -> int:
+        return len(self.completion_token_ids) if self.sampled_mask is None else sum(self.sampled_mask)
 
     @property
     def mixed_version(self) -> bool:
         """The sequence spans a weight update: its tokens, or the KV its prompt read (`kv_version`), come
         from more than one policy version."""
-        versions = set(self.version_per_token)
+        versions = set(self.sampled_versions())
         if self.kv_version is not None and self.version_per_token:
             versions.add(self.kv_version)
         return len(versions) > 1
 
     @property
     def oldest_version(self) -> int:
-        oldest = min(self.version_per_token, default=NO_VERSION)
+        oldest = min(self.sampled_versions(), default=NO_VERSION)
         return oldest if self.kv_version is None or not self.version_per_token else min(oldest, self.kv_version)
+
+    def sampled_versions(self) -> list[int]:
+        if self.sampled_mask is None:
+            return self.version_per_token
+        return [v for v, sampled in zip(self.version_per_token, self.sampled_mask) if sampled]
 
 
 @dataclass
@@ -79,7 +94,7 @@ class PackedBatch:
     prompt_ids: Tensor  # [B, P] each sample's prompt, right-padded (penalties count its tokens)
     prompt_mask: Tensor  # [B, P] bool, prompt token (not padding)
     completion_ids: Tensor  # [B, T]
-    completion_mask: Tensor  # [B, T] bool, generated (not padding)
+    completion_mask: Tensor  # [B, T] bool, sampled by the policy (not padding, not an environment token of an episode)
     logprobs_old: Tensor  # [B, T] engine logprobs, 0 at padding
     version_per_token: Tensor  # [B, T] int64, -1 at padding
     replica: Tensor  # [B] int64 engine replica of each sequence, -1 when unknown (one local engine)
@@ -195,7 +210,7 @@ def pack_samples(samples: list[Sample], pad_id: int, shape: ModelShape | None = 
         prompt_ids[index, : len(sample.prompt_token_ids)] = torch.tensor(sample.prompt_token_ids, dtype=torch.long)
         prompt_mask[index, : len(sample.prompt_token_ids)] = True
         completion_ids[index, :count] = torch.tensor(sample.completion_token_ids, dtype=torch.long)
-        completion_mask[index, :count] = True
+        completion_mask[index, :count] = True if sample.sampled_mask is None else torch.tensor(sample.sampled_mask, dtype=torch.bool)
         logprobs_old[index, :count] = torch.tensor(sample.logprobs_old, dtype=torch.float32)
         versions[index, :count] = torch.tensor(sample.version_per_token, dtype=torch.long)
     kv_version = torch.tensor([-1 if s.kv_version is None else s.kv_version for s in samples], dtype=torch.long)

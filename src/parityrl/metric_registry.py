@@ -55,6 +55,7 @@ PANELS: tuple[Panel, ...] = (
     Panel("rl", "learning signal and outcome", plotted=True),
     Panel("parity", "engine vs trainer on the same tokens at the same weights", plotted=True),
     Panel("pipeline", "staleness and faults of the batch", plotted=True),
+    Panel("episode", "multi-turn episodes (`task.kind: environment`)", plotted=True),
     Panel("perf", "throughput", plotted=True),
     Panel("train", "the optimiser step", plotted=True),
     Panel("check", "reported by `parityrl check` only (keys of `--json`)", plotted=False),
@@ -136,6 +137,11 @@ METRICS: tuple[Metric, ...] = (
     Metric("pipeline/engine_restarts", "engine restarts in this step", "pipeline"),
     Metric("pipeline/group_ids", "ids of the prompt groups trained on in this step (unique over the run, across restarts and resumes)",
            "pipeline", scalar=False),
+    # --- episode
+    Metric("episode/turns", "assistant turns per episode, mean over the step's episodes", "episode"),
+    Metric("episode/env_tokens", "environment and template tokens per episode (context, not trained on), mean", "episode"),
+    Metric("episode/env_errors", "environment calls that failed (raised, hung, returned the wrong type; the episode scored 0) in this step", "episode"),
+    Metric("episode/turn1_success", "fraction of episodes solved at their first turn (reward >= 1 after one turn)", "episode"),
     # --- perf
     Metric("perf/rollout_tok_s", "tokens the engine generated per wall-clock second since the previous step", "perf"),
     Metric("perf/rollout_tok_s_per_replica", "`perf/rollout_tok_s` of each engine replica (`pipeline.backend: ray`), by replica id",

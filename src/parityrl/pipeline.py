@@ -39,6 +39,7 @@ from parityrl.backend import Backend, make_backend
 from parityrl.config import RunConfig
 from parityrl.engines.orphan_guard import recorded_shared_memory, unlink_unmapped
 from parityrl.engines.supervisor import EngineGaveUp
+from parityrl.episodes import ChatCodec, EpisodeLimits, episode_metrics, play_greedy, write_episodes
 from parityrl.errors import UserError
 from parityrl.evaluate import engine_greedy_completions, success_rate
 from parityrl.hardware import allowed_cpus, slow_bf16_warning, trainer_threads, with_torch_threads
@@ -47,7 +48,7 @@ from parityrl.metrics import MetricsLogger, truncate_metrics, write_json_atomic
 from parityrl.policy import load_tokenizer
 from parityrl.preflight import model_context, read_hf_config
 from parityrl.progress import progress_bar
-from parityrl.reward_pool import RewardPool
+from parityrl.reward_pool import EnvironmentPool, RewardPool
 from parityrl.rollouts import Group, Rollouts, RunStopped, StopSignals, batch_tensors
 from parityrl.tasks import Problem, check_prompt_lengths, load_task, task_prompt_ids
 from parityrl.train.checkpoint import RunState, latest_checkpoint, load_run_state
@@ -82,6 +83,8 @@ class RLRun:
         self.logger: MetricsLogger | None = None
         self.backend: Backend | None = None
         self.rewards: RewardPool | None = None
+        self.envs: EnvironmentPool | None = None
+        self.episodes: tuple[EnvironmentPool, ChatCodec, EpisodeLimits] | None = None
         self.summary: dict = {}
         self.rollouts: Rollouts | None = None
         self.producer: asyncio.Task | None = None
@@ -134,10 +137,21 @@ class RLRun:
         torch.set_num_threads(trainer_threads(config.train, len(allowed_cpus()), config.engine.omp_threads))
         self.tokenizer = load_tokenizer(self.model_dir)
         hf_config = read_hf_config(self.model_dir)
+        context = model_context(hf_config) or 1 << 40
         longest_prompt = check_prompt_lengths(
-            self.task, self.tokenizer, lambda tok, prompt: task_prompt_ids(tok, self.task, prompt),
-            model_context(hf_config) or 1 << 40, config.sampling.max_new_tokens,
+            self.task, self.tokenizer, lambda tok, prompt: task_prompt_ids(tok, self.task, prompt), context, config.sampling.max_new_tokens,
         )  # fmt: skip
+        if self.task.environment is not None:
+            # the environment's class and arguments, and the template rule, refuse a run before any engine starts
+            codec = ChatCodec(self.tokenizer, self.task.system_prompt)
+            codec.preflight([{"role": "user", "content": "1"}], self.tokenizer.eos_token_id)
+            self.envs = EnvironmentPool.from_config(config.task)
+            limits = EpisodeLimits(config.task.max_turns, min(config.task.max_episode_tokens or context, context))
+            self.episodes = (self.envs, codec, limits)
+            # what the trainer must fit: an episode of max_turns turns whose environment messages are each no
+            # longer than the first prompt (an estimate: the environment's messages are not known before it runs)
+            turns = config.task.max_turns
+            longest_prompt = min(limits.max_tokens, turns * (longest_prompt + config.sampling.max_new_tokens)) - config.sampling.max_new_tokens
         check_memory(config, hf_config, longest_prompt, console)
         if (warning := slow_bf16_warning(config.model.dtype)) is not None:
             self.warn(warning)
@@ -188,7 +202,7 @@ class RLRun:
             self.engine, config, self.task, self.tokenizer, self.rewards, log=self.warn,
             sampler_state=state.sampler_state if state is not None else None,
             requeue=state.pending_prompts if state is not None else None,
-            group_counter=int(self.counters.get("group_counter", 0)),
+            group_counter=int(self.counters.get("group_counter", 0)), episodes=self.episodes,
         )  # fmt: skip
         if state is None:
             # decoded by the engine beside the first batch's rollouts rather than before them (44 s of a
@@ -312,7 +326,7 @@ class RLRun:
         """What the batch and the pipeline looked like this step; advances the rate clocks."""
         now = time.perf_counter()
         rollouts, engine = self.rollouts, self.engine
-        lengths = [len(s.completion_token_ids) for s in self.samples]
+        lengths = [s.sampled_tokens for s in self.samples]
         reward_errors = sum(len(g.reward_errors) for g in groups)
         self.counters["reward_errors"] = self.counters.get("reward_errors", 0) + reward_errors
         metrics = {
@@ -334,6 +348,8 @@ class RLRun:
             "version": self.trainer.version,
             "time_s": self.rl_seconds_before + now - self.rl_start,
         }
+        if groups and groups[0].episodes is not None:
+            metrics |= episode_metrics([e for g in groups for e in g.episodes])
         metrics |= self.backend.step_metrics(now - self.last_time)
         self.restarts_seen, self.requeued_seen = engine.restarts, engine.requeued_groups
         idle_now = rollouts.idle_seconds()
@@ -359,6 +375,14 @@ class RLRun:
         if failure is not None:
             raise failure
         task = self.task
+        if self.episodes is not None:
+            envs, codec, limits = self.episodes
+            episodes = await play_greedy(
+                self.engine.greedy, envs, codec, task.eval, limits, self.config.sampling.max_new_tokens,
+                self.tokenizer.eos_token_id, f"eval-v{self.trainer.version}",
+            )  # fmt: skip
+            await asyncio.to_thread(write_episodes, self.run_dir / "eval_episodes" / f"v{self.trainer.version:06d}.jsonl", episodes)
+            return sum(episode.reward >= 1.0 for episode in episodes) / len(episodes)
         completions = await engine_greedy_completions(
             self.engine, self.tokenizer, task, task.eval, self.config.sampling.max_new_tokens, f"eval-v{self.trainer.version}"
         )
@@ -463,6 +487,8 @@ class RLRun:
         finally:
             if self.rewards is not None:
                 self.rewards.close()
+            if self.envs is not None:
+                self.envs.close()
             if self.backend is not None:
                 self.backend.close()
             if self.logger is not None:
@@ -510,7 +536,8 @@ def prefix_cache_hit_frac(samples: list) -> float | None:
     counted = [s for s in samples if s.cached_prompt_tokens is not None]
     if not counted:
         return None
-    return sum(s.cached_prompt_tokens for s in counted) / max(sum(len(s.prompt_token_ids) for s in counted), 1)
+    submitted = sum(s.turn_prompt_tokens if s.turn_prompt_tokens is not None else len(s.prompt_token_ids) for s in counted)
+    return sum(s.cached_prompt_tokens for s in counted) / max(submitted, 1)
 
 
 def _summary(counters: dict, eval_success: float | None, steps: int, run_dir: Path) -> dict:

@@ -1,4 +1,5 @@
-"""`RewardPool`: rewards scored in worker processes with a per-call timeout, never in the trainer.
+"""`WorkerPool`: rewards and environments called in worker processes with a per-call timeout, never in
+the trainer. `RewardPool` scores completions; `EnvironmentPool` plays environment turns (`environments`).
 
 math-verify times its parsing out with `signal.alarm`, which only works in a main thread (it fails
 with "doesn't support threaded environment" under `asyncio.to_thread`), and a user function may hang
@@ -14,6 +15,7 @@ import concurrent.futures
 import contextlib
 import math
 import os
+import json
 import signal
 import subprocess
 import sys
@@ -22,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, Pipe, wait
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from parityrl.rewards import RewardFn, RewardItem, RewardResult, resolve_reward, score_one
 
@@ -31,7 +33,14 @@ if TYPE_CHECKING:
 
 
 class RewardPoolError(RuntimeError):
-    """The pool cannot score at all: a worker failed to start, or the pool was closed."""
+    """The pool cannot call at all: a worker failed to start, or the pool was closed."""
+
+
+class CallResult(NamedTuple):
+    """What one call in a worker gave: its value, or None with `error` set."""
+
+    value: Any
+    error: str | None = None
 
 
 # Worker pool
@@ -41,16 +50,16 @@ class RewardPoolError(RuntimeError):
 class _Job:
     """One `score` call: its items, the results filled in as workers answer, and the caller's future."""
 
-    items: list[RewardItem]
+    items: list[tuple]
     future: concurrent.futures.Future
-    results: list[RewardResult | None] = field(init=False)
+    results: list[CallResult | None] = field(init=False)
     remaining: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.items)
         self.remaining = len(self.items)
 
-    def record(self, index: int, result: RewardResult) -> None:
+    def record(self, index: int, result: CallResult) -> None:
         self.results[index] = result
         self.remaining -= 1
         if self.remaining == 0:
@@ -67,7 +76,7 @@ class _Chunk:
 
 @dataclass(eq=False)
 class _Worker:
-    """A reward worker process and the parent's end of its pipe."""
+    """A worker process and the parent's end of its pipe."""
 
     process: subprocess.Popen
     conn: Connection
@@ -92,8 +101,9 @@ WORKER_START_TIMEOUT_S = 120.0
 import heavy packages on a loaded machine)."""
 
 
-class RewardPool:
-    """Scores rewards in `workers` worker processes with a timeout of `timeout_s` per completion.
+class WorkerPool:
+    """Calls a reward or an environment (`kind`) in `workers` worker processes with a timeout of
+    `timeout_s` per item; `RewardPool` and `EnvironmentPool` are its two uses.
 
     Design. Workers are fresh interpreters (`python -c`, not fork: the trainer holds torch threads
     and a vLLM client, and not multiprocessing spawn, which re-runs the caller's `__main__`) that
@@ -113,13 +123,14 @@ class RewardPool:
     `with RewardPool(...)`) to stop the workers.
     """
 
-    def __init__(self, reward: str, *, workers: int = 2, timeout_s: float = 10.0):
+    def __init__(self, kind: str, spec: str, args: dict | None, label: str, *, workers: int, timeout_s: float):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        resolve_reward(reward)  # a wrong name or an unimportable module fails here, in the caller
-        self.reward, self.timeout_s, self.worker_count = reward, timeout_s, workers
+        _resolve(kind, spec, args or {})  # a wrong name or an unimportable module fails here, in the caller
+        self.kind, self.spec, self.args, self.label = kind, spec, args or {}, label
+        self.timeout_s, self.worker_count = timeout_s, workers
         self._submitted: collections.deque[_Job] = collections.deque()
         self._pending: collections.deque[_Chunk] = collections.deque()
         self._lock = threading.Lock()
@@ -127,31 +138,18 @@ class RewardPool:
         self._broken: str | None = None
         self._wake_reader, self._wake_writer = Pipe(duplex=False)
         self._workers: list[_Worker] = [self._start_worker() for _ in range(workers)]
-        self._thread = threading.Thread(target=self._dispatch_forever, name="reward-pool", daemon=True)
+        self._thread = threading.Thread(target=self._dispatch_forever, name=f"{kind}-pool", daemon=True)
         self._thread.start()
-
-    @classmethod
-    def from_config(cls, task: TaskConfig) -> RewardPool:
-        """The pool for `task.reward` with `task.reward_workers` and `task.reward_timeout_s`."""
-        return cls(task.reward, workers=task.reward_workers, timeout_s=task.reward_timeout_s)
 
     # -- caller side (any thread) --
 
-    async def score(self, items: Sequence[RewardItem]) -> list[RewardResult]:
-        """Rewards of `items`, in order; awaits without blocking the event loop."""
-        return await asyncio.wrap_future(self.submit(items))
-
-    def score_sync(self, items: Sequence[RewardItem]) -> list[RewardResult]:
-        """Rewards of `items`, in order; blocks the calling thread (any thread)."""
-        return self.submit(items).result()
-
-    def submit(self, items: Sequence[RewardItem]) -> concurrent.futures.Future:
-        """Queue `items`; the future resolves to their RewardResults in order (RewardPoolError if the
-        pool is closed or cannot start its workers)."""
+    def submit(self, items: Sequence[tuple]) -> concurrent.futures.Future:
+        """Queue `items` (argument tuples); the future resolves to their CallResults in order
+        (RewardPoolError if the pool is closed or cannot start its workers)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         # running from the start: a cancelled awaiting caller leaves a future the dispatcher can still set
         future.set_running_or_notify_cancel()
-        job = _Job([RewardItem(*item) for item in items], future)
+        job = _Job([tuple(item) for item in items], future)
         with self._lock:
             if self._closing or self._broken:
                 future.set_exception(RewardPoolError(self._broken or "reward pool is closed"))
@@ -172,7 +170,7 @@ class RewardPool:
         self._wake()
         self._thread.join()
 
-    def __enter__(self) -> RewardPool:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -187,12 +185,12 @@ class RewardPool:
     def _start_worker(self) -> _Worker:
         parent_end, worker_end = Pipe(duplex=True)
         environment = dict(os.environ)
-        # the trainer's import path, so a user reward importable here is importable in the worker
+        # the trainer's import path, so a user reward or environment importable here is importable in the worker
         environment["PYTHONPATH"] = os.pathsep.join(os.path.abspath(entry or os.curdir) for entry in sys.path)
         # a user reward that imports torch or numpy must not start one thread per core next to the trainer
         environment.setdefault("OMP_NUM_THREADS", "1")
         process = subprocess.Popen(
-            [sys.executable, "-c", _WORKER_CODE, str(worker_end.fileno()), self.reward],
+            [sys.executable, "-c", _WORKER_CODE, str(worker_end.fileno()), self.kind, self.spec, json.dumps(self.args)],
             pass_fds=[worker_end.fileno()],
             env=environment,
             stdin=subprocess.DEVNULL,
@@ -208,7 +206,7 @@ class RewardPool:
                 self._handle_messages(self._wait_for_activity())
                 self._expire_overdue(time.monotonic())
         except Exception as error:  # a bug here must not leave callers waiting forever
-            self._broken = f"reward pool dispatcher failed: {type(error).__name__}: {error}"
+            self._broken = f"{self.kind} pool dispatcher failed: {type(error).__name__}: {error}"
         finally:
             self._shut_down()
 
@@ -254,15 +252,15 @@ class RewardPool:
         if kind == "ready":
             worker.ready, worker.deadline = True, math.inf
         elif kind == "start_failed":
-            self._broken = f"reward worker for task.reward={self.reward!r} failed to start: {message[1]}"
+            self._broken = f"{self.kind} worker for {self.label} failed to start: {message[1]}"
         elif kind == "result":
-            self._record_current(worker, RewardResult(message[1], message[2]))
+            self._record_current(worker, CallResult(message[1], message[2]))
             worker.deadline = time.monotonic() + self.timeout_s if worker.chunk is not None else math.inf
 
-    def _record_current(self, worker: _Worker, result: RewardResult) -> None:
-        """Record the result of the item `worker` is scoring and move it to the next item."""
+    def _record_current(self, worker: _Worker, result: CallResult) -> None:
+        """Record the result of the item `worker` is calling and move it to the next item."""
         chunk = worker.chunk
-        assert chunk is not None, "a reward worker answered without work"
+        assert chunk is not None, "a worker answered without work"
         chunk.job.record(chunk.indices[worker.answered], result)
         worker.answered += 1
         if worker.answered == len(chunk.indices):
@@ -271,18 +269,18 @@ class RewardPool:
     def _expire_overdue(self, now: float) -> None:
         for worker in list(self._workers):
             if not worker.ready and worker.deadline <= now:
-                self._broken = f"reward worker for task.reward={self.reward!r} did not start within {WORKER_START_TIMEOUT_S:g} s"
+                self._broken = f"{self.kind} worker for {self.label} did not start within {WORKER_START_TIMEOUT_S:g} s"
             elif worker.chunk is not None and worker.deadline <= now:
-                self._record_current(worker, RewardResult(0.0, f"timed out after {self.timeout_s:g} s"))
+                self._record_current(worker, CallResult(None, f"timed out after {self.timeout_s:g} s"))
                 self._retire(worker)
 
     def _replace_dead_worker(self, worker: _Worker) -> None:
         exit_code = worker.kill()
         if not worker.ready:
-            self._broken = f"reward worker for task.reward={self.reward!r} exited while starting (exit code {exit_code})"
+            self._broken = f"{self.kind} worker for {self.label} exited while starting (exit code {exit_code})"
             return
         if worker.chunk is not None:
-            self._record_current(worker, RewardResult(0.0, f"reward worker died (exit code {exit_code})"))
+            self._record_current(worker, CallResult(None, f"{self.kind} worker died (exit code {exit_code})"))
         self._retire(worker)
 
     def _retire(self, worker: _Worker) -> None:
@@ -316,21 +314,96 @@ class RewardPool:
             self._wake_writer.close()
 
 
+class RewardPool(WorkerPool):
+    """Scores rewards in worker processes: `score(items)` -> a RewardResult per completion (0.0 with the
+    error for one that raised, timed out or killed its worker)."""
+
+    def __init__(self, reward: str, *, workers: int = 2, timeout_s: float = 10.0):
+        super().__init__("reward", reward, None, f"task.reward={reward!r}", workers=workers, timeout_s=timeout_s)
+        self.reward = reward
+
+    @classmethod
+    def from_config(cls, task: TaskConfig) -> RewardPool:
+        """The pool for `task.reward` with `task.reward_workers` and `task.reward_timeout_s`."""
+        return cls(task.reward, workers=task.reward_workers, timeout_s=task.reward_timeout_s)
+
+    async def score(self, items: Sequence[RewardItem]) -> list[RewardResult]:
+        """Rewards of `items`, in order; awaits without blocking the event loop."""
+        return _as_rewards(await asyncio.wrap_future(self.submit(items)))
+
+    def score_sync(self, items: Sequence[RewardItem]) -> list[RewardResult]:
+        """Rewards of `items`, in order; blocks the calling thread (any thread)."""
+        return _as_rewards(self.submit(items).result())
+
+
+def _as_rewards(results: list[CallResult]) -> list[RewardResult]:
+    return [RewardResult(0.0 if r.error is not None else r.value, r.error) for r in results]
+
+
+class EnvironmentPool(WorkerPool):
+    """Plays environment calls in worker processes (`environments.call_environment`): `reset(problem)`
+    gives the first messages, `step(problem, messages)` an `EnvStep`; each a CallResult whose error says
+    what went wrong (raised, wrong type, timed out, worker died)."""
+
+    def __init__(self, environment: str, args: dict | None = None, *, workers: int = 2, timeout_s: float = 10.0):
+        super().__init__("environment", environment, args, f"task.environment={environment!r}", workers=workers, timeout_s=timeout_s)
+
+    @classmethod
+    def from_config(cls, task: TaskConfig) -> EnvironmentPool:
+        return cls(task.environment, task.environment_args, workers=task.reward_workers, timeout_s=task.reward_timeout_s)
+
+    async def reset(self, problems: Sequence[dict]) -> list[CallResult]:
+        return await asyncio.wrap_future(self.submit([(problem, None) for problem in problems]))
+
+    async def step(self, calls: Sequence[tuple[dict, list[dict]]]) -> list[CallResult]:
+        """One environment turn per (problem, messages so far) pair, in order."""
+        return await asyncio.wrap_future(self.submit(calls))
+
+
 def _warm_up(spec: str, reward: RewardFn) -> None:
     """First math-verify call loads sympy's LaTeX parser (~20 ms); pay it before the first timed item."""
     if spec == "math_verify":
         reward("\\boxed{\\frac{1}{2}}", "0.5", "")
 
 
+def _handler(kind: str, spec: str, args: dict):
+    """What a worker calls on each item: (item tuple) -> (value, error or None). Resolving it imports
+    the user's module, so a wrong spec fails in the caller before any worker starts."""
+    if kind == "reward":
+        reward = resolve_reward(spec)
+        _warm_up(spec, reward)
+        return lambda item: tuple(score_one(reward, RewardItem(*item)))
+    from parityrl.environments import call_environment, resolve_environment
+
+    cls = resolve_environment(spec, args)
+
+    def play(item: tuple) -> tuple:
+        problem, messages = item
+        try:
+            result = call_environment(cls, args, problem, messages)
+        except Exception as error:
+            return None, f"{type(error).__name__}: {error}"
+        return result, None
+
+    return play
+
+
+def _resolve(kind: str, spec: str, args: dict) -> None:
+    if kind == "reward":
+        resolve_reward(spec)
+    else:
+        from parityrl.environments import resolve_environment
+
+        resolve_environment(spec, args)
+
+
 def _worker_main() -> None:
-    """A reward worker: `python -c <_WORKER_CODE> FD SPEC`. Scores chunks sent over FD until EOF or "stop"."""
+    """A worker: `python -c <_WORKER_CODE> FD KIND SPEC ARGS_JSON`. Calls chunks sent over FD until EOF or "stop"."""
     # Ctrl-C reaches the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(int(sys.argv[1]))
-    spec = sys.argv[2]
     try:
-        reward = resolve_reward(spec)
-        _warm_up(spec, reward)
+        handle = _handler(sys.argv[2], sys.argv[3], json.loads(sys.argv[4]))
     except BaseException as error:
         conn.send(("start_failed", f"{type(error).__name__}: {error}"))
         return
@@ -343,4 +416,4 @@ def _worker_main() -> None:
         if message[0] == "stop":
             return
         for item in message[1]:
-            conn.send(("result", *score_one(reward, RewardItem(*item))))
+            conn.send(("result", *handle(item)))

@@ -20,8 +20,9 @@ import torch
 from parityrl.batch import NO_VERSION, Sample
 from parityrl.config import RunConfig, SamplingConfig
 from parityrl.engines.supervisor import EngineGaveUp, SupervisedEngine
+from parityrl.episodes import ChatCodec, Episode, EpisodeLimits, play_group
 from parityrl.errors import UserError
-from parityrl.reward_pool import RewardPool
+from parityrl.reward_pool import EnvironmentPool, RewardPool
 from parityrl.rewards import RewardItem
 from parityrl.tasks import Problem, Task, task_prompt_ids
 from parityrl.train.objectives import group_advantages
@@ -39,8 +40,11 @@ class Group:
     samples: list[Sample]
     rewards: list[float]
     reward_errors: list[str] = field(default_factory=list)
+    """Why rewards failed (scored 0); for episodes, why environment calls failed (the episode scored 0)."""
     group_id: int = 0
     """Unique within a run, across resumes and engine restarts (a regenerated group keeps its id)."""
+    episodes: list[Episode] | None = None
+    """`task.kind: environment`: the episodes behind `samples` (turns, environment tokens, conversation)."""
 
     @property
     def oldest_version(self) -> int:
@@ -48,7 +52,7 @@ class Group:
 
     @property
     def tokens(self) -> int:
-        return sum(len(s.completion_token_ids) for s in self.samples)
+        return sum(s.sampled_tokens for s in self.samples)
 
 
 def completion_text(tokenizer, sample: Sample) -> str:
@@ -72,8 +76,11 @@ class Rollouts:
         sampler_state=None,
         requeue: list[Problem] | None = None,
         group_counter: int = 0,
+        episodes: tuple[EnvironmentPool, ChatCodec, EpisodeLimits] | None = None,
     ):
         self.engine, self.config, self.task, self.tokenizer, self.rewards, self.log = engine, config, task, tokenizer, rewards, log
+        self.episodes = episodes
+        """`task.kind: environment`: the environment workers, the chat codec and the episode limits."""
         self.rng = random.Random(config.seed)
         if sampler_state is not None:
             self.rng.setstate(sampler_state)
@@ -104,25 +111,39 @@ class Rollouts:
     def group_counter(self) -> int:
         return self._counter
 
-    async def _generate(self, problem: Problem, request_id: str, sampling: SamplingConfig | None = None) -> list[Sample]:
+    async def _generate_ids(self, prompt_ids: list[int], sampling: SamplingConfig, request_id: str) -> list[Sample]:
         if self.publishing is not None:
             await asyncio.shield(self.publishing)  # a failed publication raises here and reaches take()
-        prompt_ids = task_prompt_ids(self.tokenizer, self.task, problem.prompt)
-        return await self.engine.generate(prompt_ids, sampling or self.config.sampling, request_id)
+        return await self.engine.generate(prompt_ids, sampling, request_id)
+
+    async def _play(self, problem: Problem, request_id: str, sampling: SamplingConfig) -> list[Episode]:
+        """`sampling.n` episodes of `problem`: one turn each for a single-turn task, else with the environment."""
+        if self.episodes is None:
+            prompt_ids = task_prompt_ids(self.tokenizer, self.task, problem.prompt)
+            samples = await self._generate_ids(prompt_ids, sampling, request_id)
+            return [Episode.single_turn(problem, sample) for sample in samples]
+        envs, codec, limits = self.episodes
+        return await play_group(self._generate_ids, envs, codec, problem, sampling, limits, request_id)
 
     async def one_group(self, problem: Problem, request_id: str, group_id: int = 0) -> Group:
         self._mark_busy()
         try:
-            samples = await self._generate(problem, request_id)
+            episodes = await self._play(problem, request_id, self.config.sampling)
         finally:
             self._mark_done()
-        items = [RewardItem(completion_text(self.tokenizer, s), problem.answer, problem.prompt) for s in samples]
-        results = await self.rewards.score(items)
-        errors = [r.error for r in results if r.error is not None]
+        samples = [episode.to_sample() for episode in episodes]
+        if self.episodes is None:  # a one-turn episode is scored by the task's reward
+            items = [RewardItem(completion_text(self.tokenizer, s), problem.answer, problem.prompt) for s in samples]
+            results = await self.rewards.score(items)
+            rewards, errors = [r.value for r in results], [r.error for r in results if r.error is not None]
+            what = f"reward failed (scored 0): {errors[0]} — prompt {problem.prompt!r}, completion {items[0].completion!r}" if errors else ""
+        else:
+            rewards, errors = [e.reward for e in episodes], [e.error for e in episodes if e.error is not None]
+            what = f"environment {self.task.environment} failed (episode scored 0): {errors[0]} — problem {problem.record()!r}" if errors else ""
         if errors and not self.reward_errors_reported:
             self.reward_errors_reported = True  # once per run: the per-step count is in pipeline/reward_errors
-            self.log(f"reward failed (scored 0): {errors[0]} — prompt {problem.prompt!r}, completion {items[0].completion!r}")
-        group = Group(problem, samples, [r.value for r in results], errors, group_id)
+            self.log(what)
+        group = Group(problem, samples, rewards, errors, group_id, episodes if self.episodes is not None else None)
         self.generated_tokens += group.tokens
         return group
 
@@ -211,8 +232,8 @@ class Rollouts:
         self._counter += 1
         sampling = self.config.sampling
         short = sampling.model_copy(update={"max_new_tokens": min(sampling.max_new_tokens, self.config.pipeline.parity_probe_tokens)})
-        groups = await asyncio.gather(*(self._generate(p, f"probe{self._counter}-{i}", short) for i, p in enumerate(problems)))
-        return [s for group in groups for s in group]
+        groups = await asyncio.gather(*(self._play(p, f"probe{self._counter}-{i}", short) for i, p in enumerate(problems)))
+        return [episode.to_sample() for group in groups for episode in group]
 
     async def sync_batch(self, count: int) -> list[Group]:
         problems = [self.next_problem() for _ in range(count)]

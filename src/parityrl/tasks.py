@@ -29,6 +29,12 @@ class Problem:
     """Reference answer the reward compares against."""
     where: str = field(default="", compare=False)
     """Where the problem came from ('data.jsonl:7', 'data/ row 7'), for error messages; '' for built-in tasks."""
+    fields: dict[str, Any] | None = field(default=None, compare=False)
+    """`task.kind: environment`: the whole record, what the environment's `reset` receives (None otherwise)."""
+
+    def record(self) -> dict[str, Any]:
+        """What an environment's `reset` receives: the record, or {"prompt", "answer"} for built-in problems."""
+        return dict(self.fields) if self.fields is not None else {"prompt": self.prompt, "answer": self.answer}
 
 
 @dataclass
@@ -42,6 +48,8 @@ class Task:
     """`task.chat_template`: `auto` or `none` (see `encode_prompt below`)."""
     system_prompt: str | None = None
     """`task.system_prompt`: system message put before every prompt, or None."""
+    environment: str | None = None
+    """`task.environment` (`package.module:Class`) for multi-turn episodes; None: one prompt, one completion."""
 
     def reward(self, completion: str, answer: str, prompt: str = "") -> float:
         """The reward of one completion, computed in this thread without a timeout (a reward that
@@ -172,7 +180,7 @@ def _read_hf_dataset(path: Path) -> list[tuple[str, dict[str, Any]]]:
 
 def _load_records(config: TaskConfig) -> list[tuple[str, dict[str, Any]]]:
     """(location, record) pairs of a jsonl / hf_dataset task; InputError naming the file and line for bad data."""
-    wanted = "a .jsonl file" if config.kind == "jsonl" else "a directory written by Dataset.save_to_disk"
+    wanted = "a .jsonl file" if config.kind in ("jsonl", "environment") else "a directory written by Dataset.save_to_disk"
     if config.path is None:
         raise InputError(f"task.kind={config.kind} needs task.path: set task.path to {wanted} holding the prompts and answers.")
     path = Path(config.path)
@@ -181,7 +189,7 @@ def _load_records(config: TaskConfig) -> list[tuple[str, dict[str, Any]]]:
             f"task.path {path} does not exist (relative paths start at the current directory, {Path.cwd()}); "
             f"set task.path to {wanted} holding the prompts and answers."
         )
-    if config.kind == "jsonl":
+    if config.kind in ("jsonl", "environment"):
         if path.is_dir():
             inside = sorted(path.glob("*.jsonl"))
             example = f" (e.g. {inside[0]})" if inside else ""
@@ -222,9 +230,17 @@ def _field_text(where: str, record: dict[str, Any], key: str, setting: str) -> s
 
 def load_task(config: TaskConfig) -> Task:
     """The configured task split into train / held-out; InputError (file, line, fix) for unusable data."""
-    if config.kind == "addition":
+    if config.kind == "addition" or (config.kind == "environment" and config.path is None):
         problems = addition_problems(config.max_operand)
         source, grow = f"the addition task with task.max_operand={config.max_operand}", "raise task.max_operand"
+    elif config.kind == "environment":
+        # every field reaches the environment's reset; prompt and answer (when the record has them) are
+        # what the SFT warm-up and the logs use
+        problems = [
+            Problem(str(record.get(config.prompt_field, "")), str(record.get(config.answer_field, "")), where=where, fields=record)
+            for where, record in _load_records(config)
+        ]
+        source, grow = f"task.path {config.path}", "add problems to the file"
     else:
         problems = [
             Problem(
@@ -236,7 +252,7 @@ def load_task(config: TaskConfig) -> Task:
         ]
         source, grow = f"task.path {config.path}", "add prompts to the file"
     if config.prompt_prefix:
-        problems = [Problem(config.prompt_prefix + p.prompt, p.answer, p.where) for p in problems]
+        problems = [Problem(config.prompt_prefix + p.prompt, p.answer, p.where, p.fields) for p in problems]
     train, held_out = _split(problems, config.eval_size, source=source, grow=grow)
     return Task(
         name=config.kind,
@@ -245,6 +261,7 @@ def load_task(config: TaskConfig) -> Task:
         reward_kind=config.reward,
         chat_template=config.chat_template,
         system_prompt=config.system_prompt,
+        environment=config.environment,
     )
 
 

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from parityrl.environments import is_environment_spec
 from parityrl.rewards import is_reward_spec
 
 
@@ -93,8 +94,10 @@ class AssetsConfig(Strict):
 
 
 class TaskConfig(Strict):
-    kind: Literal["addition", "jsonl", "hf_dataset"] = "addition"
-    """`addition`: embedded a+b= task; `jsonl`: {"prompt","answer"} lines; `hf_dataset`: `datasets.load_from_disk`."""
+    kind: Literal["addition", "jsonl", "hf_dataset", "environment"] = "addition"
+    """`addition`: embedded a+b= task; `jsonl`: {"prompt","answer"} lines; `hf_dataset`: `datasets.load_from_disk`;
+    `environment`: multi-turn episodes with `task.environment` (docs/multi-turn.md), problems from `task.path`
+    (JSON Lines, every field of a record reaches `reset`) or, without a path, the addition problems."""
     max_operand: int = Field(100, ge=2)
     """Addition: operands are drawn from [0, max_operand)."""
     path: str | None = None
@@ -122,7 +125,28 @@ class TaskConfig(Strict):
     """Seconds one reward call may take; an overrunning call scores 0 with an error and its worker is
     restarted."""
     reward_workers: int = Field(2, ge=1)
-    """Reward worker processes (rewards never run in the trainer process)."""
+    """Reward (and environment) worker processes; rewards and environments never run in the trainer process."""
+    environment: str | None = None
+    """`task.kind: environment`: the environment class, `package.module:Class` with `reset(problem) -> messages`
+    and `step(messages) -> (messages, reward, done)` (docs/multi-turn.md). Its calls run in the reward workers
+    with `task.reward_timeout_s` each; `task.reward` is not used (the episode's reward is the sum of its turns')."""
+    environment_args: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the environment's constructor (JSON values)."""
+    max_turns: int = Field(3, ge=1)
+    """Most assistant turns in one episode; an episode still going after them ends (its reward so far counts)."""
+    max_episode_tokens: int | None = Field(None, ge=2)
+    """Most tokens in one episode (its first prompt, every sampled turn and every environment message); a turn
+    gets at most what is left of it (and `sampling.max_new_tokens`). None: the model's context."""
+
+    @model_validator(mode="after")
+    def _environment_with_its_kind(self) -> TaskConfig:
+        if self.kind == "environment" and self.environment is None:
+            raise ValueError("task.kind=environment needs task.environment: the class, as 'package.module:Class' (e.g. parityrl.environments.addition:AdditionFeedback)")
+        if self.kind != "environment" and self.environment is not None:
+            raise ValueError(f"task.environment is set but task.kind={self.kind}; set task.kind: environment to play episodes with it")
+        if self.environment is not None and not is_environment_spec(self.environment):
+            raise ValueError(f"task.environment={self.environment!r} is not an import path: write it as 'package.module:Class'")
+        return self
 
     @field_validator("reward")
     @classmethod
@@ -472,6 +496,18 @@ class RunConfig(Strict):
             raise ValueError(
                 f"train.prompts_per_step x sampling.n = {samples} samples per step do not split evenly over "
                 f"train.world_size={self.train.world_size} ranks; make it a multiple."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _episodes_without_penalties(self) -> RunConfig:
+        # vLLM counts a later turn's earlier tokens as its prompt (repetition penalty) and not as its output
+        # (presence/frequency); the trainer's replay counts the episode's sampled tokens: they would disagree
+        s = self.sampling
+        if self.task.kind == "environment" and (s.repetition_penalty != 1.0 or s.presence_penalty != 0.0 or s.frequency_penalty != 0.0):
+            raise ValueError(
+                "sampling penalties (repetition/presence/frequency) are not replayed over multi-turn episodes yet: "
+                "set them to their defaults (1.0 / 0.0 / 0.0) with task.kind: environment."
             )
         return self
 

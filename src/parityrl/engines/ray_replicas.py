@@ -189,7 +189,7 @@ class ReplicaSet:
         for sample in samples:  # a restarted replica's samples too
             sample.replica = index
         self.samples_per_replica[index] += len(samples)
-        self.tokens_per_replica[index] += sum(len(s.completion_token_ids) for s in samples)
+        self.tokens_per_replica[index] += sum(s.sampled_tokens for s in samples)
         return samples
 
     async def greedy(self, prompts: list[list[int]], max_new_tokens: int, request_id: str) -> list[list[int]]:

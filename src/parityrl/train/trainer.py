@@ -36,8 +36,8 @@ Probe = list[Sample] | Callable[[], list[Sample] | None] | None
 def global_normaliser(samples: list[Sample], objective: str) -> int:
     """What the summed loss is divided by: the batch's sequences (GSPO) or tokens, over all ranks."""
     if objective == "gspo":
-        return max(sum(1 for s in samples if s.completion_token_ids), 1)
-    return max(sum(len(s.completion_token_ids) for s in samples), 1)
+        return max(sum(1 for s in samples if s.sampled_tokens), 1)
+    return max(sum(s.sampled_tokens for s in samples), 1)
 
 
 def micro_batches(samples: list[Sample], max_sequences: int, max_tokens: int) -> list[list[int]]:
