@@ -252,9 +252,13 @@ class RLRun:
         sample_count = sum(len(g.samples) for g in groups)
         if reward_errors > MAX_REWARD_ERROR_FRAC * sample_count:
             first = next(g for g in groups if g.reward_errors)
+            if self.task.environment is not None:
+                what = f"environment {self.task.environment} failed on {reward_errors} of {sample_count} episodes"
+                where = f"problem {first.problem.record()!r}; fix the environment (task.environment)"
+            else:
+                what, where = f"{reward_errors} of {sample_count} rewards failed", f"prompt {first.problem.prompt!r}"
             raise await self.stop(
-                f"{reward_errors} of {sample_count} rewards failed in one batch (more than {MAX_REWARD_ERROR_FRAC:.0%}); "
-                f"first: {first.reward_errors[0]} (prompt {first.problem.prompt!r})",
+                f"{what} in one batch (more than {MAX_REWARD_ERROR_FRAC:.0%}); first: {first.reward_errors[0]} ({where})",
                 [g.problem for g in groups],
             ) from None
         return groups, dropped, waited

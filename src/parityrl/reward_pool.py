@@ -13,9 +13,9 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import json
 import math
 import os
-import json
 import signal
 import subprocess
 import sys

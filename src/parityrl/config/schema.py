@@ -141,7 +141,10 @@ class TaskConfig(Strict):
     @model_validator(mode="after")
     def _environment_with_its_kind(self) -> TaskConfig:
         if self.kind == "environment" and self.environment is None:
-            raise ValueError("task.kind=environment needs task.environment: the class, as 'package.module:Class' (e.g. parityrl.environments.addition:AdditionFeedback)")
+            raise ValueError(
+                "task.kind=environment needs task.environment: the class, as 'package.module:Class' "
+                "(e.g. parityrl.environments.addition:AdditionFeedback)"
+            )
         if self.kind != "environment" and self.environment is not None:
             raise ValueError(f"task.environment is set but task.kind={self.kind}; set task.kind: environment to play episodes with it")
         if self.environment is not None and not is_environment_spec(self.environment):

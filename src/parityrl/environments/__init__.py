@@ -74,7 +74,10 @@ def resolve_environment(spec: str, args: dict[str, Any] | None = None) -> type:
     for method, params in (("reset", ["problem"]), ("step", ["messages"])):
         function = getattr(cls, method, None)
         if not callable(function):
-            raise InputError(f"task.environment={spec!r}: class {class_name} has no method {method}(self, {', '.join(params)}); see docs/multi-turn.md for the interface.")
+            raise InputError(
+                f"task.environment={spec!r}: class {class_name} has no method {method}(self, {', '.join(params)}); "
+                "see docs/multi-turn.md for the interface."
+            )
         try:
             inspect.signature(function).bind(None, *params)
         except TypeError:

@@ -23,8 +23,7 @@ class AdditionFeedback:
         said = messages[-1]["content"].strip()
         if said == self.answer:
             return [], 1.0, True
+        feedback = "wrong"
         if self.hint and said.lstrip("-").isdigit():
             feedback = "higher" if int(said) < int(self.answer) else "lower"
-        else:
-            feedback = "wrong"
         return [{"role": "user", "content": f"{feedback}\n{self.question}"}], 0.0, False
