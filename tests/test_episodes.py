@@ -15,13 +15,15 @@ from parityrl.assets import build_tokenizer
 from parityrl.batch import Sample, pack_samples
 from parityrl.config import load_config
 from parityrl.environments import EnvStep, resolve_environment
-from parityrl.episodes import ChatCodec, Episode, EpisodeLimits, TemplateRewritesHistory, take_environment_turn
+from parityrl.environments.calculator import Calculator, evaluate_arithmetic, format_value
+from parityrl.episodes import ChatCodec, Episode, EpisodeLimits, TemplateRewritesHistory, play_group, take_environment_turn
 from parityrl.errors import InputError
 from parityrl.metrics import read_metrics
+from parityrl.parity.check import load_policy_like, perturbed_weights
 from parityrl.pipeline import RunStopped, run_training
 from parityrl.policy import load_policy, load_tokenizer
 from parityrl.reward_pool import CallResult, EnvironmentPool
-from parityrl.scoring import score
+from parityrl.scoring import Mismatch, score
 from parityrl.tasks import Problem
 from parityrl.train.checkpoint import load_run_state
 
@@ -233,3 +235,62 @@ def test_an_environment_that_fails_stops_the_run_naming_it(tiny_model_dir, tmp_p
 
 
 
+
+
+@pytest.mark.vllm
+def test_vllm_episodes_match_the_trainer_on_every_turn_across_a_weight_update(vllm_slot, tiny_model_dir):
+    """Real vLLM V1 episodes of the demo environment (fp32, T 0.8, top-p 0.95): the weights change
+    between turn 1 and turn 2, and every sampled token of every turn matches the trainer's processed
+    logprob under the version that sampled it, computed in one pass over the episode."""
+    engine = vllm_slot.get()
+    config = load_config("configs/multiturn_demo.yaml", [f"model.path={tiny_model_dir}", "sampling.max_new_tokens=4"])
+    codec = ChatCodec(load_tokenizer(tiny_model_dir))
+    model_v0 = load_policy(tiny_model_dir, "float32", lm_head_fp32=True)
+    weights_v1 = perturbed_weights(model_v0, 0.02, seed=5)
+    model_v1 = load_policy_like(model_v0, weights_v1)
+    v0 = engine.version
+    update = asyncio.Lock()
+
+    async def generate(prompt_ids, sampling, request_id):
+        async with update:  # the first turn-2 request updates the engine; the others wait for it
+            if request_id.endswith("-t2") and engine.version == v0:
+                await engine.update_weights(weights_v1, v0 + 1)
+        return await engine.generate(prompt_ids, sampling, request_id)
+
+    async def play():
+        with EnvironmentPool.from_config(config.task) as envs:
+            limits = EpisodeLimits(config.task.max_turns, 256)
+            problems = [Problem(f"{a}+{b}=", str(a + b)) for a, b in [(17, 25), (48, 39), (6, 77), (90, 13)]]
+            groups = [await play_group(generate, envs, codec, p, config.sampling, limits, f"mt{i}") for i, p in enumerate(problems)]
+        return [e for g in groups for e in g]
+
+    episodes = vllm_slot.run(play())
+    samples = [e.to_sample() for e in episodes]
+    later = [s for s in samples if s.sampled_mask is not None]
+    # the first group's later turns came from v1, its first turns from v0 (the later groups play after the update)
+    assert len(later) >= 8 and sum(s.mixed_version for s in later) >= 4
+    packed = pack_samples(samples, 0)
+    sampling = config.trainer_sampling()
+    with torch.no_grad():
+        new = {v0: score(model_v0, packed, sampling, "float32").logprobs, v0 + 1: score(model_v1, packed, sampling, "float32").logprobs}
+    for version, logprobs in new.items():
+        select = packed.completion_mask & (packed.version_per_token == version)
+        mismatch = Mismatch.of(logprobs, packed.logprobs_old, select)
+        assert mismatch.tokens > 20, version
+        summary = mismatch.summary("parity")
+        assert summary["parity/kl"] < 1e-9 and summary["parity/abs_diff_max"] < 1e-4, (version, summary)
+
+
+def test_the_calculator_evaluates_arithmetic_only_and_scores_the_final_answer():
+    assert format_value(evaluate_arithmetic("(17 - 2) * 3 / 4")) == "11.25" and format_value(evaluate_arithmetic("2^10 - 1")) == "1023"
+    hostile_inputs = [("__import__('os').system('ls')", "Call is not arithmetic"), ("9**9**9", "exponent"), ("1/(2-2)", "division by zero"), ("x+1", "Name")]
+    for hostile, says in hostile_inputs:
+        with pytest.raises(ValueError, match=says):
+            evaluate_arithmetic(hostile)
+    env = Calculator()
+    opening = env.reset({"prompt": "A box holds 14 coins. Omar puts in 2 more. How many?", "answer": "\\boxed{16}"})
+    assert [m["role"] for m in opening] == ["system", "user"] and "<calc>" in opening[0]["content"]
+    assert env.step(opening + [{"role": "assistant", "content": "<calc>14 + 2</calc>"}]) == ([{"role": "tool", "content": "16"}], 0.0, False)
+    assert env.step(opening + [{"role": "assistant", "content": "<calc>14 +</calc>"}])[0][0]["content"].startswith("error: cannot parse")
+    assert env.step(opening + [{"role": "assistant", "content": "So \\boxed{16}."}]) == ([], 1.0, True)
+    assert env.step(opening + [{"role": "assistant", "content": "So \\boxed{15}."}]) == ([], 0.0, True)

@@ -68,6 +68,18 @@ class Sample:
         oldest = min(self.sampled_versions(), default=NO_VERSION)
         return oldest if self.kv_version is None or not self.version_per_token else min(oldest, self.kv_version)
 
+    def turn_per_token(self) -> list[int]:
+        """Episode turn (0 = first) of each completion token: a run of sampled tokens starts a turn, and
+        the environment tokens after it count with it."""
+        if self.sampled_mask is None:
+            return [0] * len(self.completion_token_ids)
+        turns, turn, previous = [], -1, False
+        for sampled in self.sampled_mask:
+            turn += sampled and not previous
+            turns.append(max(turn, 0))
+            previous = sampled
+        return turns
+
     def sampled_versions(self) -> list[int]:
         if self.sampled_mask is None:
             return self.version_per_token
@@ -99,6 +111,7 @@ class PackedBatch:
     version_per_token: Tensor  # [B, T] int64, -1 at padding
     replica: Tensor  # [B] int64 engine replica of each sequence, -1 when unknown (one local engine)
     kv_version: Tensor  # [B] int64 `Sample.kv_version`, -1 when None (the prompt is its first token's version)
+    turn_index: Tensor  # [B, T] int64 episode turn (0 = first) of each completion token, -1 at padding
 
     def to(self, device: torch.device | str) -> PackedBatch:
         """The same batch on `device` (the trainer's)."""
@@ -188,6 +201,7 @@ def pack_samples(samples: list[Sample], pad_id: int, shape: ModelShape | None = 
     completion_mask = torch.zeros((batch, max_completion), dtype=torch.bool)
     logprobs_old = torch.zeros((batch, max_completion), dtype=torch.float32)
     versions = torch.full((batch, max_completion), -1, dtype=torch.long)
+    turn_index = torch.full((batch, max_completion), -1, dtype=torch.long)
     replica = torch.tensor([-1 if s.replica is None else s.replica for s in samples], dtype=torch.long)
     for row, (prompt, members) in enumerate(rows):
         plen = len(prompt)
@@ -213,8 +227,9 @@ def pack_samples(samples: list[Sample], pad_id: int, shape: ModelShape | None = 
         completion_mask[index, :count] = True if sample.sampled_mask is None else torch.tensor(sample.sampled_mask, dtype=torch.bool)
         logprobs_old[index, :count] = torch.tensor(sample.logprobs_old, dtype=torch.float32)
         versions[index, :count] = torch.tensor(sample.version_per_token, dtype=torch.long)
+        turn_index[index, :count] = torch.tensor(sample.turn_per_token(), dtype=torch.long)
     kv_version = torch.tensor([-1 if s.kv_version is None else s.kv_version for s in samples], dtype=torch.long)
     return PackedBatch(
         input_ids, position_ids, segment_ids, sample_row, logit_index, prompt_ids, prompt_mask,
-        completion_ids, completion_mask, logprobs_old, versions, replica, kv_version,
+        completion_ids, completion_mask, logprobs_old, versions, replica, kv_version, turn_index,
     )

@@ -308,7 +308,10 @@ async def play_greedy(
 def episode_metrics(episodes: list[Episode]) -> dict[str, float]:
     """The `episode/*` metrics of a step's episodes (metric_registry)."""
     count = max(len(episodes), 1)
+    tool_results = [m["content"] for e in episodes for m in e.messages if m["role"] == "tool"]
     return {
+        "episode/tool_calls": len(tool_results) / count,
+        "episode/tool_call_success": sum(not r.lstrip().lower().startswith("error") for r in tool_results) / len(tool_results) if tool_results else None,
         "episode/turns": sum(e.turns for e in episodes) / count,
         "episode/env_tokens": sum(e.env_tokens for e in episodes) / count,
         "episode/env_errors": sum(e.error is not None for e in episodes),

@@ -109,6 +109,8 @@ METRICS: tuple[Metric, ...] = (
            "scored before the next step, not trained on) that qualified for `parity/*`", "parity"),
     Metric("parity/outside_support_frac", "sampled tokens outside the trainer's top-k/top-p support; they are masked out of the loss "
            "(never −inf/NaN)", "parity", check_title="outside", tabulated=True, good="0, or under 1% at a top-p/top-k cut-off"),
+    Metric("parity/kl_per_turn", "`parity/kl` of each episode turn (turn 1 first; `task.kind: environment`), batch and probe",
+           "parity", scalar=False),
     Metric("parity/kl_per_replica", "`parity/kl` of each engine replica (`pipeline.backend: ray`), by replica id", "parity", scalar=False),
     # full-distribution parity (`parityrl check --full-vocab`): the engine lists its top-K processed logprobs per position;
     # with K < vocabulary size the unlisted tokens are pooled into one outcome on both sides (lower bounds of KL and TV)
@@ -141,6 +143,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("episode/turns", "assistant turns per episode, mean over the step's episodes", "episode"),
     Metric("episode/env_tokens", "environment and template tokens per episode (context, not trained on), mean", "episode"),
     Metric("episode/env_errors", "environment calls that failed (raised, hung, returned the wrong type; the episode scored 0) in this step", "episode"),
+    Metric("episode/tool_calls", "`tool` messages per episode (the environment's answers to tool calls), mean", "episode"),
+    Metric("episode/tool_call_success", "fraction of `tool` messages that do not start with `error` (calls that ran); none without calls", "episode"),
     Metric("episode/turn1_success", "fraction of episodes solved at their first turn (reward >= 1 after one turn)", "episode"),
     # --- perf
     Metric("perf/rollout_tok_s", "tokens the engine generated per wall-clock second since the previous step", "perf"),

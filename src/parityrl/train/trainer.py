@@ -69,6 +69,8 @@ class StepStats:
         """Tokens of sequences entirely at the trainer's version: training batch and probe."""
         self.parity_by_replica: dict[int, Mismatch] = {}
         """The same, per engine replica (`pipeline.backend: ray`)."""
+        self.parity_by_turn: dict[int, Mismatch] = {}
+        """The same, per episode turn (`task.kind: environment`; single-turn samples are all turn 0)."""
         self.stale = Mismatch()
         """Tokens produced after an inflight update, on KV built by older weights."""
 
@@ -81,6 +83,8 @@ class StepStats:
         merged.parity, merged.stale = self.parity + other.parity, self.stale + other.stale
         for replica in self.parity_by_replica.keys() | other.parity_by_replica.keys():
             merged.parity_by_replica[replica] = self.parity_by_replica.get(replica, Mismatch()) + other.parity_by_replica.get(replica, Mismatch())
+        for turn in self.parity_by_turn.keys() | other.parity_by_turn.keys():
+            merged.parity_by_turn[turn] = self.parity_by_turn.get(turn, Mismatch()) + other.parity_by_turn.get(turn, Mismatch())
         return merged
 
     def add(self, name: str, value: float | Tensor) -> None:
@@ -325,6 +329,10 @@ class Trainer:
                 rows = (packed.replica == replica).unsqueeze(-1)
                 mismatch = Mismatch.of(logprobs_new, packed.logprobs_old, generated & current.unsqueeze(-1) & rows)
                 stats.parity_by_replica[replica] = stats.parity_by_replica.get(replica, Mismatch()) + mismatch
+        parity_select = generated & current.unsqueeze(-1)
+        for turn in packed.turn_index[parity_select].unique().tolist():
+            mismatch = Mismatch.of(logprobs_new, packed.logprobs_old, parity_select & (packed.turn_index == turn))
+            stats.parity_by_turn[turn] = stats.parity_by_turn.get(turn, Mismatch()) + mismatch
         stats.add(f"{prefix}sequences", has_tokens.sum())
         stats.add(f"{prefix}mixed", mixed.sum())
         stats.add(f"{prefix}parity_tokens", parity.tokens)
@@ -351,6 +359,7 @@ def finalise(stats: StepStats) -> dict[str, float | list | None]:
     """The step's metrics from its sums (one rank's, or all ranks' added up)."""
     parity = stats.parity.summary("parity")
     by_replica = {replica: m.summary("p")["p/kl"] for replica, m in sorted(stats.parity_by_replica.items())}
+    by_turn = {turn: m.summary("p")["p/kl"] for turn, m in sorted(stats.parity_by_turn.items())}
     return {
         "train/loss": stats.ratio("loss", "units"),
         "rl/clip_rate": stats.ratio("clipped", "clip_units"),
@@ -372,4 +381,6 @@ def finalise(stats: StepStats) -> dict[str, float | list | None]:
         "pipeline/mixed_version_frac": stats.ratio("mixed", "sequences"),
         "train/tokens": stats.sums.get("tokens", 0.0),
         "parity/kl_per_replica": [by_replica.get(i) for i in range(max(by_replica) + 1)] if by_replica else None,
+        # only for episodes: a single-turn run's one entry would repeat parity/kl
+        "parity/kl_per_turn": [by_turn.get(i) for i in range(max(by_turn) + 1)] if len(by_turn) > 1 else None,
     }
