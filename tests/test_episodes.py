@@ -294,3 +294,27 @@ def test_the_calculator_evaluates_arithmetic_only_and_scores_the_final_answer():
     assert env.step(opening + [{"role": "assistant", "content": "<calc>14 +</calc>"}])[0][0]["content"].startswith("error: cannot parse")
     assert env.step(opening + [{"role": "assistant", "content": "So \\boxed{16}."}]) == ([], 1.0, True)
     assert env.step(opening + [{"role": "assistant", "content": "So \\boxed{15}."}]) == ([], 0.0, True)
+
+
+@pytest.mark.smollm2
+def test_re_tokenizing_smollm2s_conversation_drifts_where_the_model_split_a_word_its_own_way():
+    """The naive multi-turn path (render the conversation, tokenize again) trains on other tokens as soon
+    as a turn sampled a non-canonical split: ' coins' sampled as ' coin' + 's' comes back as ' coins'."""
+    from parityrl import pretrained
+
+    tokenizer = pretrained.load_gguf_tokenizer(pretrained.locate_gguf(pretrained.PRETRAINED["smollm2-135m-instruct"]))
+    codec = ChatCodec(tokenizer)
+    messages = [{"role": "user", "content": "How many coins?"}]
+    canonical = codec.encode("There are 16 coins.")
+    split = canonical[:-2] + tokenizer.convert_tokens_to_ids(["Ġcoin", "s"]) + canonical[-1:]
+    assert split != canonical and tokenizer.decode(split) == tokenizer.decode(canonical)
+    said = messages + [{"role": "assistant", "content": "There are 16 coins."}]
+    eos = tokenizer.eos_token_id
+    assert not codec.retokenization_differs(codec.first(messages) + canonical + [eos], said)
+    assert codec.retokenization_differs(codec.first(messages) + split + [eos], said)
+    # token in, token out keeps the split: the next turn's prompt holds the ids the engine sampled
+    running = codec.first(messages) + split + [eos]
+    new = [{"role": "user", "content": "Sure?"}]
+    running += codec.appended(said, new, eos)
+    codec.check(running, said + new)
+    assert running[len(codec.first(messages)) :][: len(split)] == split

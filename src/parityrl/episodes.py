@@ -103,6 +103,12 @@ class ChatCodec:
                 + TEMPLATE_RULE
             )
 
+    def retokenization_differs(self, running_ids: list[int], messages: list[dict]) -> bool:
+        """Whether the naive multi-turn path, rendering the conversation as text and tokenizing it again,
+        gives other ids than the episode's (the tokens the engine sampled and the template's between them)."""
+        naive = self.encode(self.render(messages, generation_prompt=False))
+        return naive[: len(running_ids)] != running_ids
+
     def preflight(self, first_messages: list[dict], eos_id: int) -> None:
         """The template rule on a synthetic two-turn conversation, before any engine starts."""
         messages = self.opening(first_messages)
@@ -148,6 +154,9 @@ class Episode:
     cached_prompt_tokens: int | None = None
     turn_prompt_tokens: int = 0
     """Prompt tokens submitted over all turns (what prefix caching can serve)."""
+    retokenization_differs: bool | None = None
+    """Set when the episode ends: the naive path (conversation re-rendered and tokenized again) would have
+    trained on other tokens (`ChatCodec.retokenization_differs`)."""
     replica: int | None = None
     first_sample: Sample | None = None
     """Turn 1 as the engine returned it: a one-turn episode hands the trainer exactly that sample."""
@@ -233,6 +242,8 @@ async def play_group(
         episode.add_turn(sample, codec.tokenizer.decode(sample.completion_token_ids, skip_special_tokens=True))
         episodes.append(episode)
     await asyncio.gather(*(_play_on(generate, envs, codec, episode, sampling, limits, f"{request_id}-e{i}") for i, episode in enumerate(episodes)))
+    for episode in episodes:
+        episode.retokenization_differs = codec.retokenization_differs(episode.running_ids, episode.messages)
     return episodes
 
 
@@ -316,6 +327,7 @@ def episode_metrics(episodes: list[Episode]) -> dict[str, float]:
         "episode/env_tokens": sum(e.env_tokens for e in episodes) / count,
         "episode/env_errors": sum(e.error is not None for e in episodes),
         "episode/turn1_success": sum(bool(e.turn_rewards) and e.turn_rewards[0] >= 1.0 for e in episodes) / count,
+        "episode/retokenization_drift_frac": sum(bool(e.retokenization_differs) for e in episodes) / count,
     }
 
 

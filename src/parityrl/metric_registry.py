@@ -145,6 +145,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("episode/env_errors", "environment calls that failed (raised, hung, returned the wrong type; the episode scored 0) in this step", "episode"),
     Metric("episode/tool_calls", "`tool` messages per episode (the environment's answers to tool calls), mean", "episode"),
     Metric("episode/tool_call_success", "fraction of `tool` messages that do not start with `error` (calls that ran); none without calls", "episode"),
+    Metric("episode/retokenization_drift_frac", "episodes whose conversation, rendered as text and tokenized again (the naive "
+           "multi-turn path), gives other tokens than the ones sampled: what a re-tokenizing trainer would train on wrongly", "episode"),
     Metric("episode/turn1_success", "fraction of episodes solved at their first turn (reward >= 1 after one turn)", "episode"),
     # --- perf
     Metric("perf/rollout_tok_s", "tokens the engine generated per wall-clock second since the previous step", "perf"),
