@@ -318,3 +318,15 @@ def test_re_tokenizing_smollm2s_conversation_drifts_where_the_model_split_a_word
     running += codec.appended(said, new, eos)
     codec.check(running, said + new)
     assert running[len(codec.first(messages)) :][: len(split)] == split
+
+
+@pytest.mark.vllm
+def test_check_runs_an_environment_config_and_reports_parity_per_turn(vllm_slot, tiny_model_dir):
+    from parityrl.parity.check import run_check
+
+    config = load_config("configs/multiturn_demo.yaml", [f"model.path={tiny_model_dir}"])
+    result = vllm_slot.run(run_check(config, num_prompts=6, inflight=False, engine=vllm_slot.get()))
+    per_turn = result["parity/kl_per_turn"]
+    assert result["episode/turns"] > 1.2 and len(per_turn) >= 2
+    assert result["parity/kl"] < 1e-9 and all(kl is not None and kl < 1e-9 for kl in per_turn), result
+    assert result["parity/tokens"] > 6 * 8  # every sampled token of every turn, no environment token

@@ -35,6 +35,9 @@ def engine_actor_processes(run_pid: int) -> list[psutil.Process]:
 
 
 def test_two_replicas_two_ranks_survive_a_lost_engine_actor(tiny_model_dir, tmp_path):
+    """Multi-turn episodes (the demo's environment) on two engine replicas and two FSDP ranks: an engine
+    actor killed mid-run is replaced, every step is logged once with its episodes' metrics, parity holds
+    on each replica, and the checkpoint resumes on one rank and one replica."""
     run_dir = tmp_path / "run"
     command = [
         sys.executable, "-m", "parityrl.cli", "train",
@@ -43,6 +46,7 @@ def test_two_replicas_two_ranks_survive_a_lost_engine_actor(tiny_model_dir, tmp_
         "--set", f"train.steps={STEPS}", "--set", "train.eval_every=10", "--set", "task.eval_size=64",
         "--set", "pipeline.parity_probe_prompts=2",  # one probe group per replica: parity on each
         "--set", "engine.enforce_eager=true", "--set", "logging.tensorboard=false",
+        "--set", "task.kind=environment", "--set", "task.environment=parityrl.environments.addition:AdditionFeedback",
         "--run-dir", str(run_dir), "--no-plot",
     ]  # fmt: skip
     log = open(tmp_path / "train.log", "w")
@@ -63,6 +67,7 @@ def test_two_replicas_two_ranks_survive_a_lost_engine_actor(tiny_model_dir, tmp_
     assert summary["last_version_per_replica"] == {"0": STEPS, "1": STEPS}  # every replica has every version
     records = assert_each_step_once(run_dir, STEPS)
     assert all(r["train/world_size"] == 2 for r in records)
+    assert all(r["episode/turns"] >= 1 for r in records) and max(r["episode/turns"] for r in records) > 1.5
     for replica in (0, 1):
         kls = [r["parity/kl_per_replica"][replica] for r in records if r.get("parity/kl_per_replica") and len(r["parity/kl_per_replica"]) > replica]
         kls = [kl for kl in kls if kl is not None]

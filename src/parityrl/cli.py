@@ -252,6 +252,10 @@ def _print_check_table(config: RunConfig, rows: dict[str, dict]) -> None:
         ratio = f"{value / baseline:.3g}" if value is not None and baseline else "–"
         table.add_row(name.split(" (")[0], _fmt(value), ratio, *(_fmt(row.get(column.name)) for column in columns))
     console.print(table)
+    for name, row in rows.items():  # episodes (task.kind: environment): the parity of each turn
+        if row.get("parity/kl_per_turn"):
+            turns = ", ".join(f"turn {i + 1} {_fmt(kl)}" for i, kl in enumerate(row["parity/kl_per_turn"]))
+            console.print(f"{name.split(' (')[0]}: parity/kl per turn: {turns} ({_fmt(row.get('episode/turns'))} turns per episode)")
     legend = [name for name in rows if " (" in name] + [f"{ratio_column.check_title}: {ratio_column.name}, {ratio_column.meaning}"]
     legend += [f"×: {ratio_column.name} as a ratio to the first row"] + [f"{m.check_title}: {m.name}, {m.meaning}" for m in columns]
     for line in legend:

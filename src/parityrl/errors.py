@@ -8,6 +8,7 @@ and how to fix it; anything else is a bug and should stay an ordinary exception.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 
 class UserError(Exception):
@@ -38,3 +39,23 @@ def decode_utf8(content: bytes, error: Callable[[int, int], UserError]) -> str:
         return content.decode("utf-8-sig")
     except UnicodeDecodeError as failure:
         raise error(content[failure.start], content[: failure.start].count(b"\n") + 1) from None
+
+
+def import_named(spec: str, setting: str, kind: str, is_kind: Callable[[object], bool]) -> Any:
+    """The object a `package.module:name` setting names (a user's reward function or environment class),
+    imported in this process; InputError naming the setting and what to fix. `kind`: what the name must
+    be ("function", "class"), checked by `is_kind`. Worker processes import it too."""
+    import importlib
+
+    module_name, name = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:
+        raise InputError(
+            f"{setting}={spec!r}: cannot import module '{module_name}' ({type(error).__name__}: {error}). "
+            "Install it or put its directory on PYTHONPATH; the worker processes import it too."
+        ) from None
+    found = getattr(module, name, None)
+    if not is_kind(found):
+        raise InputError(f"{setting}={spec!r}: module '{module_name}' ({getattr(module, '__file__', '?')}) has no {kind} '{name}'.")
+    return found

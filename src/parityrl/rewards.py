@@ -17,7 +17,6 @@ answer, `prompt` the problem's prompt text before the chat template. `task.rewar
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 import math
 import re
@@ -25,7 +24,7 @@ from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import TYPE_CHECKING, NamedTuple
 
-from parityrl.errors import InputError
+from parityrl.errors import InputError, import_named
 
 if TYPE_CHECKING:
     pass
@@ -203,21 +202,7 @@ def resolve_reward(spec: str) -> RewardFn:
             f"task.reward={spec!r} is not a reward: use 'exact', 'math_verify' or 'package.module:function' "
             "(a function fn(completion: str, answer: str, prompt: str) -> float)"
         )
-    module_name, function_name = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as error:
-        raise InputError(
-            f"task.reward={spec!r}: cannot import module '{module_name}' ({type(error).__name__}: {error}). "
-            "Install it or put its directory on PYTHONPATH; the reward workers import it too."
-        ) from None
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise InputError(
-            f"task.reward={spec!r}: module '{module_name}' ({getattr(module, '__file__', '?')}) has no function "
-            f"'{function_name}'"
-        )
-    return function
+    return import_named(spec, "task.reward", "function", callable)
 
 
 def score_one(reward: RewardFn, item: RewardItem) -> RewardResult:

@@ -22,13 +22,12 @@ costs that episode (reward 0, a counted error) rather than the run.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import re
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from parityrl.errors import InputError
+from parityrl.errors import InputError, import_named
 
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
@@ -60,17 +59,8 @@ def resolve_environment(spec: str, args: dict[str, Any] | None = None) -> type:
     Runs before any engine starts (and again in each worker)."""
     if not is_environment_spec(spec):
         raise InputError(f"task.environment={spec!r} is not an import path: write it as 'package.module:Class'.")
-    module_name, class_name = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as error:
-        raise InputError(
-            f"task.environment={spec!r}: cannot import module '{module_name}' ({type(error).__name__}: {error}). "
-            "Install it or put its directory on PYTHONPATH; the environment workers import it too."
-        ) from None
-    cls = getattr(module, class_name, None)
-    if not inspect.isclass(cls):
-        raise InputError(f"task.environment={spec!r}: module '{module_name}' ({getattr(module, '__file__', '?')}) has no class '{class_name}'.")
+    class_name = spec.split(":")[1]
+    cls = import_named(spec, "task.environment", "class", inspect.isclass)
     for method, params in (("reset", ["problem"]), ("step", ["messages"])):
         function = getattr(cls, method, None)
         if not callable(function):

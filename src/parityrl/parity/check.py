@@ -31,8 +31,10 @@ from parityrl.config import RunConfig, SamplingConfig, deep_merge, parse_overrid
 from parityrl.engines import make_engine
 from parityrl.engines.base import RolloutEngine
 from parityrl.engines.reference import score_with_kv_switch
+from parityrl.episodes import ChatCodec, EpisodeLimits, play_group
 from parityrl.errors import UserError
 from parityrl.policy import compute_context, export_state_dict, load_policy, load_tokenizer
+from parityrl.reward_pool import EnvironmentPool
 from parityrl.scoring import DistributionMismatch, Mismatch, listed_logprobs, score
 from parityrl.tasks import load_task, task_prompt_ids
 
@@ -132,6 +134,7 @@ async def run_check(
     task = load_task(config.task)
     model_dir = prepare_model(config, task)
     tokenizer = load_tokenizer(model_dir)
+    episodes = _episode_setup(config, model_dir, tokenizer) if task.environment is not None else None
     prompts = [task_prompt_ids(tokenizer, task, p.prompt) for p in task.eval[:num_prompts]]
     sampling = config.sampling
     trainer_sampling = config.trainer_sampling()
@@ -148,8 +151,13 @@ async def run_check(
         raise UserError(f"check: the engine given reports {engine.settings()['logprobs_mode']}, the config asks for {config.engine.logprobs_mode}.")
     result: dict = {"settings": engine.settings()}
     try:
-        samples = await generate_all(engine, prompts, sampling, "static", top_logprobs)
-        result |= compare(samples, trainer_logprobs(model_v0, samples, trainer_sampling, dtype)).summary("parity")
+        if episodes is not None:  # whole episodes with the environment; the inflight part on their first prompts
+            samples = await play_all(engine, episodes, task.eval[:num_prompts], sampling, "static")
+            prompts = [list(p) for p in dict.fromkeys(tuple(s.prompt_token_ids) for s in samples)]
+            result |= per_turn_parity(samples, trainer_logprobs(model_v0, samples, trainer_sampling, dtype))
+        else:
+            samples = await generate_all(engine, prompts, sampling, "static", top_logprobs)
+        result |= compare(samples, trainer_logprobs(model_v0, samples, trainer_sampling, dtype), sampled_tokens).summary("parity")
         if dtype != "float32":  # how far the engine's low-precision arithmetic alone sits from the exact model
             result |= compare(samples, trainer_logprobs(model_v0, samples, trainer_sampling, "float32")).summary("parity_fp32")
         if full_vocab:
@@ -157,11 +165,52 @@ async def run_check(
         if inflight:
             result |= await _inflight(engine, model_v0, prompts, sampling, trainer_sampling, dtype, perturb_scale)
     finally:
+        if episodes is not None:
+            episodes[0].close()
         if owned:
             await engine.close()
         elif inflight:
             await engine.update_weights(export_state_dict(model_v0), version=engine.version + 1)
     return result
+
+
+def sampled_tokens(sample: Sample) -> Tensor:
+    """bool [len(completion)]: the tokens the policy sampled (all of a single-turn sample's)."""
+    return torch.tensor(sample.sampled_mask if sample.sampled_mask is not None else [True] * len(sample.completion_token_ids))
+
+
+def _episode_setup(config: RunConfig, model_dir, tokenizer) -> Episodes:
+    """The environment workers, the chat codec (its template checked) and the episode limits of `config`."""
+    from parityrl.preflight import model_context, read_hf_config
+
+    codec = ChatCodec(tokenizer, config.task.system_prompt)
+    codec.preflight([{"role": "user", "content": "1"}], tokenizer.eos_token_id)
+    context = model_context(read_hf_config(model_dir)) or 1 << 40
+    limits = EpisodeLimits(config.task.max_turns, min(config.task.max_episode_tokens or context, context))
+    return EnvironmentPool.from_config(config.task), codec, limits
+
+
+Episodes = tuple[EnvironmentPool, ChatCodec, EpisodeLimits]
+
+
+async def play_all(engine: RolloutEngine, episodes: Episodes, problems, sampling: SamplingConfig, tag: str) -> list[Sample]:
+    """`sampling.n` episodes of each problem, as Samples (their sampled tokens marked)."""
+    envs, codec, limits = episodes
+    groups = await asyncio.gather(*(play_group(engine.generate, envs, codec, p, sampling, limits, f"{tag}-{i}") for i, p in enumerate(problems)))
+    return [episode.to_sample() for group in groups for episode in group]
+
+
+def per_turn_parity(samples: list[Sample], recomputed: list[Tensor]) -> dict:
+    """`parity/kl_per_turn`: k3 of each turn's sampled tokens, turn 1 first (`Sample.turn_per_token`)."""
+    turns = max((max(s.turn_per_token(), default=0) for s in samples), default=0) + 1
+    per_turn = []
+    for turn in range(turns):
+        def select(sample: Sample, turn: int = turn) -> Tensor:
+            return sampled_tokens(sample) & (torch.tensor(sample.turn_per_token(), dtype=torch.long) == turn)
+
+        per_turn.append(compare(samples, recomputed, select).summary("p")["p/kl"])
+    turns_played = [s.turn_per_token()[-1] + 1 for s in samples if s.completion_token_ids]
+    return {"parity/kl_per_turn": per_turn, "episode/turns": sum(turns_played) / max(len(turns_played), 1)}
 
 
 async def _inflight(engine, model_v0, prompts, sampling, trainer_sampling, dtype, perturb_scale) -> dict:
