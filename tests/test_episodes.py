@@ -54,18 +54,23 @@ def tokenizer_with(template: str | None, tmp_path: Path):
     return tokenizer
 
 
-def play_text_episode(codec: ChatCodec, replies: list[str], feedback: list[str]) -> tuple[list[int], list[dict]]:
-    """Running ids and messages of an episode whose turns sampled exactly `replies` (each + EOS)."""
+def play_text_episode(codec: ChatCodec, replies: list[str | list[int]], feedback: list[str]) -> tuple[list[int], list[dict]]:
+    """Running ids and messages of an episode whose turns sampled exactly `replies` (text, or ids), each + EOS."""
     eos = codec.tokenizer.eos_token_id
     messages = codec.opening([{"role": "user", "content": "12+34="}])
     running = codec.first(messages)
+    sampled = [False] * len(running)
     for reply, answer in zip(replies, feedback):
-        running += codec.encode(reply) + [eos]
-        messages = messages + [{"role": "assistant", "content": reply}]
+        ids = (codec.encode(reply) if isinstance(reply, str) else reply) + [eos]
+        running += ids
+        sampled += [True] * len(ids)
+        messages = messages + [{"role": "assistant", "content": codec.tokenizer.decode(ids, skip_special_tokens=True)}]
         new = [{"role": "user", "content": answer}]
-        running += codec.appended(messages, new, eos)
+        appended = codec.appended(messages, new, eos)
+        running += appended
+        sampled += [False] * len(appended)
         messages = messages + new
-        codec.check(running, messages)
+        codec.check(running, messages, sampled)
     return running, messages
 
 
@@ -81,6 +86,10 @@ def test_turns_append_exactly_what_the_template_renders(template, tmp_path):
         assert "47<|im_end|>\n<|im_start|>user\nlower<|im_end|>\n<|im_start|>assistant\n" in text
     else:
         assert text == "<bos>12+34=45<eos>higher\n12+34=47<eos>lower"
+        # a special token the model sampled inside a turn is its output, not the template's: not refused
+        stray = codec.encode("4") + [codec.tokenizer.bos_token_id] + codec.encode("5")
+        running, messages = play_text_episode(codec, [stray, "47"], ["higher\n12+34=", "lower"])
+        assert running.count(codec.tokenizer.bos_token_id) == 2 and messages[1]["content"] == "45"
 
 
 @pytest.mark.parametrize(

@@ -88,11 +88,15 @@ class ChatCodec:
         tail = before[cut + len(stop_text) :] if cut >= 0 else ""
         return self.encode(tail + after[len(before) :])
 
-    def check(self, running_ids: list[int], messages: list[dict]) -> None:
+    def check(self, running_ids: list[int], messages: list[dict], sampled: list[bool] | None = None) -> None:
         """The special tokens of `running_ids` (an episode so far, ending with a generation prompt) must be
-        those of the template's rendering of `messages`; TemplateRewritesHistory otherwise."""
+        those of the template's rendering of `messages`; TemplateRewritesHistory otherwise. `sampled` marks
+        the tokens the model sampled: a special token it sampled inside a turn (a stray `<bos>`) is its own
+        output, which the message text leaves out, not the template's; the one that ends a turn counts."""
         expected = [i for i in self.first(messages) if i in self.special_ids]
-        actual = [i for i in running_ids if i in self.special_ids]
+        sampled = sampled or [False] * len(running_ids)
+        inside_a_turn = [sampled[k] and k + 1 < len(running_ids) and sampled[k + 1] for k in range(len(running_ids))]
+        actual = [i for i, inside in zip(running_ids, inside_a_turn) if i in self.special_ids and not inside]
         if actual != expected:
             at = next((k for k, (a, b) in enumerate(zip(actual, expected)) if a != b), min(len(actual), len(expected)))
             names = self.tokenizer.convert_ids_to_tokens
@@ -280,7 +284,7 @@ def take_environment_turn(episode: Episode, result: CallResult, codec: ChatCodec
         episode.finish_reason = "length"
         return False
     episode.add_environment(new_messages, ids)
-    codec.check(episode.running_ids, episode.messages)
+    codec.check(episode.running_ids, episode.messages, [False] * len(episode.prompt_ids) + episode.sampled)
     return True
 
 
