@@ -39,7 +39,7 @@ from parityrl.backend import Backend, make_backend
 from parityrl.config import RunConfig
 from parityrl.engines.orphan_guard import recorded_shared_memory, unlink_unmapped
 from parityrl.engines.supervisor import EngineGaveUp
-from parityrl.episodes import ChatCodec, EpisodeLimits, episode_metrics, play_greedy, write_episodes
+from parityrl.episodes import ChatCodec, EpisodeLimits, TemplateRewritesHistory, episode_metrics, play_greedy, write_episodes
 from parityrl.errors import UserError
 from parityrl.evaluate import engine_greedy_completions, success_rate
 from parityrl.hardware import allowed_cpus, slow_bf16_warning, trainer_threads, with_torch_threads
@@ -244,7 +244,7 @@ class RLRun:
                 groups, dropped = await self.rollouts.take(count, self.trainer.version)
             else:
                 groups, dropped = await self.rollouts.sync_batch(count), 0
-        except EngineGaveUp as error:
+        except (EngineGaveUp, TemplateRewritesHistory) as error:  # the latter: an episode broke the template rule
             raise await self.stop(str(error)) from None
         waited = time.perf_counter() - began
         self.trainer_wait_s += waited
