@@ -26,6 +26,14 @@ def test_overrides_parse_yaml_scalars():
     assert config.train.lr == 3e-5 and config.engine.kind == "reference" and config.model.path is None
 
 
+def test_prefix_caching_on_and_off_mean_the_words_although_yaml_reads_them_as_booleans(tmp_path):
+    # `check --attribute`'s fix-2 row sets engine.prefix_caching=on: it failed validation as True
+    assert load_config(None, ["engine.prefix_caching=on"]).engine.prefix_caching == "on"
+    path = tmp_path / "c.yaml"
+    path.write_text("engine:\n  prefix_caching: off\n")
+    assert load_config(path, []).engine.prefix_caching == "off"
+
+
 def test_one_sided_fp32_head_is_refused_unless_forced():
     with pytest.raises(ConfigError, match="one side only"):
         load_config(None, ["engine.lm_head_fp32=false"])

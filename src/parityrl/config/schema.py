@@ -225,6 +225,13 @@ class EngineConfig(Strict):
             data["prefix_caching"] = "off" if legacy is False else "on"
         return data
 
+    @field_validator("prefix_caching", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value):
+        """YAML 1.1 reads a bare `on` / `off` (in a config file or `--set engine.prefix_caching=on`) as a
+        boolean: take it as the word that was written."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     kind: Literal["vllm", "reference"] = "vllm"
     """Rollout engine: `vllm` (vLLM V1 AsyncLLM) or `reference` (plain torch sampler, ground truth)."""
     logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = "processed_logprobs"
