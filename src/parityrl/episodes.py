@@ -304,9 +304,11 @@ async def play_greedy(
         episodes.append(Episode(problem, messages, codec.first(messages), error=error))
     active = [episode for episode in episodes if episode.error is None]
     while active:
-        fits = [episode for episode in active if len(episode.running_ids) < limits.max_tokens]
+        fits = []
         for episode in active:
-            if episode not in fits:
+            if len(episode.running_ids) < limits.max_tokens:
+                fits.append(episode)
+            else:
                 episode.finish_reason = "length"
         budget = min(max_new_tokens, limits.max_tokens - max((len(e.running_ids) for e in fits), default=0))
         turn = max((e.turns for e in fits), default=0) + 1
