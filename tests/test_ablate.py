@@ -42,7 +42,7 @@ def test_each_configuration_switches_what_it_says():
     naive, fixed = configs["naive-v1"].engine, configs["fixed-v1"].engine
     assert configs["reference"].engine.kind == "reference"
     assert (naive.logprobs_mode, naive.prefix_caching, naive.update_mode, naive.lm_head_fp32) == ("raw_logprobs", "on", "abort", False)
-    assert (fixed.logprobs_mode, fixed.prefix_caching, fixed.update_mode, fixed.lm_head_fp32) == ("processed_logprobs", "off", "keep", True)
+    assert (fixed.logprobs_mode, fixed.prefix_caching, fixed.update_mode, fixed.lm_head_fp32) == ("processed_logprobs", "versioned", "keep", True)
     assert configs["fix1-only"].engine.logprobs_mode == "processed_logprobs" and configs["fix1-only"].engine.update_mode == "abort"
     assert configs["fix3-only"].engine.update_mode == "keep" and configs["fix3-only"].engine.logprobs_mode == "raw_logprobs"
     assert configs["fix4-only"].model.lm_head_fp32 and configs["fix4-only"].engine.lm_head_fp32
@@ -52,7 +52,7 @@ def test_each_configuration_switches_what_it_says():
     ):
         off = configs[f"fixed-v1-no{n}"].engine
         assert getattr(off, field) == value
-        others = {"logprobs_mode": "processed_logprobs", "prefix_caching": "off", "update_mode": "keep", "lm_head_fp32": True}
+        others = {"logprobs_mode": "processed_logprobs", "prefix_caching": "versioned", "update_mode": "keep", "lm_head_fp32": True}
         assert all(getattr(off, name) == kept for name, kept in others.items() if name != field)
     demo = configs["fixed-v1"]
     assert (demo.model.dtype, demo.sampling.temperature, demo.task.prompt_prefix, demo.train.objective) == ("bfloat16", 0.7, "Add two numbers: ", "grpo")

@@ -39,7 +39,7 @@ def test_corpus_covers_every_pitfall() -> None:
     covered = set().union(*(expectation(p)[0] for p in CORPUS.glob("*.yaml")))
     assert covered >= {
         "dtype-auto", "raw-logprobs", "trainer-sampling-mismatch",
-        "async-scheduling-default", "prefix-caching-stale-kv", "update-abort", "one-sided-fp32-head",
+        "async-scheduling-default", "prefix-caching-stale-kv", "prefix-caching-off", "update-abort", "one-sided-fp32-head",
         "bf16-head", "is-correction-unchecked", "unbounded-lag", "config-invalid",
     }
 

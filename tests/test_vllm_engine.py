@@ -9,6 +9,7 @@ processed-mode fp32 tests are the fast tier's; raw-mode and bf16 engines are `sl
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import pytest
@@ -133,7 +134,9 @@ def test_protocol_and_settings(slot):
     settings = engine.settings()
     print("\n[vllm] settings:", settings)
     assert settings["logprobs_mode"] == "processed_logprobs"
-    assert settings["enable_prefix_caching"] is False and settings["prefix_caching"] == "off" and settings["cache_salt"] is None
+    # fix 2 as the default: caching on, each request salted with this start's nonce and its policy version
+    assert settings["enable_prefix_caching"] is True and settings["prefix_caching"] == "versioned"
+    assert re.fullmatch(r"parityrl-[0-9a-f]{12}-v<version>", settings["cache_salt"]), settings["cache_salt"]
     assert settings["async_scheduling"] is False
     assert settings["dtype"] == "float32"
     assert settings["head_dtype"] == "float32"
@@ -141,7 +144,7 @@ def test_protocol_and_settings(slot):
     worker = settings["worker"]
     assert worker["param_dtypes"] == ["float32"]
     assert worker["sampler_logprobs_mode"] == "processed_logprobs"
-    assert worker["enable_prefix_caching"] is False and worker["async_scheduling"] is False
+    assert worker["enable_prefix_caching"] is True and worker["async_scheduling"] is False
     assert settings["weight_update"] == "inplace" and settings["weight_transport"] == "shm"
     assert worker["cpu_weights_kept"] is on_cpu()  # inplace updates: linear weights kept next to the packed ones
     assert settings["vllm_version"] and settings["torch_version"]

@@ -391,7 +391,10 @@ class VLLMEngine:
             async with self._update_lock:
                 pass
         version = self.version
-        return TokensPrompt(prompt_token_ids=list(prompt_token_ids), cache_salt=f"parityrl-{self._salt_nonce}-v{version}"), version
+        return TokensPrompt(prompt_token_ids=list(prompt_token_ids), cache_salt=self._cache_salt(version)), version
+
+    def _cache_salt(self, version: int | str) -> str:
+        return f"parityrl-{self._salt_nonce}-v{version}"
 
     async def _generate_one(self, prompt_token_ids: list[int], params, request_id: str) -> Sample:
         tokens: list[int] = []
@@ -668,7 +671,8 @@ class VLLMEngine:
             "hf_overrides": dict(mc.hf_overrides) if isinstance(mc.hf_overrides, dict) else str(mc.hf_overrides),
             # how requests reach the cache: salted per policy version (versioned) or not at all (on)
             "prefix_caching": self.config.prefix_caching,
-            "cache_salt": "per engine start and policy version" if self.config.prefix_caching == "versioned" else None,
+            # the salt as requests receive it: this start's nonce, then the version submitted under
+            "cache_salt": self._cache_salt("<version>") if self.config.prefix_caching == "versioned" else None,
             "update_mode": self.config.update_mode,
             "weight_update": self.config.weight_update,
             "seed": self.seed,

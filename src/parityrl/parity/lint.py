@@ -9,7 +9,7 @@ config `key` path, what goes wrong, and the exact fix. Pitfalls checked:
 | `dtype-auto` | error | model.dtype | vLLM's `dtype: auto` silently downcasts an fp32 checkpoint to bf16 on CPU, so engine and trainer run different precisions. parityrl's config only accepts explicit dtypes; `lint_file` inspects the *raw* YAML first so a config migrated from another framework gets this actionable message instead of a bare validation error (the rest of the config is then linted as if `model.dtype` were unset). |
 | `raw-logprobs` | error with temperature != 1, active top-k/top-p/min-p or a penalty, else warning | engine.logprobs_mode | `raw_logprobs` reports log-softmax of the unscaled logits, before penalties, temperature and truncation, not the logprob under the distribution sampled from; the trainer's processed logprob differs by far more than numerical noise. At T=1 with every other sampling transform off the two coincide, but the first sampling change silently breaks parity. |
 | `trainer-sampling-mismatch` | error | train.logprob_temperature / _top_k / _top_p / _min_p / _repetition_penalty / _presence_penalty / _frequency_penalty | the trainer recomputes logprobs under different sampling transforms than the engine sampled with; every ratio is biased. |
-| `prefix-caching-off` | warning | engine.prefix_caching | `off` with `sampling.n > 1` or a multi-turn environment: every sample prefills its whole prompt again (n times per group; the whole history at every turn), work `versioned` saves without reusing KV across policy versions. |
+| `prefix-caching-off` | warning | engine.prefix_caching | `off`: every sample prefills its whole prompt again (n times per group; the whole history at every turn), work `versioned` saves without reusing KV across policy versions. |
 | `async-scheduling-default` | warning | engine.async_scheduling | `null` leaves it to the installed vLLM's default; the run does not record what was in force. |
 | `prefix-caching-stale-kv` | error | engine.prefix_caching | `on` (unsalted, vLLM's default; also the old `enable_prefix_caching: true` or `null`) in a run with weight updates (train.steps > 0): new samples of a prompt reuse KV blocks computed by older weights, mixing policy versions inside one "fresh" sample (fix 2). `versioned` reuses KV within a policy version only. |
 | `update-abort` | warning | engine.update_mode | every weight update aborts in-flight requests and clears caches: work is lost and long completions are under-represented, biasing the sample mix toward short ones. |
@@ -182,7 +182,7 @@ def _check_runtime_defaults(config: RunConfig) -> list[Finding]:
                 "set engine.prefix_caching: versioned (KV reused within a policy version only) or off",
             )
         )
-    if engine.prefix_caching == "off" and (config.sampling.n > 1 or config.task.kind == "environment"):
+    if engine.prefix_caching == "off":
         repeated = "the whole history at every turn" if config.task.kind == "environment" else f"each prompt {config.sampling.n} times per group"
         findings.append(
             Finding(
