@@ -239,9 +239,10 @@ async def _inflight(engine, model_v0, prompts, sampling, trainer_sampling, dtype
     long_sampling = sampling.model_copy(update={"max_new_tokens": max(sampling.max_new_tokens, 96), "ignore_eos": True})
     new_weights = perturbed_weights(model_v0, perturb_scale, seed=17)
     model_v1 = load_policy_like(model_v0, new_weights)
-    # past EOS on a prompt it never saw a tiny model is certain (logprob 0 under any weights): the
-    # hazard's samples run on for HAZARD_TOKENS, where stale KV has tokens to show on
-    hazard_sampling = sampling.model_copy(update={"max_new_tokens": HAZARD_TOKENS, "ignore_eos": True})
+    # what the hazard measures is the KV, not the sampler: plain T 1 sampling, HAZARD_TOKENS past EOS, so
+    # every token has a distribution to show stale KV on (under top-p / min-p a confident model's
+    # support is one token, logprob 0 under any weights: the demo's showed nothing)
+    hazard_sampling = SamplingConfig(temperature=1.0, max_new_tokens=HAZARD_TOKENS, n=sampling.n, ignore_eos=True)
     hazard = hazard_prompt(prompts, engine.settings(), HAZARD_TOKENS)
     if hazard is not None:  # prefilled at v, so its blocks are in the cache when the update lands
         await generate_all(engine, [hazard], hazard_sampling, "cached-at-v")
@@ -282,9 +283,11 @@ async def _inflight(engine, model_v0, prompts, sampling, trainer_sampling, dtype
     result["pipeline/kv_staleness_kl"] = compare(spanning, full_v1, select=after_select).summary("stale")["stale/kl"]
     # new requests after the update: must be pure v+1 (unsalted prefix caching reuses v-built prompt KV)
     fresh = await generate_all(engine, prompts, sampling, "post-update")
+    recomputed = trainer_logprobs(model_v1, fresh, trainer_sampling, dtype)
     if hazard is not None:
-        fresh += await generate_all(engine, [hazard], hazard_sampling, "post-update-hazard")
-    result |= compare(fresh, trainer_logprobs(model_v1, fresh, trainer_sampling, dtype)).summary("post_update")
+        hazard_samples = await generate_all(engine, [hazard], hazard_sampling, "post-update-hazard")
+        fresh, recomputed = fresh + hazard_samples, recomputed + trainer_logprobs(model_v1, hazard_samples, hazard_sampling, dtype)
+    result |= compare(fresh, recomputed).summary("post_update")
     result["post_update/hazard_prompt_tokens"] = len(hazard) if hazard is not None else 0
     result["post_update/cached_prompt_frac"] = (sum(s.cached_prompt_tokens or 0 for s in fresh)
                                                 / max(1, sum(len(s.prompt_token_ids) for s in fresh)))

@@ -11,7 +11,10 @@ The bounds (`failures`), per case:
   tail depends on the CPU's kernels more: 2.2e-9 measured on one of CI's machines), and the tokens
   after an inflight update against the reference that applied it at the same position with its KV
   kept (`inflight_v1_kept_kv/kl`) at most 1e-9: a token tagged with the wrong version fails it;
-- bf16: the first four at most 1e-4 (DESIGN's bf16 target); `inflight_v1_kept_kv/kl` is reported, not
+- bf16: the first four at most 1e-4 (DESIGN's bf16 target), `parity/kl` or at most 1.25x the engine's
+  own floor on the CPU measured, `parity_fp32/kl` (its bf16 against the exact model: 1.4e-5 on an AMX
+  Xeon, 1.3e-4 on an AVX512-BF16 EPYC without AMX, where the bf16 trainer sits 1.29e-4 from the
+  engine, i.e. no farther than the exact model does); `inflight_v1_kept_kv/kl` is reported, not
   bounded (1.3-2.1e-4 measured on every release: the kept-KV reference runs bf16 over another
   schedule of positions than the engine);
 - keep-mode updates keep every in-flight request (`inflight/aborted_frac` 0, `spanning_frac` > 0);
@@ -47,10 +50,17 @@ class Case:
     flags: tuple[str, ...]
     kept_kv_bound: float | None = None
     """Bound of `inflight_v1_kept_kv/kl` (None: reported only)."""
+    floor_factor: float | None = None
+    """Low precision: `parity/kl` may exceed `kl_bound` up to this multiple of `parity_fp32/kl`, the
+    engine's own distance from the exact model on this CPU, which no trainer gets under (the floor
+    explained, DESIGN's wording)."""
 
-    def bounds(self) -> dict[str, float]:
-        """Metric of the configured row -> its bound."""
+    def bounds(self, configured: dict | None = None) -> dict[str, float]:
+        """Metric of the configured row -> its bound (`configured`: the row, for the floor)."""
         found = {name: self.full_kl_bound if name == "parity/full_kl" else self.kl_bound for name in BOUNDED}
+        floor = (configured or {}).get("parity_fp32/kl")
+        if self.floor_factor is not None and floor is not None:
+            found["parity/kl"] = max(self.kl_bound, self.floor_factor * floor)
         return found | ({KEPT_KV: self.kept_kv_bound} if self.kept_kv_bound is not None else {})
 
 
@@ -58,7 +68,7 @@ BOUNDED = ("parity/kl", "parity/full_kl", "inflight_v/kl", "post_update/kl")
 KEPT_KV = "inflight_v1_kept_kv/kl"
 CASES = (
     Case("fp32", "float32", 1e-9, 1e-7, (*SHAPED_SAMPLING, "model.dtype=float32"), ("--full-vocab", "--attribute"), kept_kv_bound=1e-9),
-    Case("bf16", "bfloat16", 1e-4, 1e-4, (*SHAPED_SAMPLING, "model.dtype=bfloat16"), ("--full-vocab", "--attribute")),
+    Case("bf16", "bfloat16", 1e-4, 1e-4, (*SHAPED_SAMPLING, "model.dtype=bfloat16"), ("--full-vocab", "--attribute"), floor_factor=1.25),
 )
 CASE_BY_NAME = {case.name: case for case in CASES}
 CONFIG = "configs/demo.yaml"
@@ -120,7 +130,7 @@ def failures(result: dict) -> list[str]:
     if configured is None:
         return [f"{where}: no '{CONFIGURED}' row (the check did not run)"]
     found = []
-    for name, bound in case.bounds().items():
+    for name, bound in case.bounds(configured).items():
         value = configured.get(name)
         if value is None:
             found.append(f"{where}: {name} was not measured")
@@ -168,9 +178,11 @@ def disagreements(fresh: dict, committed: dict) -> list[str]:
     seen_committed = read_back(rows_committed.get(CONFIGURED, {}).get("settings", {}))
     found += [f"{where}: the engine reads back {name} = {seen_fresh[name]!r}, committed {seen_committed[name]!r}"
               for name in seen_fresh if seen_fresh[name] != seen_committed[name]]  # fmt: skip
-    for name, bound in case.bounds().items():
+    for name in case.bounds():
         now, then = rows_fresh.get(CONFIGURED, {}).get(name), rows_committed.get(CONFIGURED, {}).get(name)
-        held_now, held_then = now is not None and now <= bound, then is not None and then <= bound
+        bound_now, bound_then = case.bounds(rows_fresh.get(CONFIGURED))[name], case.bounds(rows_committed.get(CONFIGURED))[name]
+        held_now, held_then = now is not None and now <= bound_now, then is not None and then <= bound_then
+        bound = bound_now
         if held_now != held_then:
             found.append(f"{where}: {name} {_fmt(now)} {'holds' if held_now else 'breaks'} the bound {bound:g}, committed {_fmt(then)}")
     for short, (name, holds) in FIX_SHOWS.items():
@@ -238,7 +250,9 @@ def render(results: list[dict], command: str) -> str:
             f"## {case.name}: `parityrl check {CONFIG} {' '.join(case.flags)}` with `model.dtype={case.dtype}`",
             "",
             f"Bound: `parity/kl`, `inflight_v/kl`, `post_update/kl` ≤ {case.kl_bound:g}; `parity/full_kl` ≤ {case.full_kl_bound:g}"
-            + (f"; `{KEPT_KV}` ≤ {case.kept_kv_bound:g}." if case.kept_kv_bound is not None else "."),
+            + (f"; `{KEPT_KV}` ≤ {case.kept_kv_bound:g}" if case.kept_kv_bound is not None else "")
+            + (f"; `parity/kl` may reach {case.floor_factor:g}× `parity_fp32/kl`, the engine's own distance from the exact model "
+               "on the CPU measured (its floor)." if case.floor_factor is not None else "."),
             "",
             "| vLLM | torch | parity/kl | full_kl | max \\|Δ\\| | inflight: kept / aborted, kl | post-update kl "
             "| fix 1 off | fix 2 off | fix 3 off: aborted | fix 4 off | fix 4 one-sided | read back | holds |",
