@@ -9,10 +9,11 @@ master weights, bf16 compute via `policy.compute_context` for bf16 models, fp32 
    same update at the same position keeping the KV cache (`score_with_kv_switch`), and the v+1
    tokens' distance to a full v+1 recompute is the KV staleness;
 3. post-update prompts: new requests for the same prompts after the update must match a full v+1
-   recompute. The hazard of fix 2 is put in front of them on every model: before the update one
-   prompt longer than a KV block (the task's prompts laid end to end, `hazard_prompt`) is prefilled,
-   and so cached, at v; after it the same prompt is requested again. Unsalted prefix caching (`on`)
-   serves it v's blocks and misses the v+1 recompute; `versioned` salts it with v+1 and recomputes.
+   recompute. The hazard of fix 2 is put in front of them on every model: before the update a sample
+   runs on past one KV block, whose KV v computes and vLLM caches (`cache_hazard_sequence`); after
+   it that sequence is requested as a prompt, as a multi-turn episode's next turn would be. Unsalted
+   prefix caching (`on`) serves it v's block and misses the v+1 recompute; `versioned` salts it with
+   v+1 and recomputes.
 
 In bf16, the static samples are also scored by the trainer in fp32 (`parity_fp32/*`): the distance of
 the engine's bf16 arithmetic from the exact model, which no bf16 trainer can get under (on SmolLM2 the
@@ -217,35 +218,34 @@ def per_turn_parity(samples: list[Sample], recomputed: list[Tensor]) -> dict:
 
 
 HAZARD_TOKENS = 32
-"""Tokens sampled after the hazard prompt (EOS ignored), before and after the update."""
+"""Tokens sampled (EOS ignored) by the requests after the update that continue the hazard sequence."""
+HAZARD_TAIL = 8
+"""Tokens of the hazard sequence after its first KV block (computed afresh by every request)."""
 
 
-def hazard_prompt(prompts: list[list[int]], settings: dict, max_new_tokens: int) -> list[int] | None:
-    """The task's prompts laid end to end to 2 KV blocks (less where the model's context is shorter):
-    long enough that a request after an update can be served at least one whole block an earlier
-    version computed. None where the engine has no block cache (the reference engine) or the context
-    cannot hold more than one block plus the completion."""
+async def cache_hazard_sequence(engine: RolloutEngine, prompt: list[int], sampling: SamplingConfig) -> list[int] | None:
+    """Fix 2's hazard, built at version v: a sample of `prompt` run on past EOS until prompt and
+    completion fill one KV block and HAZARD_TAIL tokens. vLLM caches the blocks of generated tokens as
+    it does a prompt's, so that sequence's first block now holds KV computed by v, as a multi-turn
+    episode's history does; asked for again as a prompt after the update, unsalted caching serves it.
+    (A made-up prompt of the task's prompts end to end showed little: past EOS on text it never saw the
+    tiny model is certain, logprob 0 under either weights.) None where the engine has no block cache
+    (the reference engine) or the context cannot hold the sequence and a continuation."""
+    settings = engine.settings()
     block_size, max_model_len = settings.get("block_size"), settings.get("max_model_len")
-    tokens = [token for prompt in prompts for token in prompt]
-    if not block_size or not max_model_len or not tokens:
+    length = (block_size or 0) + HAZARD_TAIL
+    if not block_size or not max_model_len or length + HAZARD_TOKENS > max_model_len or len(prompt) >= length:
         return None
-    length = min(2 * block_size, max_model_len - max_new_tokens)
-    if length <= block_size:
-        return None
-    return (tokens * (length // len(tokens) + 1))[:length]
+    run_on = sampling.model_copy(update={"max_new_tokens": length - len(prompt), "ignore_eos": True})
+    first, *_ = await engine.generate(prompt, run_on, "hazard-at-v")
+    return (list(prompt) + list(first.completion_token_ids))[:length]
 
 
 async def _inflight(engine, model_v0, prompts, sampling, trainer_sampling, dtype, perturb_scale) -> dict:
     long_sampling = sampling.model_copy(update={"max_new_tokens": max(sampling.max_new_tokens, 96), "ignore_eos": True})
     new_weights = perturbed_weights(model_v0, perturb_scale, seed=17)
     model_v1 = load_policy_like(model_v0, new_weights)
-    # what the hazard measures is the KV, not the sampler: plain T 1 sampling, HAZARD_TOKENS past EOS, so
-    # every token has a distribution to show stale KV on (under top-p / min-p a confident model's
-    # support is one token, logprob 0 under any weights: the demo's showed nothing)
-    hazard_sampling = SamplingConfig(temperature=1.0, max_new_tokens=HAZARD_TOKENS, n=sampling.n, ignore_eos=True)
-    hazard = hazard_prompt(prompts, engine.settings(), HAZARD_TOKENS)
-    if hazard is not None:  # prefilled at v, so its blocks are in the cache when the update lands
-        await generate_all(engine, [hazard], hazard_sampling, "cached-at-v")
+    hazard = await cache_hazard_sequence(engine, prompts[0], sampling)  # its first block cached at v
     tokens_before = _tokens_out(engine)
     generation = asyncio.create_task(generate_all(engine, prompts, long_sampling, "inflight"))
     await _wait_for_progress(engine, generation, tokens_before)
@@ -285,8 +285,9 @@ async def _inflight(engine, model_v0, prompts, sampling, trainer_sampling, dtype
     fresh = await generate_all(engine, prompts, sampling, "post-update")
     recomputed = trainer_logprobs(model_v1, fresh, trainer_sampling, dtype)
     if hazard is not None:
-        hazard_samples = await generate_all(engine, [hazard], hazard_sampling, "post-update-hazard")
-        fresh, recomputed = fresh + hazard_samples, recomputed + trainer_logprobs(model_v1, hazard_samples, hazard_sampling, dtype)
+        continuing = sampling.model_copy(update={"max_new_tokens": HAZARD_TOKENS, "ignore_eos": True})
+        hazard_samples = await generate_all(engine, [hazard], continuing, "post-update-hazard")
+        fresh, recomputed = fresh + hazard_samples, recomputed + trainer_logprobs(model_v1, hazard_samples, trainer_sampling, dtype)
     result |= compare(fresh, recomputed).summary("post_update")
     result["post_update/hazard_prompt_tokens"] = len(hazard) if hazard is not None else 0
     result["post_update/cached_prompt_frac"] = (sum(s.cached_prompt_tokens or 0 for s in fresh)

@@ -297,7 +297,7 @@ def render(results: list[dict], command: str) -> str:
         "",
         "Columns: `read back` is the sampler's logprobs mode, prefix caching, async scheduling and the head dtype as the",
         "engine's worker reported them. `fix N off` is `parity/kl` with that fix switched off on both sides",
-        "(`parityrl check --attribute`), except fix 2, whose effect is `post_update/kl` (a prompt of two KV blocks",
+        "(`parityrl check --attribute`), except fix 2, whose effect is `post_update/kl` (a prompt of one KV block and 8 tokens",
         "prefilled at v and requested again after the update: unsalted caching serves it the old weights' blocks),",
         "and fix 3, whose effect is the share of in-flight requests an update aborted. Float results depend on",
         "the CPU (its vector extensions) as well as the release.",
