@@ -225,7 +225,7 @@ HAZARD_TAIL = 8
 
 async def cache_hazard_sequence(engine: RolloutEngine, prompt: list[int], sampling: SamplingConfig) -> list[int] | None:
     """Fix 2's hazard, built at version v: a sample of `prompt` run on past EOS until prompt and
-    completion fill one KV block and HAZARD_TAIL tokens. vLLM caches the blocks of generated tokens as
+    completion fill the KV blocks the prompt starts, and HAZARD_TAIL tokens more. vLLM caches the blocks of generated tokens as
     it does a prompt's, so that sequence's first block now holds KV computed by v, as a multi-turn
     episode's history does; asked for again as a prompt after the update, unsalted caching serves it.
     (A made-up prompt of the task's prompts end to end showed little: past EOS on text it never saw the
@@ -233,8 +233,8 @@ async def cache_hazard_sequence(engine: RolloutEngine, prompt: list[int], sampli
     (the reference engine) or the context cannot hold the sequence and a continuation."""
     settings = engine.settings()
     block_size, max_model_len = settings.get("block_size"), settings.get("max_model_len")
-    length = (block_size or 0) + HAZARD_TAIL
-    if not block_size or not max_model_len or length + HAZARD_TOKENS > max_model_len or len(prompt) >= length:
+    length = (len(prompt) // block_size + 1) * block_size + HAZARD_TAIL if block_size else 0
+    if not block_size or not max_model_len or length + HAZARD_TOKENS > max_model_len:
         return None
     run_on = sampling.model_copy(update={"max_new_tokens": length - len(prompt), "ignore_eos": True})
     first, *_ = await engine.generate(prompt, run_on, "hazard-at-v")
