@@ -194,8 +194,8 @@ METRICS: tuple[Metric, ...] = (
     *_check_comparison("inflight_v", "tokens of version v of in-flight sequences, vs a full recompute at v"),
     *_check_comparison("inflight_v1_kept_kv", "v+1 tokens of sequences spanning the update, vs a reference that applied the update "
                        "at the same position keeping its KV", {"abs_diff_max": "v+1 max|Δ|"}),
-    *_check_comparison("post_update", "requests started after the update, vs a full v+1 recompute; among them a sequence of one "
-                       "KV block and 8 tokens sampled at v before the update (fix 2's hazard)", {"kl": "post kl"}),
+    *_check_comparison("post_update", "requests started after the update, vs a full v+1 recompute; among them a sequence sampled "
+                       "at v past its prompt's last KV block, asked for as a prompt (fix 2's hazard)", {"kl": "post kl"}),
     Metric("post_update/hazard_prompt_tokens", "length of the sequence sampled at v and requested as a prompt after the update (0: "
            "the engine has no block cache, or the context cannot hold it and a continuation)", "check"),
     Metric("post_update/cached_prompt_frac", "prompt tokens of the post-update requests vLLM served from its prefix cache (under "

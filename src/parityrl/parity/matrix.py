@@ -22,7 +22,7 @@ The bounds (`failures`), per case:
   salted per policy version (`versioned`), async scheduling off, the head dtype of fix 4;
 - switching a fix off must show where the fix acts (with `--attribute`): fix 1 off moves `parity/kl`
   to at least 1e-4 under shaped sampling, fix 2 off (unsalted caching) breaks the case's bound on
-  `post_update/kl` (the check's hazard prompt, cached at v, is served v's blocks at v+1), fix 3 off
+  `post_update/kl` (the check's hazard sequence, cached at v, is served v's block at v+1), fix 3 off
   aborts every in-flight request. A release that ignored the setting would pass the "configured" row
   and fail here.
 """
@@ -146,7 +146,7 @@ def failures(result: dict) -> list[str]:
     fix2 = rows.get(FIX_ROWS["fix2 off"])
     if fix2 is not None and not FIX_SHOWS["fix2 off"][1](fix2.get("post_update/kl"), case):
         found.append(f"{where}: fix 2 off (unsalted prefix caching) left post_update/kl at {_fmt(fix2.get('post_update/kl'))} "
-                     f"(<= {case.kl_bound:g}): the check's hazard prompt was not served the blocks of the old weights")
+                     f"(<= {case.kl_bound:g}): the check's hazard sequence was not served the block of the old weights")
     fix3 = rows.get(FIX_ROWS["fix3 off"])
     if fix3 is not None and not FIX_SHOWS["fix3 off"][1](fix3.get("inflight/aborted_frac"), case):
         found.append(f"{where}: fix 3 off (abort mode) aborted {fix3.get('inflight/aborted_frac')} of the in-flight requests, not all")
@@ -297,8 +297,8 @@ def render(results: list[dict], command: str) -> str:
         "",
         "Columns: `read back` is the sampler's logprobs mode, prefix caching, async scheduling and the head dtype as the",
         "engine's worker reported them. `fix N off` is `parity/kl` with that fix switched off on both sides",
-        "(`parityrl check --attribute`), except fix 2, whose effect is `post_update/kl` (a prompt of one KV block and 8 tokens",
-        "prefilled at v and requested again after the update: unsalted caching serves it the old weights' blocks),",
+        "(`parityrl check --attribute`), except fix 2, whose effect is `post_update/kl` (a sequence sampled at v past one KV block,",
+        "asked for as a prompt after the update: unsalted caching serves it the block the old weights computed),",
         "and fix 3, whose effect is the share of in-flight requests an update aborted. Float results depend on",
         "the CPU (its vector extensions) as well as the release.",
         "",
