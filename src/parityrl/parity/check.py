@@ -271,7 +271,7 @@ async def _inflight(engine, model_v0, prompts, sampling, trainer_sampling, dtype
     # a request that waited in vLLM's queue across the update, served prompt blocks its siblings built
     # at v, computed the rest of its prompt at v+1: no reference model knows which positions were which
     replayable = [s for s in spanning if not (s.kv_version is not None and s.kv_version < s.version_per_token[0] and s.cached_prompt_tokens)]
-    result["inflight/unreplayable_frac"] = 1 - len(replayable) / max(1, len(spanning))
+    result["inflight/unreplayable_frac"] = 1 - len(replayable) / len(spanning) if spanning else None
     kept_kv = []
     with torch.no_grad(), compute_context(dtype):
         for sample in replayable:
