@@ -85,6 +85,7 @@ from parityrl.engines.vllm_compat import (
     findings,
     head_findings,
     keeps_pause_sleep,
+    name_generic_tokenizer,
     set_weight_version,
     stamps_weight_versions,
     unfinished_requests,
@@ -203,6 +204,7 @@ class VLLMEngine:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(self.config.omp_threads)
         if preload := engine_preload(os.environ.get("LD_PRELOAD", "")):
             os.environ["LD_PRELOAD"] = preload
+        name_generic_tokenizer()
         self.env = {
             key: os.environ[key]
             for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", KEEP_WEIGHTS_ENV, "LD_PRELOAD")

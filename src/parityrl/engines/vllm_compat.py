@@ -19,6 +19,12 @@ virtualenv with another release. Each difference found, and what parityrl does a
   logs a warning and runs the head in the model dtype. Fix 4 is then unavailable on that release;
   the engine's settings list it in `overridden_by_vllm` and as a finding (`head_findings`), and the
   parity matrix's bf16 row shows what it costs.
+- **0.18.1's environment has transformers 4, which does not know `TokenizersBackend`**, the class
+  transformers 5 writes into a saved fast tokenizer's `tokenizer_config.json` (the built tiny model's,
+  SmolLM2's): vLLM failed with "Failed to load the tokenizer". `name_generic_tokenizer` makes the
+  name mean `PreTrainedTokenizerFast` there, the class it is in transformers 5. Writing the older name
+  into the files instead is no fix: transformers 5's AutoTokenizer then swaps in the model type's own
+  tokenizer class for it (Qwen2's, which drops every space of the character vocabulary).
 - **0.18.1: the CPU worker refuses to start unless LD_PRELOAD names libtcmalloc and libiomp.**
   `engine_preload` adds them for the engine's processes (tcmalloc from the system:
   `apt-get install libtcmalloc-minimal4`; libiomp5 from the venv's intel-openmp).
@@ -157,6 +163,15 @@ def engine_preload(current: str) -> str | None:
         )
     added = [path for name, path in wanted.items() if path and not any(name in entry for entry in entries)]
     return " ".join(entries + added) if added else None
+
+
+def name_generic_tokenizer() -> None:
+    """Where transformers has no `TokenizersBackend` (transformers 4), make it `PreTrainedTokenizerFast`,
+    which AutoTokenizer finds by name as a top-level attribute of transformers."""
+    import transformers
+
+    if not hasattr(transformers, "TokenizersBackend"):
+        transformers.TokenizersBackend = transformers.PreTrainedTokenizerFast
 
 
 def unfinished_requests(engine: Any) -> int:

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from parityrl.engines.vllm_compat import name_generic_tokenizer
+
 
 def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
@@ -86,6 +88,7 @@ def allow_amx_tiles() -> None:
 if cpu_weights_kept():
     keep_cpu_linear_weights()
 allow_amx_tiles()  # runs when vLLM imports this module in its worker, before the model's first forward
+name_generic_tokenizer()  # the EngineCore (the CPU worker's process) loads the tokenizer after the worker
 
 
 TENSOR_ALIGNMENT = 64
