@@ -36,8 +36,8 @@ def test_every_release_measured_holds_every_bound_but_its_known_limits(results):
         for case in CASES:
             assert (release, case.name) in measured, f"vLLM {release} {case.name} is not in the matrix"
     assert [problem for result in results for problem in unexpected_failures(result)] == []
-    for (release, case), (text, _) in KNOWN_LIMITS.items():  # still a limit: else it goes from KNOWN_LIMITS
-        assert any(text in problem for problem in failures(measured[(release, case)])), (release, case)
+    for (release, case), ((cause, *_), _) in KNOWN_LIMITS.items():  # still a limit: else it goes from KNOWN_LIMITS
+        assert any(cause in problem for problem in failures(measured[(release, case)])), (release, case)
 
 
 # what each shim keeps from happening, as the run without it fails: a crash of another cause (an engine
@@ -87,10 +87,16 @@ def test_bounds_catch_what_a_release_could_break(results):
     def full_kl_nan(check):
         check[CONFIGURED]["parity/full_kl"] = float("nan")
 
+    def salt_ignored(check):  # fix 2 off reads the same as on: the hazard sequence was never served old blocks
+        check[FIX_ROWS["fix2 off"]]["post_update/kl"] = check[CONFIGURED]["post_update/kl"]
+
+    def caches_unsalted(check):  # the engine caches without the salt: stale KV whenever a prefix repeats
+        check[CONFIGURED]["settings"]["cache_salt"] = None
+
     for change, expected in [(ignores_logprobs_mode, "ignored logprobs_mode"), (reports_raw, "raw_logprobs"),
                              (drifts_inflight, "inflight_v/kl"), (mistags_versions, "inflight_v1_kept_kv/kl"),
-                             (aborts_inflight, "did not keep"),
-                             (full_kl_nan, "parity/full_kl")]:  # fmt: skip
+                             (aborts_inflight, "did not keep"), (salt_ignored, "fix 2 off"),
+                             (caches_unsalted, "prefix caching = 'on'"), (full_kl_nan, "parity/full_kl")]:  # fmt: skip
         found = broken(change)
         assert any(expected in problem for problem in found), (change.__name__, found)
     assert failures(fp32 | {"error": "exit 1: EngineDeadError"})  # a release on which check fails is a failure
@@ -106,8 +112,9 @@ def test_a_fresh_measurement_is_held_to_the_committed_verdicts(results):
     broken = copy.deepcopy(committed)
     broken["check"][CONFIGURED]["post_update/kl"] = 2e-6  # stale prefix KV after an update
     broken["check"][FIX_ROWS["fix1 off"]]["parity/kl"] = 1e-12  # logprobs_mode ignored
-    broken["check"][CONFIGURED]["settings"].setdefault("worker", {})["enable_prefix_caching"] = True
+    broken["check"][CONFIGURED]["settings"]["cache_salt"] = None  # caching on, unsalted
+    broken["check"][FIX_ROWS["fix2 off"]]["post_update/kl"] = 1e-12  # the hazard not shown
     found = disagreements(broken, committed)
-    assert len(found) == 3 and any("post_update/kl" in f for f in found) and any("fix1 off" in f for f in found), found
-    assert any("prefix caching" in f for f in found), found
+    assert len(found) == 4 and any("post_update/kl" in f for f in found) and any("fix1 off" in f for f in found), found
+    assert any("prefix caching" in f for f in found) and any("fix2 off" in f for f in found), found
     assert disagreements(fresh | {"error": "exit 1: EngineDeadError"}, committed)
