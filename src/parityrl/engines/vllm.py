@@ -85,14 +85,21 @@ from parityrl.engines.vllm_compat import (
     findings,
     head_findings,
     keeps_pause_sleep,
-    name_generic_tokenizer,
     set_weight_version,
     stamps_weight_versions,
     unfinished_requests,
     weight_version_spans,
 )
 from parityrl.engines.vllm_host import child_pids, cpu_seconds, derive_seed, kill_processes, repair_compile_cache
-from parityrl.engines.vllm_worker import KEEP_WEIGHTS_ENV, NamelessSharedBuffer, dtype_name, layout_of_specs, pack_tensors, write_tensors
+from parityrl.engines.vllm_worker import (
+    KEEP_WEIGHTS_ENV,
+    NamelessSharedBuffer,
+    dtype_name,
+    layout_of_specs,
+    name_generic_tokenizer,
+    pack_tensors,
+    write_tensors,
+)
 from parityrl.hardware import cpu_thread_binding, on_cpu, pin_engine
 
 log = logging.getLogger(__name__)

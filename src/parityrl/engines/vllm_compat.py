@@ -21,7 +21,7 @@ virtualenv with another release. Each difference found, and what parityrl does a
   parity matrix's bf16 row shows what it costs.
 - **0.18.1's environment has transformers 4, which does not know `TokenizersBackend`**, the class
   transformers 5 writes into a saved fast tokenizer's `tokenizer_config.json` (the built tiny model's,
-  SmolLM2's): vLLM failed with "Failed to load the tokenizer". `name_generic_tokenizer` makes the
+  SmolLM2's): vLLM failed with "Failed to load the tokenizer". `vllm_worker.name_generic_tokenizer` makes the
   name mean `PreTrainedTokenizerFast` there, the class it is in transformers 5. Writing the older name
   into the files instead is no fix: transformers 5's AutoTokenizer then swaps in the model type's own
   tokenizer class for it (Qwen2's, which drops every space of the character vocabulary).
@@ -163,15 +163,6 @@ def engine_preload(current: str) -> str | None:
         )
     added = [path for name, path in wanted.items() if path and not any(name in entry for entry in entries)]
     return " ".join(entries + added) if added else None
-
-
-def name_generic_tokenizer() -> None:
-    """Where transformers has no `TokenizersBackend` (transformers 4), make it `PreTrainedTokenizerFast`,
-    which AutoTokenizer finds by name as a top-level attribute of transformers."""
-    import transformers
-
-    if not hasattr(transformers, "TokenizersBackend"):
-        transformers.TokenizersBackend = transformers.PreTrainedTokenizerFast
 
 
 def unfinished_requests(engine: Any) -> int:

@@ -26,8 +26,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from parityrl.engines.vllm_compat import name_generic_tokenizer
-
 
 def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
@@ -83,6 +81,16 @@ def allow_amx_tiles() -> None:
     of SIGILL (exit -4) on a Sapphire Rapids or newer Xeon. torch's `_init_amx` asks; a no-op elsewhere."""
     if hasattr(torch.cpu, "_init_amx") and torch.cpu._is_amx_tile_supported():
         torch.cpu._init_amx()
+
+
+def name_generic_tokenizer() -> None:
+    """Where transformers has no `TokenizersBackend` (transformers 4, vLLM 0.18.1's environment), make it
+    `PreTrainedTokenizerFast`, which AutoTokenizer finds by name as a top-level attribute of transformers
+    (`vllm_compat` says why). Called in the frontend and, from here, in the EngineCore."""
+    import transformers
+
+    if not hasattr(transformers, "TokenizersBackend"):
+        transformers.TokenizersBackend = transformers.PreTrainedTokenizerFast
 
 
 if cpu_weights_kept():
