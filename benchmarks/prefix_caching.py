@@ -10,7 +10,7 @@ environment, `sampling.n` whole episodes per problem, every turn a request), the
 the next version (the same weights: the work is what is measured, and a versioned cache must start
 over at each version all the same). Per mode: prompt tokens (every turn's), prompt tokens served from
 vLLM's prefix cache (`Sample.cached_prompt_tokens`), prompt tokens computed, generated tokens, and
-the wall time of each step's rollouts. Caching needs prompts of at least one KV block: CPU's default
+the wall time of each step's rollouts (after one untimed warm-up step). Caching needs prompts of at least one KV block: CPU's default
 block is 128 tokens, so `--block-size` (32) is passed to both modes.
 
 `--train-steps N` also runs `parityrl train` for N steps in each mode (the config as it is, with the
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,14 +48,21 @@ async def run_mode(mode: str, model_dir: Path, dtype: str, problems: list[list],
     await engine.start()
     weights = export_state_dict(load_policy(model_dir, "float32", lm_head_fp32=True))
     steps = []
+
+    async def play(step_problems: list, tag: str) -> list:
+        if episodes is not None:
+            return await play_all(engine, episodes, step_problems, sampling, tag)
+        groups = await asyncio.gather(*(engine.generate(encode(p), sampling, f"{tag}-g{i}") for i, p in enumerate(step_problems)))
+        return [s for group in groups for s in group]
+
     try:
+        # one untimed step first: the engine's first batches pay one-off costs (the first mode paid them
+        # in both sub-second demo workloads and looked 1.5x slower)
+        await play(problems[0], "warm-up")
+        await engine.update_weights(weights, engine.version + 1)
         for step, step_problems in enumerate(problems):
             began = time.perf_counter()
-            if episodes is not None:
-                samples = await play_all(engine, episodes, step_problems, sampling, f"s{step}")
-            else:
-                groups = await asyncio.gather(*(engine.generate(encode(p), sampling, f"s{step}-g{i}") for i, p in enumerate(step_problems)))
-                samples = [s for group in groups for s in group]
+            samples = await play(step_problems, f"s{step}")
             elapsed = time.perf_counter() - began
             # every turn's prompt for an episode (`Sample.turn_prompt_tokens`), the prompt otherwise
             prompt_tokens = sum(s.turn_prompt_tokens or len(s.prompt_token_ids) for s in samples)
@@ -94,6 +102,13 @@ def train_mode(mode: str, config_path: str, steps: int, block_size: int, extra: 
             "prefix_cache_hit_frac_mean": sum(hits) / len(hits) if hits else None}
 
 
+def episodic_tag(config) -> str:
+    """`addition_feedback` for `...addition:AdditionFeedback`: names a config turned into episodes by --set."""
+    import re
+
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", config.task.environment.rsplit(":", 1)[-1]).lower()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/smollm2_math.yaml")
@@ -103,14 +118,17 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 64 with ignore_eos; episodes: the config's")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--train-steps", type=int, default=0, help="also run `parityrl train` for this many steps per mode")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, as `parityrl train --set` (repeatable; the training runs get it too)")
     parser.add_argument("--out", type=Path, default=None)
     options = parser.parse_args()
-    config = load_config(REPO / options.config, [])
+    config = load_config(REPO / options.config, options.overrides)
     episodic = config.task.kind == "environment"
     if not episodic:  # fixed lengths: the same work in both modes
-        config = load_config(REPO / options.config, [f"sampling.max_new_tokens={options.max_new_tokens or 64}", "sampling.ignore_eos=true"])
+        config = load_config(REPO / options.config, [*options.overrides, f"sampling.max_new_tokens={options.max_new_tokens or 64}",
+                                                     "sampling.ignore_eos=true"])  # fmt: skip
     elif options.max_new_tokens:
-        config = load_config(REPO / options.config, [f"sampling.max_new_tokens={options.max_new_tokens}"])
+        config = load_config(REPO / options.config, [*options.overrides, f"sampling.max_new_tokens={options.max_new_tokens}"])
     dtype = options.dtype or config.model.dtype
     task = load_task(config.task)
     model_dir = prepare_model(config, task)
@@ -132,10 +150,13 @@ def main() -> None:
         "computed_prompt_tokens_versioned_over_off": versioned["computed_prompt_tokens"] / off["computed_prompt_tokens"],
         "rollout_s_versioned_over_off": versioned["rollout_s"] / off["rollout_s"],
         "rollout_tok_s_versioned_over_off": results["versioned"]["rollout_tok_s"] / results["off"]["rollout_tok_s"],
+        # sub-second steps (the tiny model's) vary by 2x from one step to the next: the median step too
+        "rollout_s_median_versioned_over_off": statistics.median(s["rollout_s"] for s in results["versioned"]["steps"])
+        / statistics.median(s["rollout_s"] for s in results["off"]["steps"]),
     }
     training = {}
     if options.train_steps:
-        extra = [f"model.dtype={options.dtype}"] if options.dtype else []
+        extra = [*options.overrides, *([f"model.dtype={options.dtype}"] if options.dtype else [])]
         for mode in ("off", "versioned"):
             print(f"parityrl train, prefix_caching={mode}: {options.train_steps} steps", flush=True)
             training[mode] = train_mode(mode, options.config, options.train_steps, options.block_size, extra)
@@ -143,12 +164,13 @@ def main() -> None:
         ratios["rl_s_per_step_versioned_over_off"] = training["versioned"]["rl_s_per_step"] / training["off"]["rl_s_per_step"]
     print(ratios)
     name = Path(options.config).stem
-    out = options.out or REPO / "benchmarks" / "results" / f"prefix_caching_{name}.json"
+    out = options.out or REPO / "benchmarks" / "results" / f"prefix_caching_{name}{'_' + episodic_tag(config) if options.overrides and episodic else ''}.json"
     command = " ".join(["benchmarks/prefix_caching.py", "--config", options.config, "--prompts", str(options.prompts), "--steps",
                         str(options.steps), "--block-size", str(options.block_size)]
                        + (["--max-new-tokens", str(options.max_new_tokens)] if options.max_new_tokens else [])
                        + (["--train-steps", str(options.train_steps)] if options.train_steps else [])
-                       + (["--dtype", options.dtype] if options.dtype else []))  # fmt: skip
+                       + (["--dtype", options.dtype] if options.dtype else [])
+                       + [f"--set {override}" for override in options.overrides])  # fmt: skip
     all_prompts = [s for s in results["off"]["steps"]]
     write_results(out, {"command": command, "environment": environment(), "workload": {
         "config": options.config, "dtype": dtype, "prompts_per_step": options.prompts, "samples_per_prompt": config.sampling.n,
