@@ -115,9 +115,6 @@ def test_killed_then_hung_then_dying_engine_stops_the_run_and_resume_finishes(ti
         tiny_model_dir, run_dir, "--set", "task.reward=rewards_for_tests:fails_every_20th",
         "--set", "train.prompts_per_step=8", "--set", "sampling.n=8", "--set", "train.steps=100000", "--set", "train.checkpoint_every=0",
         "--set", "engine.max_restarts=2", "--set", "engine.stall_timeout_s=5", "--set", "engine.update_timeout_s=120",
-        # versioned prefix caching (the default) with something to reuse: 32-token blocks and prompts of ~45
-        # tokens, so a group's samples share their prompt's first block, before and after each restart
-        "--set", "engine.block_size=32", "--set", "task.prompt_prefix=Add the two numbers and write the sum: ",
     )  # fmt: skip
     shared_before = shared_memory_names()
     process = subprocess.Popen(command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=environment(), start_new_session=True)
@@ -202,14 +199,11 @@ def test_killed_then_hung_then_dying_engine_stops_the_run_and_resume_finishes(ti
     # restarted engines (which loaded the current weights themselves)
     parity = [r["parity/kl"] for r in records if r.get("parity/kl") is not None]
     assert len(parity) >= len(records) // 2 and max(parity) <= 1e-9, parity
-    # an engine restart keeps fix 2's rule: the new engine salts with a nonce of its own (no block of the
-    # dead one can match) and the version it was given, still serves a group's samples their shared
-    # prompt blocks, and parity above holds on those steps too
+    # an engine restart keeps fix 2's rule: the new engine caches, salted with a nonce of its own (no block
+    # of the dead one can match) and the version it was given, and parity above holds on its steps too
     last_settings = json.loads((run_dir / "engine_settings.json").read_text())
     assert last_settings["prefix_caching"] == "versioned" and last_settings["worker"]["enable_prefix_caching"] is True
     assert last_settings["cache_salt"] != first_salt, (first_salt, last_settings["cache_salt"])
-    restarted = [r for r in records if r["step"] > records[0]["step"] and r.get("perf/prefix_cache_hit_frac") is not None]
-    assert all(r["perf/prefix_cache_hit_frac"] > 0.3 for r in restarted[-3:]), [r["perf/prefix_cache_hit_frac"] for r in restarted]
 
     # the checkpoint the run stopped with continues: each step once, no group trained twice
     stopped_at = records[-1]["step"]

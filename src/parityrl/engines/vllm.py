@@ -184,6 +184,11 @@ class VLLMEngine:
         """`shm` transport: the current update's buffer (one at a time; released once the worker loaded it)."""
         self._paused = False
         self._update_lock: asyncio.Lock | None = None
+        # cleared from an update's pause until its version is set: a request salted in that window would
+        # be salted with the old version and computed by the new weights. Not the whole update: waiting
+        # through the staging of the weights held every new request back and changed how a stopped
+        # engine looks to the watchdog (its requests were not yet in flight)
+        self._version_settled: asyncio.Event | None = None
         self._salt_nonce = ""
         self._inflight = 0
         self._retagged_tokens = 0
@@ -307,6 +312,8 @@ class VLLMEngine:
         await self._warm_up()
         self.start_s = time.perf_counter() - began
         self._update_lock = asyncio.Lock()
+        self._version_settled = asyncio.Event()
+        self._version_settled.set()
 
     async def _warm_up(self) -> None:
         """Sample a few tokens, alone and as a batch, before the engine counts as started. vLLM compiles
@@ -396,9 +403,8 @@ class VLLMEngine:
 
         if self.config.prefix_caching != "versioned":
             return TokensPrompt(prompt_token_ids=list(prompt_token_ids)), None
-        if self._update_lock is not None and self._update_lock.locked():
-            async with self._update_lock:
-                pass
+        if self._version_settled is not None:
+            await self._version_settled.wait()
         version = self.version
         return TokensPrompt(prompt_token_ids=list(prompt_token_ids), cache_salt=self._cache_salt(version)), version
 
@@ -557,38 +563,43 @@ class VLLMEngine:
             raise RuntimeError("VLLMEngine.update_weights before start()")
         assert self._update_lock is not None
         async with self._update_lock:
-            with self._staging_dir() as staging:
-                began = time.perf_counter()
-                method, argument = await asyncio.to_thread(self._stage_weights, state_dict, staging)
-                staged_at = time.perf_counter()
-                was_paused = self._paused
-                if not was_paused:
-                    if self.config.update_mode == "keep":
-                        await self._pause_keep()
-                    else:
-                        await self.engine.pause_generation()
-                    self._paused = True
-                paused_at = time.perf_counter()
-                result = (await self.engine.collective_rpc(method, args=(argument,)))[0]
-                loaded_at = time.perf_counter()
-                if method == "parityrl_load_weights_shared":
-                    self._release_shared()
-                await set_weight_version(self.engine, version)
-                self.version = int(version)
-                if not was_paused:
-                    await self.engine.resume_generation()
-                    self._paused = False
-                done = time.perf_counter()
-                self.last_sync = {
-                    "weight_sync_s": done - began,
-                    "stage_s": staged_at - began,  # serialising, while the engine still generates
-                    "pause_s": paused_at - staged_at,
-                    "transfer_load_s": loaded_at - paused_at,
-                    "worker_load_s": float(result.get("load_s", float("nan"))),
-                    **{f"worker_{key}": float(result[key]) for key in ("copy_s", "repack_s", "reload_s") if key in result},
-                    "resume_s": done - loaded_at,
-                    "paused_s": done - staged_at,  # how long generation stood still
-                }
+            try:
+                with self._staging_dir() as staging:
+                    began = time.perf_counter()
+                    method, argument = await asyncio.to_thread(self._stage_weights, state_dict, staging)
+                    staged_at = time.perf_counter()
+                    was_paused = self._paused
+                    self._version_settled.clear()
+                    if not was_paused:
+                        if self.config.update_mode == "keep":
+                            await self._pause_keep()
+                        else:
+                            await self.engine.pause_generation()
+                        self._paused = True
+                    paused_at = time.perf_counter()
+                    result = (await self.engine.collective_rpc(method, args=(argument,)))[0]
+                    loaded_at = time.perf_counter()
+                    if method == "parityrl_load_weights_shared":
+                        self._release_shared()
+                    await set_weight_version(self.engine, version)
+                    self.version = int(version)
+                    self._version_settled.set()
+                    if not was_paused:
+                        await self.engine.resume_generation()
+                        self._paused = False
+                    done = time.perf_counter()
+                    self.last_sync = {
+                        "weight_sync_s": done - began,
+                        "stage_s": staged_at - began,  # serialising, while the engine still generates
+                        "pause_s": paused_at - staged_at,
+                        "transfer_load_s": loaded_at - paused_at,
+                        "worker_load_s": float(result.get("load_s", float("nan"))),
+                        **{f"worker_{key}": float(result[key]) for key in ("copy_s", "repack_s", "reload_s") if key in result},
+                        "resume_s": done - loaded_at,
+                        "paused_s": done - staged_at,  # how long generation stood still
+                    }
+            finally:  # a failed update must not hold requests back for ever
+                self._version_settled.set()
 
     def _new_shared_buffer(self, nbytes: int) -> Tensor:
         """The `shm` transport's buffer for one update, released once the worker has loaded it (both
