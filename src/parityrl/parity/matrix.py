@@ -78,14 +78,19 @@ FIX_SHOWS_KL = 1e-4
 """`parity/kl` with fix 1 off under shaped sampling is ~1e-2; below this the engine ignored logprobs_mode."""
 
 FIX_SHOWS = {
-    "fix1 off": ("parity/kl", lambda value, case: value is not None and value >= FIX_SHOWS_KL),
+    "fix1 off": ("parity/kl", lambda value, case: value is not None and value >= FIX_SHOWS_KL,
+                 f"fix 1 off left parity/kl below {FIX_SHOWS_KL:g}: the engine ignored logprobs_mode"),
     # the check's hazard sequence, cached at v and asked for at v+1, served v's block unsalted: judged in
     # fp32, where rounding sits at 1e-12; in bf16 one sequence's stale KV can drown in the bf16 noise
     # (0.32.0 showed it 15x, 0.18.1 with its bf16 head not at all)
-    "fix2 off": ("post_update/kl", lambda value, case: case.dtype != "float32" or (value is not None and value > case.kl_bound)),
-    "fix3 off": ("inflight/aborted_frac", lambda value, case: value == 1.0),
+    "fix2 off": ("post_update/kl", lambda value, case: case.dtype != "float32" or (value is not None and value > case.kl_bound),
+                 "fix 2 off (unsalted prefix caching) left post_update/kl within the bound: the check's hazard sequence "
+                 "was not served the block of the old weights"),
+    "fix3 off": ("inflight/aborted_frac", lambda value, case: value == 1.0,
+                 "fix 3 off (abort mode) did not abort every in-flight request"),
 }
-"""Row -> (metric, whether it shows the fix switched off in a case): `failures` and `disagreements` both judge by it."""
+"""Row -> (metric, whether it shows the fix switched off in a case, what it means when it does not):
+`failures` and `disagreements` both judge by it."""
 
 CONFIGURED = "configured"
 FIX_ROWS = {
@@ -144,16 +149,10 @@ def failures(result: dict) -> list[str]:
         found.append(f"{where}: a keep-mode update did not keep the in-flight requests "
                      f"(aborted {configured.get('inflight/aborted_frac')}, spanning {configured.get('inflight/spanning_frac')})")
     found += [f"{where}: {problem}" for problem in read_back_problems(configured.get("settings", {}), case)]
-    fix1 = rows.get(FIX_ROWS["fix1 off"])
-    if fix1 is not None and not FIX_SHOWS["fix1 off"][1](fix1.get("parity/kl", 0.0), case):
-        found.append(f"{where}: fix 1 off left parity/kl at {fix1.get('parity/kl'):.3g} (< {FIX_SHOWS_KL:g}): the engine ignored logprobs_mode")
-    fix2 = rows.get(FIX_ROWS["fix2 off"])
-    if fix2 is not None and not FIX_SHOWS["fix2 off"][1](fix2.get("post_update/kl"), case):
-        found.append(f"{where}: fix 2 off (unsalted prefix caching) left post_update/kl at {_fmt(fix2.get('post_update/kl'))} "
-                     f"(<= {case.kl_bound:g}): the check's hazard sequence was not served the block of the old weights")
-    fix3 = rows.get(FIX_ROWS["fix3 off"])
-    if fix3 is not None and not FIX_SHOWS["fix3 off"][1](fix3.get("inflight/aborted_frac"), case):
-        found.append(f"{where}: fix 3 off (abort mode) aborted {fix3.get('inflight/aborted_frac')} of the in-flight requests, not all")
+    for short, (metric, shows, meaning) in FIX_SHOWS.items():
+        row = rows.get(FIX_ROWS[short])
+        if row is not None and not shows(row.get(metric), case):
+            found.append(f"{where}: {meaning} ({metric} {_fmt(row.get(metric))})")
     return found
 
 
@@ -189,7 +188,7 @@ def disagreements(fresh: dict, committed: dict) -> list[str]:
         bound = bound_now
         if held_now != held_then:
             found.append(f"{where}: {name} {_fmt(now)} {'holds' if held_now else 'breaks'} the bound {bound:g}, committed {_fmt(then)}")
-    for short, (name, holds) in FIX_SHOWS.items():
+    for short, (name, holds, _) in FIX_SHOWS.items():
         if FIX_ROWS[short] in rows_committed:
             now = rows_fresh.get(FIX_ROWS[short], {}).get(name)
             then = rows_committed[FIX_ROWS[short]].get(name)
