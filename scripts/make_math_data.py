@@ -1,6 +1,7 @@
 r"""Write data/math_word_problems.jsonl: arithmetic word problems with a \boxed{} answer.
 
     python scripts/make_math_data.py [--out data/math_word_problems.jsonl] [--count 2000] [--seed 0]
+    python scripts/make_math_data.py --ood   # data/math_word_problems_ood.jsonl, 150 problems, seed 1
 
 Deterministic (seeded, offline): the same arguments always give the same file, which is committed
 and used by configs/math.yaml. One JSON object per line, {"prompt": ..., "answer": ...}: the
@@ -15,6 +16,12 @@ last \boxed{} of the completion, as it would from a real model's reasoning.
 
 A third each of addition, subtraction and multiplication, over small numbers a 2.6M-parameter
 model can learn to get sometimes right.
+
+`--ood` writes the out-of-distribution evaluation set (`task.eval_path` of configs/smollm2_math.yaml):
+the same three operations in templates, phrasings, names, items and operand ranges that the training
+file never uses (sums of two numbers in 21-60, differences from 40-99, products of 6-12 by 11-15;
+training stays within 1-20, 5-30 and 2-5 by 2-10). The held-out split of the training file shares its
+templates (and some of its problems have a training twin with the same numbers); this file cannot.
 """
 
 from __future__ import annotations
@@ -100,20 +107,83 @@ OPERATIONS = (
 )
 
 
+OOD_NAMES = [("Priya", "she"), ("Hugo", "he"), ("Nadia", "she"), ("Felix", "he"), ("Chloe", "she"), ("Mateo", "he"),
+             ("Aisha", "she"), ("Sven", "he")]
+OOD_ITEMS = ["buttons", "beads", "tokens", "bottles", "ribbons", "tiles", "nuts", "badges"]
+
+
+def _ood_difference_operands(rng: random.Random) -> tuple[int, int]:
+    a = rng.randint(40, 99)
+    return a, rng.randint(11, a - 11)
+
+
+OOD_OPERATIONS = (
+    Operation(
+        "add",
+        lambda rng: (rng.randint(21, 60), rng.randint(21, 60)),
+        lambda a, b: a + b,
+        (
+            "{name} counted {a} red {items} and {b} blue {items}. What is the total number of {items}?",
+            "Last year a club had {a} members. This year {b} new members joined. How many members are there now?",
+            "A farmer picks {a} pears before lunch and {b} after lunch. Find the number of pears picked.",
+            "{name} walked {a} meters, rested, then walked {b} meters more. How far did {he} walk?",
+            "What is the total if {name} puts {a} {items} next to a pile of {b} {items}?",
+        ),
+    ),
+    Operation(
+        "subtract",
+        _ood_difference_operands,
+        lambda a, b: a - b,
+        (
+            "{name} started with {a} {items}. After giving away {b}, what number of {items} remain?",
+            "A train carries {a} people. At the station {b} people get off. How many people stay on the train?",
+            "{name} wants to collect {a} {items} and has {b} so far. How many are still missing?",
+            "A tank holds {a} liters of water. Then {b} liters leak out. How many liters are left in the tank?",
+            "Out of {a} {items} in a bag, {b} are broken. How many {items} in the bag are not broken?",
+        ),
+    ),
+    Operation(
+        "multiply",
+        lambda rng: (rng.randint(6, 12), rng.randint(11, 15)),
+        lambda a, b: a * b,
+        (
+            "A classroom has {a} tables and each table seats {b} students. How many students can sit down?",
+            "{name} packs {b} {items} into each of {a} crates. What is the total number of {items} packed?",
+            "A garden has {a} rows with {b} plants per row. Find how many plants grow in the garden.",
+            "Each ticket costs {b} dollars. How much do {a} tickets cost in dollars?",
+            "{name} runs {b} laps every day for {a} days. How many laps does {he} run?",
+        ),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Style:
+    """What a file's problems are drawn from."""
+
+    operations: tuple[Operation, ...]
+    names: list[tuple[str, str]]
+    items: list[str]
+
+
+TRAINING_STYLE = Style(OPERATIONS, NAMES, ITEMS)
+OOD_STYLE = Style(OOD_OPERATIONS, OOD_NAMES, OOD_ITEMS)
+
+
 def boxed(number: int) -> str:
     r"""The answer text: the number in LaTeX's \boxed{}, e.g. 19 -> \boxed{19}."""
     return f"\\boxed{{{number}}}"
 
 
-def problem(rng: random.Random, operation: Operation) -> dict[str, str]:
-    name, he = rng.choice(NAMES)
+def problem(rng: random.Random, operation: Operation, style: Style = TRAINING_STYLE) -> dict[str, str]:
+    name, he = rng.choice(style.names)
     a, b = operation.operands(rng)
     template = rng.choice(operation.templates)
-    prompt = template.format(name=name, he=he, him="him" if he == "he" else "her", items=rng.choice(ITEMS), a=a, b=b)
+    prompt = template.format(name=name, he=he, him="him" if he == "he" else "her", items=rng.choice(style.items), a=a, b=b)
     return {"prompt": prompt, "answer": boxed(operation.result(a, b))}
 
 
-def make_problems(count: int, seed: int) -> list[dict[str, str]]:
+def make_problems(count: int, seed: int, style: Style = TRAINING_STYLE) -> list[dict[str, str]]:
     """`count` distinct problems, operations in turn (add, subtract, multiply, add, ...)."""
     rng = random.Random(seed)
     seen: set[str] = set()
@@ -123,7 +193,7 @@ def make_problems(count: int, seed: int) -> list[dict[str, str]]:
         attempts += 1
         if attempts > count * 100:
             raise SystemExit(f"only {len(problems)} distinct problems after {attempts} draws; ask for fewer")
-        record = problem(rng, OPERATIONS[len(problems) % len(OPERATIONS)])
+        record = problem(rng, style.operations[len(problems) % len(style.operations)], style)
         if record["prompt"] in seen:
             continue
         if not MIN_PROMPT_CHARS <= len(record["prompt"]) <= MAX_PROMPT_CHARS:
@@ -135,14 +205,18 @@ def make_problems(count: int, seed: int) -> list[dict[str, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "data" / "math_word_problems.jsonl")
-    parser.add_argument("--count", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ood", action="store_true", help="the out-of-distribution evaluation set (other templates, names, ranges)")
+    parser.add_argument("--out", type=Path, default=None, help="default data/math_word_problems.jsonl (--ood: ..._ood.jsonl)")
+    parser.add_argument("--count", type=int, default=None, help="default 2000 (--ood: 150)")
+    parser.add_argument("--seed", type=int, default=None, help="default 0 (--ood: 1)")
     args = parser.parse_args()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps(record) for record in make_problems(args.count, args.seed)]
-    args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {len(lines)} problems to {args.out}")
+    out = args.out or REPO / "data" / ("math_word_problems_ood.jsonl" if args.ood else "math_word_problems.jsonl")
+    count = args.count or (150 if args.ood else 2000)
+    seed = args.seed if args.seed is not None else int(args.ood)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(record) for record in make_problems(count, seed, OOD_STYLE if args.ood else TRAINING_STYLE)]
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {len(lines)} problems to {out}")
 
 
 if __name__ == "__main__":

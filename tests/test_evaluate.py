@@ -13,6 +13,7 @@ from parityrl.config import load_config
 from parityrl.engines import make_engine
 from parityrl.evaluate import engine_greedy_completions, greedy_completions, success_rate
 from parityrl.policy import export_state_dict, load_policy, load_tokenizer
+from parityrl.rewards import RewardItem
 from parityrl.tasks import load_task
 
 
@@ -58,3 +59,24 @@ def assert_greedy_success_equals_the_trainer_side_decoding(tiny_model_dir, engin
     assert success_engine == success_trainer
     assert sum(a == b for a, b in zip(got, expected)) >= 0.97 * len(expected)
     assert sum(a != b for a, b in zip(after_update, got)) >= 0.5 * len(got)
+
+
+def test_evaluation_metrics_tell_format_from_arithmetic():
+    """Four completions of `2+3`: boxed and right, an answer line but wrong, the right number on a bare last
+    line, nothing. Answering means a boxed or marked answer; the bare right number is success for the reward
+    (it falls back on the last line) but not an answer; its last number is right whatever the format."""
+    from parityrl.evaluate import evaluation_metrics, evaluation_records
+    from parityrl.rewards import score_in_process
+    from parityrl.tasks import Problem
+
+    problems = [Problem("What is 2+3?", "\\boxed{5}")] * 4
+    completions = ["2+3 is \\boxed{5}.", "Adding them.\nAnswer: 6", "2 and 3 make\n5", ""]
+    results = score_in_process("math_verify", [RewardItem(c, p.answer, p.prompt) for c, p in zip(completions, problems)])
+    records = evaluation_records("held_out", problems, completions, results, "math_verify")
+    assert [r["answer_form"] for r in records] == ["boxed", "marked", "last_line", ""]
+    assert [r["parsed_answer"] for r in records] == ["5", "6", "5", ""]
+    assert evaluation_metrics(records, "ood_") == {
+        "eval/ood_success": 0.5, "eval/ood_answered": 0.5, "eval/ood_correct_given_answered": 0.5, "eval/ood_last_number_correct": 0.5,
+    }  # fmt: skip
+    exact = evaluation_records("held_out", problems, completions, results, "exact")
+    assert evaluation_metrics(exact, "") == {"eval/success": 0.5}  # no answer reading for other rewards

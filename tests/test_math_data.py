@@ -73,3 +73,43 @@ def test_math_config_loads_the_file_and_fits_the_tiny_model():
     wrong = [RewardItem(f"\\boxed{{{n + 1}}}", p.answer, p.prompt) for n, p in zip(numbers[:32], task.eval)]
     wrong += [RewardItem(str(n + 1), p.answer, p.prompt) for n, p in zip(numbers[:32], task.eval)]
     assert all(result.value == 0.0 for result in score_in_process("math_verify", wrong))
+
+
+OOD_DATA = REPO / "data" / "math_word_problems_ood.jsonl"
+
+
+def _skeleton(prompt: str, style) -> str:
+    """A prompt with its numbers, names and items blanked: what its template leaves."""
+    text = re.sub(r"\d+", "N", prompt)
+    for name, _ in style.names:
+        text = text.replace(name, "NAME")
+    for item in style.items:
+        text = text.replace(item, "ITEM")
+    return re.sub(r"\b(he|she|him|her)\b", "PRONOUN", text)
+
+
+def test_ood_file_shares_no_template_name_or_operand_range_with_training():
+    generator = _generator()
+    lines = [json.dumps(record) for record in generator.make_problems(150, 1, generator.OOD_STYLE)]
+    assert OOD_DATA.read_text() == "\n".join(lines) + "\n"
+    ood = [json.loads(line) for line in lines]
+    training = {_skeleton(r["prompt"], generator.TRAINING_STYLE) for r in _records()}
+    assert not {_skeleton(r["prompt"], generator.OOD_STYLE) for r in ood} & training
+    training_text = DATA.read_text()
+    assert not any(name in training_text for name, _ in generator.OOD_NAMES)
+    largest_training_answer = max(int(BOXED_NUMBER.fullmatch(r["answer"]).group(1)) for r in _records())
+    assert sum(int(BOXED_NUMBER.fullmatch(r["answer"]).group(1)) > largest_training_answer for r in ood) >= 50
+    for record in ood:
+        a, b = (int(n) for n in re.findall(r"\d+", record["prompt"]))
+        answer = int(BOXED_NUMBER.fullmatch(record["answer"]).group(1))
+        # training's largest operand: 20 in sums, 30 in differences, 10 in products
+        largest_in_training = {a + b: 20, abs(a - b): 30, a * b: 10}.get(answer)
+        assert largest_in_training is not None, record
+        assert max(a, b) > largest_in_training and 40 <= len(record["prompt"]) <= 120, record
+
+
+def test_smollm2_config_evaluates_on_the_ood_file():
+    config = load_config(REPO / "configs" / "smollm2_math.yaml")
+    task = load_task(config.task.model_copy(update={"path": str(REPO / config.task.path), "eval_path": str(REPO / config.task.eval_path)}))
+    assert len(task.eval_ood) == 150 and len(task.eval) == config.task.eval_size
+    assert not {p.prompt for p in task.eval_ood} & {p.prompt for p in task.train}

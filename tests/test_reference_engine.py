@@ -157,3 +157,36 @@ def test_pipeline_inflight_updates_change_versions_within_sequences(tiny_model_d
     assert max(r["pipeline/mixed_version_frac"] for r in steps) > 0, [r["pipeline/mixed_version_frac"] for r in steps]
     staleness = [r["pipeline/kv_staleness_kl"] for r in steps if r["pipeline/kv_staleness_kl"] is not None]
     assert staleness and all(value >= 0 for value in staleness) and max(staleness) > 0
+
+
+def test_evaluation_covers_eval_path_and_keeps_every_completion(tiny_model_dir, tmp_path):
+    """A JSONL task with a `task.eval_path` set: both sets are decoded at the start and the end, every
+    completion is kept with its split and what the math_verify reward read, and the logged metrics are the
+    records' own counts (the tiny model answers with a bare number: never a marked answer)."""
+    from parityrl.pipeline import run_training
+
+    def write(path, pairs):
+        path.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n" for a, b in pairs))
+        return path
+
+    train = write(tmp_path / "train.jsonl", [(a, b) for a in range(10, 40) for b in range(10, 20)])
+    ood = write(tmp_path / "ood.jsonl", [(a, b) for a in range(50, 60) for b in range(3)])
+    config = load_config(None, [
+        "engine.kind=reference", f"model.path={tiny_model_dir}", "task.kind=jsonl", f"task.path={train}", f"task.eval_path={ood}",
+        "task.reward=math_verify", "task.eval_size=16", "train.steps=2", "train.prompts_per_step=2", "sampling.n=2",
+        "sampling.max_new_tokens=6", "logging.tensorboard=false",
+    ])  # fmt: skip
+    summary = asyncio.run(run_training(config, tmp_path / "run"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for version, row in ((0, rows[0]), (2, rows[-1])):
+        records = [json.loads(line) for line in (tmp_path / "run" / "eval_episodes" / f"v{version:06d}.jsonl").read_text().splitlines()]
+        by_split = {split: [r for r in records if r["split"] == split] for split in ("held_out", "ood")}
+        assert (len(by_split["held_out"]), len(by_split["ood"])) == (16, 30)
+        assert {r["prompt"] for r in by_split["ood"]} == {f"{a}+{b}=" for a in range(50, 60) for b in range(3)}
+        for split, prefix in (("held_out", "eval/"), ("ood", "eval/ood_")):
+            kept = by_split[split]
+            assert row[f"{prefix}success"] == sum(r["reward"] >= 1 for r in kept) / len(kept)
+            assert row[f"{prefix}last_number_correct"] == sum(r["last_number_correct"] for r in kept) / len(kept)
+            assert row[f"{prefix}answered"] == 0.0 and all(r["answer_form"] in ("last_line", "") for r in kept)
+    assert summary["eval_start"] == {k: v for k, v in rows[0].items() if k.startswith("eval/")}
+    assert summary["eval_end"]["eval/ood_success"] == rows[-1]["eval/ood_success"]

@@ -23,15 +23,12 @@ those), every token carries a policy version (an environment token the version o
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from parityrl.batch import Sample
 from parityrl.config import SamplingConfig
 from parityrl.errors import InputError
-from parityrl.metrics import write_text_atomic
 from parityrl.reward_pool import CallResult, EnvironmentPool
 from parityrl.tasks import Problem
 
@@ -337,11 +334,8 @@ def episode_metrics(episodes: list[Episode]) -> dict[str, float]:
     }
 
 
-def write_episodes(path: Path, episodes: list[Episode]) -> None:
-    """Episodes as JSON Lines (problem, whole conversation, reward, turns, error), written atomically."""
-    lines = [
-        json.dumps({"problem": e.problem.record(), "messages": e.messages, "reward": e.reward, "turns": e.turns, "error": e.error})
-        for e in episodes
-    ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, "\n".join(lines) + "\n")
+def episode_record(episode: Episode) -> dict:
+    """What an evaluation keeps of an episode (`RUN_DIR/eval_episodes/`): problem, whole conversation, reward,
+    turns, error."""
+    e = episode
+    return {"problem": e.problem.record(), "messages": e.messages, "reward": e.reward, "turns": e.turns, "error": e.error}

@@ -94,6 +94,16 @@ METRICS: tuple[Metric, ...] = (
     Metric("rl/completion_lens", "length (tokens) of each sample trained on, in batch order: the distribution behind "
            "`rl/completion_len` (an abort-mode update cuts long samples short)", "rl", scalar=False),
     Metric("eval/success", "greedy success on the held-out split (start, every `train.eval_every` steps, end)", "rl"),
+    Metric("eval/answered", "`math_verify` reward: share of held-out completions that state a final answer (a `\\boxed{}` or "
+           "an answer line), not a bare last line", "rl"),
+    Metric("eval/correct_given_answered", "`math_verify` reward: `eval/success` among the completions that answered "
+           "(`eval/answered`): arithmetic, with format taken out (left out when none answered)", "rl"),
+    Metric("eval/last_number_correct", "`math_verify` reward: share of held-out completions whose last number is the answer, "
+           "whatever the format", "rl"),
+    Metric("eval/ood_success", "`eval/success` on the `task.eval_path` set (problems outside the training distribution)", "rl"),
+    Metric("eval/ood_answered", "`eval/answered` on the `task.eval_path` set", "rl"),
+    Metric("eval/ood_correct_given_answered", "`eval/correct_given_answered` on the `task.eval_path` set", "rl"),
+    Metric("eval/ood_last_number_correct", "`eval/last_number_correct` on the `task.eval_path` set", "rl"),
     # --- parity
     Metric("parity/kl", "`rl/kl_new_old` restricted to sequences generated entirely by the trainer's current version: "
            "pure engine-vs-trainer mismatch (in `check`: k3 per token at the same weights)", "parity", log_scale=True, check_title="kl",

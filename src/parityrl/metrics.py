@@ -94,6 +94,12 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, default=str))
 
 
+def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
+    """One JSON object per line, written atomically (its folder made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, "".join(json.dumps(record, default=str) + "\n" for record in records))
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temp file, fsync, rename: readers see the old or the new file, never a torn one."""
     path = Path(path)

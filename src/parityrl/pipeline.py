@@ -39,16 +39,17 @@ from parityrl.backend import Backend, make_backend
 from parityrl.config import RunConfig
 from parityrl.engines.orphan_guard import recorded_shared_memory, unlink_unmapped
 from parityrl.engines.supervisor import EngineGaveUp
-from parityrl.episodes import ChatCodec, EpisodeLimits, TemplateRewritesHistory, episode_metrics, play_greedy, write_episodes
+from parityrl.episodes import ChatCodec, EpisodeLimits, TemplateRewritesHistory, episode_metrics, episode_record, play_greedy
 from parityrl.errors import UserError
-from parityrl.evaluate import engine_greedy_completions, success_rate
+from parityrl.evaluate import EVAL_SPLITS, engine_greedy_completions, evaluation_metrics, evaluation_records
 from parityrl.hardware import allowed_cpus, slow_bf16_warning, trainer_threads, with_torch_threads
 from parityrl.memory import check_trainer_fits, engine_memory, estimate_trainer_memory
-from parityrl.metrics import MetricsLogger, truncate_metrics, write_json_atomic
+from parityrl.metrics import MetricsLogger, truncate_metrics, write_json_atomic, write_jsonl_atomic
 from parityrl.policy import load_tokenizer
 from parityrl.preflight import model_context, read_hf_config
 from parityrl.progress import progress_bar
 from parityrl.reward_pool import EnvironmentPool, RewardPool
+from parityrl.rewards import RewardItem
 from parityrl.rollouts import Group, Rollouts, RunStopped, StopSignals, batch_tensors
 from parityrl.tasks import Problem, check_prompt_lengths, load_task, task_prompt_ids
 from parityrl.train.checkpoint import RunState, latest_checkpoint, load_run_state
@@ -96,6 +97,8 @@ class RLRun:
         self.finished_step = 0
         """The last step trained and logged: what a stop checkpoints."""
         self.eval_success: float | None = None
+        self.eval_metrics: dict[str, float] = {}
+        """The last evaluation's `eval/*` metrics (summary.json's `eval_end`)."""
         self.skipped_in_a_row = 0
 
     async def run(self) -> dict:
@@ -170,7 +173,7 @@ class RLRun:
             self.state = load_run_state(checkpoint)
             self.trainer.version = self.state.version
             self.finished_step = self.state.step
-            self.eval_success = self.state.eval_success
+            self.eval_success, self.eval_metrics = self.state.eval_success, dict(self.state.eval_metrics)
             console.print(f"[bold]resuming[/bold] {self.run_dir} at step {self.state.step} (policy v{self.state.version}) from {checkpoint.name}")
         self.counters: dict[str, float] = dict(self.state.counters) if self.state is not None else {}
         # no checkpoint to go on from (a fresh run, or a resume killed before its first one finished): from step 0
@@ -207,8 +210,9 @@ class RLRun:
         if state is None:
             # decoded by the engine beside the first batch's rollouts rather than before them (44 s of a
             # SmolLM2 start); the first publication waits for it, so it sees version 0 only
-            self.start_evaluation = asyncio.create_task(self.held_out_success({}))
+            self.start_evaluation = asyncio.create_task(self.evaluate({}))
         self.summary["eval_success_start"] = self.counters.get("eval_success_start")
+        self.summary["eval_start"] = self.counters.get("eval_start")  # every eval/* metric of the start
         self.startup["total"] = time.perf_counter() - self.began
         self.summary["startup_s"] = {phase: round(seconds, 1) for phase, seconds in self.startup.items()}
         self.console.print(
@@ -270,14 +274,23 @@ class RLRun:
             return
         began = time.perf_counter()
         try:
-            success = await self.start_evaluation
+            evaluated = await self.start_evaluation
         except EngineGaveUp as error:
             raise await self.stop(str(error), [g.problem for g in groups]) from None
         finally:
             self.start_evaluation = None
-        self.eval_success = self.counters["eval_success_start"] = self.summary["eval_success_start"] = success
-        self.logger.log(0, {"eval/success": success})
-        self.console.print(f"held-out success before RL: [bold]{success:.3f}[/bold] (the trainer waited {time.perf_counter() - began:.0f} s for it)")
+        self.record_evaluation(evaluated)
+        success = self.counters["eval_success_start"] = self.summary["eval_success_start"] = evaluated["eval/success"]
+        self.summary["eval_start"] = self.counters["eval_start"] = evaluated
+        self.logger.log(0, evaluated)
+        ood = f", on task.eval_path {evaluated['eval/ood_success']:.3f}" if "eval/ood_success" in evaluated else ""
+        self.console.print(
+            f"held-out success before RL: [bold]{success:.3f}[/bold]{ood} (the trainer waited {time.perf_counter() - began:.0f} s for it)"
+        )
+
+    def record_evaluation(self, evaluated: dict[str, float]) -> None:
+        self.eval_metrics = evaluated
+        self.eval_success = evaluated["eval/success"]
 
     async def train(self, groups: list[Group]) -> dict:
         """One optimiser step on the batch (in a worker thread, with the thread count the core split set)."""
@@ -368,29 +381,41 @@ class RLRun:
         if not (step % self.config.train.eval_every == 0 or step == self.config.train.steps):
             return None
         try:
-            self.eval_success = metrics["eval/success"] = await self.held_out_success(metrics)
+            evaluated = await self.evaluate(metrics)
         except EngineGaveUp as error:  # the evaluating engine, or its last update
             return error
+        self.record_evaluation(evaluated)
+        metrics |= evaluated
         return None
 
-    async def held_out_success(self, metrics: dict) -> float:
-        """Greedy success on the held-out problems, decoded by the engine with the trainer's current weights."""
+    async def evaluate(self, metrics: dict) -> dict[str, float]:
+        """Greedy evaluation with the trainer's current weights, decoded by the engine in one batch: the held-out
+        split and the `task.eval_path` set. Every completion (or episode) is kept in
+        `RUN_DIR/eval_episodes/v<version>.jsonl`, tagged with its split; returns the `eval/*` metrics."""
         failure = await self.landed_publication(metrics)  # the engine must hold the trainer's version before it is evaluated
         if failure is not None:
             raise failure
-        task = self.task
+        task, version = self.task, self.trainer.version
+        splits = [(split, problems) for split, problems in (("held_out", task.eval), ("ood", task.eval_ood)) if problems]
+        problems = [problem for _, split_problems in splits for problem in split_problems]
+        request_id, max_new = f"eval-v{version}", self.config.sampling.max_new_tokens
         if self.episodes is not None:
             envs, codec, limits = self.episodes
-            episodes = await play_greedy(
-                self.engine.greedy, envs, codec, task.eval, limits, self.config.sampling.max_new_tokens,
-                self.tokenizer.eos_token_id, f"eval-v{self.trainer.version}",
-            )  # fmt: skip
-            await asyncio.to_thread(write_episodes, self.run_dir / "eval_episodes" / f"v{self.trainer.version:06d}.jsonl", episodes)
-            return sum(episode.reward >= 1.0 for episode in episodes) / len(episodes)
-        completions = await engine_greedy_completions(
-            self.engine, self.tokenizer, task, task.eval, self.config.sampling.max_new_tokens, f"eval-v{self.trainer.version}"
-        )
-        return await asyncio.to_thread(success_rate, completions, task.eval, self.rewards.score_sync)
+            episodes = await play_greedy(self.engine.greedy, envs, codec, problems, limits, max_new, self.tokenizer.eos_token_id, request_id)
+            records = [episode_record(episode) for episode in episodes]
+        else:
+            completions = await engine_greedy_completions(self.engine, self.tokenizer, task, problems, max_new, request_id)
+            results = await asyncio.to_thread(self.rewards.score_sync, [RewardItem(c, p.answer, p.prompt) for c, p in zip(completions, problems)])
+            records = evaluation_records("", problems, completions, results, task.reward_kind)
+        eval_metrics, offset = {}, 0
+        for split, split_problems in splits:
+            split_records = records[offset : offset + len(split_problems)]
+            for record in split_records:
+                record["split"] = split
+            eval_metrics |= evaluation_metrics(split_records, EVAL_SPLITS[split])
+            offset += len(split_problems)
+        await asyncio.to_thread(write_jsonl_atomic, self.run_dir / "eval_episodes" / f"v{version:06d}.jsonl", records)
+        return eval_metrics
 
     def log(self, step: int, metrics: dict) -> None:
         """Run totals (carried across resumes) and the step's line in metrics.jsonl and the sinks."""
@@ -441,6 +466,7 @@ class RLRun:
             pending_prompts=list(extra_pending) + self.rollouts.undrained(),
             counters=dict(self.counters),
             eval_success=self.eval_success,
+            eval_metrics=dict(self.eval_metrics),
         )
         self.trainer.save_checkpoint(self.run_dir, state)
         return state
@@ -459,6 +485,7 @@ class RLRun:
 
     def finish(self) -> None:
         self.summary |= _summary(self.counters, self.eval_success, self.config.train.steps, self.run_dir)
+        self.summary["eval_end"] = self.eval_metrics
         if self.plots is not None:  # metrics.jsonl is complete and fsynced: draw it while the engine closes
             self.drawing = asyncio.get_running_loop().run_in_executor(None, self.plots)
         self.summary |= self.backend.summary()

@@ -97,24 +97,40 @@ def _clean_answer(text: str) -> str:
     return text.rstrip(".").strip()
 
 
-def extract_answer(completion: str) -> str:
-    """The final answer written in a completion, as text.
+def final_answer(completion: str) -> tuple[str, str]:
+    """(answer text, how it was written) of a completion's final answer.
 
-    In order: the content of the last complete `\\boxed{...}` (nested braces handled); else the
-    answer on the last line that has a final-answer marker ("#### X", "Final answer: X",
-    "The answer is X", "Answer: X", case-insensitive); else the last non-empty line. Surrounding
-    whitespace, markdown bold and a trailing period are removed. "" for an empty completion.
+    In order: the content of the last complete `\\boxed{...}` (nested braces handled), form "boxed";
+    else the answer on the last line that has a final-answer marker ("#### X", "Final answer: X",
+    "The answer is X", "Answer: X", case-insensitive), form "marked"; else the last non-empty line,
+    form "last_line" (no answer was marked: what the reward falls back on). Surrounding whitespace,
+    markdown bold and a trailing period are removed. ("", "") for an empty completion.
     """
     boxed = _last_complete_boxed(completion)
     if boxed is not None:
-        return boxed.strip()
+        return boxed.strip(), "boxed"
     lines = [line for line in completion.splitlines() if line.strip()]
     for line in reversed(lines):
         for pattern in _FINAL_ANSWER_LINES:
             match = pattern.search(line)
             if match and _clean_answer(match.group("answer")):
-                return _clean_answer(match.group("answer"))
-    return _clean_answer(lines[-1]) if lines else ""
+                return _clean_answer(match.group("answer")), "marked"
+    return (_clean_answer(lines[-1]), "last_line") if lines else ("", "")
+
+
+def extract_answer(completion: str) -> str:
+    """The final answer written in a completion, as text (`final_answer`'s answer)."""
+    return final_answer(completion)[0]
+
+
+_NUMBER = re.compile(r"-?\d(?:[\d,]*\d)?(?:\.\d+)?")
+
+
+def last_number(text: str) -> str | None:
+    """The last number written in `text` ("1,000" -> "1000"), or None: a format-free reading of an
+    answer, to tell arithmetic from answering in the asked format."""
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
 
 
 class _DropTimeoutDisabledWarning(logging.Filter):

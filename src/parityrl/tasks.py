@@ -42,6 +42,7 @@ class Task:
     name: str
     train: list[Problem]
     eval: list[Problem]
+    """The held-out split of the task's problems (`task.eval_size`), never trained on."""
     reward_kind: str
     """`task.reward`: a built-in reward name or `package.module:function` (see `parityrl.rewards`)."""
     chat_template: str = "auto"
@@ -50,6 +51,8 @@ class Task:
     """`task.system_prompt`: system message put before every prompt, or None."""
     environment: str | None = None
     """`task.environment` (`package.module:Class`) for multi-turn episodes; None: one prompt, one completion."""
+    eval_ood: list[Problem] = field(default_factory=list)
+    """The `task.eval_path` problems (meant to be out of the training distribution); [] when it is unset."""
 
     def reward(self, completion: str, answer: str, prompt: str = "") -> float:
         """The reward of one completion, computed in this thread without a timeout (a reward that
@@ -91,32 +94,32 @@ GZIP_MAGIC = b"\x1f\x8b"
 JSON_TYPE_NAMES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null"}
 
 
-def _decode_text(path: Path) -> str:
+def _decode_text(path: Path, setting: str = "task.path") -> str:
     """UTF-8 text of a data file; InputError (with the line) for a binary or otherwise undecodable file."""
     try:
         content = path.read_bytes()
     except OSError as error:
-        raise InputError(f"task.path {path} cannot be read: {error.strerror}.") from None
+        raise InputError(f"{setting} {path} cannot be read: {error.strerror}.") from None
     if content.startswith(GZIP_MAGIC):
-        raise InputError(f"task.path {path} is gzip-compressed; decompress it (gunzip) and point task.path at the .jsonl file.")
+        raise InputError(f"{setting} {path} is gzip-compressed; decompress it (gunzip) and point {setting} at the .jsonl file.")
     if b"\0" in content:
         line = content[: content.index(b"\0")].count(b"\n") + 1
         raise InputError(
-            f"task.path {path} is a binary file (NUL byte at line {line}), not JSON Lines text; point task.path at a "
+            f"{setting} {path} is a binary file (NUL byte at line {line}), not JSON Lines text; point {setting} at a "
             f".jsonl file with one object per line, e.g. {EXAMPLE_LINE}."
         )
     return decode_utf8(
         content,
         lambda byte, line: InputError(
-            f"{path}:{line}: byte 0x{byte:02x} is not UTF-8; is task.path a binary or compressed file? "
+            f"{path}:{line}: byte 0x{byte:02x} is not UTF-8; is {setting} a binary or compressed file? "
             "JSON Lines data must be UTF-8 text (decompress it, or re-save it as UTF-8)."
         ),
     )
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
+def _read_jsonl(path: Path, setting: str = "task.path") -> list[tuple[str, dict[str, Any]]]:
     """(location 'file:line', object) for every non-blank line of a JSON Lines file."""
-    text = _decode_text(path)
+    text = _decode_text(path, setting)
     lines = text.splitlines()
     last_line = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=0)
     records: list[tuple[str, dict[str, Any]]] = []
@@ -135,7 +138,7 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
             )
         records.append((f"{path}:{line_no}", value))
     if not records:
-        raise InputError(f"task.path {path} holds no records (the file is empty or only blank lines); write one JSON object per line, e.g. {EXAMPLE_LINE}.")
+        raise InputError(f"{setting} {path} holds no records (the file is empty or only blank lines); write one JSON object per line, e.g. {EXAMPLE_LINE}.")
     return records
 
 
@@ -159,7 +162,7 @@ def _preview(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
-def _read_hf_dataset(path: Path) -> list[tuple[str, dict[str, Any]]]:
+def _read_hf_dataset(path: Path, setting: str = "task.path") -> list[tuple[str, dict[str, Any]]]:
     """(location 'dir row N', row) for every row of a `save_to_disk` directory (its train split for a DatasetDict)."""
     from datasets import load_from_disk  # lazy: `datasets` is slow to import and only this kind needs it
 
@@ -167,43 +170,45 @@ def _read_hf_dataset(path: Path) -> list[tuple[str, dict[str, Any]]]:
         dataset = load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as error:
         raise InputError(
-            f"task.path {path} is not a dataset saved with save_to_disk ({error}); save it with "
+            f"{setting} {path} is not a dataset saved with save_to_disk ({error}); save it with "
             "Dataset.save_to_disk, or for a .jsonl file set task.kind: jsonl."
         ) from None
     if hasattr(dataset, "keys"):  # a DatasetDict: use its train split
         dataset = dataset["train"] if "train" in dataset else dataset[next(iter(dataset.keys()))]
     records = [(f"{path} row {index}", dict(row)) for index, row in enumerate(dataset)]
     if not records:
-        raise InputError(f"task.path {path} holds no rows; the dataset saved there is empty.")
+        raise InputError(f"{setting} {path} holds no rows; the dataset saved there is empty.")
     return records
 
 
-def _load_records(config: TaskConfig) -> list[tuple[str, dict[str, Any]]]:
-    """(location, record) pairs of a jsonl / hf_dataset task; InputError naming the file and line for bad data."""
+def _load_records(config: TaskConfig, setting: str = "task.path") -> list[tuple[str, dict[str, Any]]]:
+    """(location, record) pairs of a jsonl / hf_dataset task read from the `setting` path (`task.path` or
+    `task.eval_path`); InputError naming the file and line for bad data."""
     wanted = "a .jsonl file" if config.kind in ("jsonl", "environment") else "a directory written by Dataset.save_to_disk"
-    if config.path is None:
-        raise InputError(f"task.kind={config.kind} needs task.path: set task.path to {wanted} holding the prompts and answers.")
-    path = Path(config.path)
+    location = config.path if setting == "task.path" else config.eval_path
+    if location is None:
+        raise InputError(f"task.kind={config.kind} needs {setting}: set {setting} to {wanted} holding the prompts and answers.")
+    path = Path(location)
     if not path.exists():
         raise InputError(
-            f"task.path {path} does not exist (relative paths start at the current directory, {Path.cwd()}); "
-            f"set task.path to {wanted} holding the prompts and answers."
+            f"{setting} {path} does not exist (relative paths start at the current directory, {Path.cwd()}); "
+            f"set {setting} to {wanted} holding the prompts and answers."
         )
     if config.kind in ("jsonl", "environment"):
         if path.is_dir():
             inside = sorted(path.glob("*.jsonl"))
             example = f" (e.g. {inside[0]})" if inside else ""
             raise InputError(
-                f"task.path {path} is a directory, but task.kind=jsonl reads one .jsonl file; point task.path at the "
+                f"{setting} {path} is a directory, but task.kind=jsonl reads one .jsonl file; point {setting} at the "
                 f"file{example}, or for a directory written by save_to_disk set task.kind: hf_dataset."
             )
-        return _read_jsonl(path)
+        return _read_jsonl(path, setting)
     if not path.is_dir():
         raise InputError(
-            f"task.path {path} is a file, but task.kind=hf_dataset reads a directory written by Dataset.save_to_disk; "
+            f"{setting} {path} is a file, but task.kind=hf_dataset reads a directory written by Dataset.save_to_disk; "
             "for a .jsonl file set task.kind: jsonl."
         )
-    return _read_hf_dataset(path)
+    return _read_hf_dataset(path, setting)
 
 
 def _field_text(where: str, record: dict[str, Any], key: str, setting: str) -> str:
@@ -228,36 +233,46 @@ def _field_text(where: str, record: dict[str, Any], key: str, setting: str) -> s
     return str(value)
 
 
+def _file_problems(config: TaskConfig, setting: str = "task.path") -> list[Problem]:
+    """The problems of the file or dataset directory at `setting` (`task.path` or `task.eval_path`)."""
+    if config.kind == "environment":
+        # every field reaches the environment's reset; prompt and answer (when the record has them) are
+        # what the SFT warm-up and the logs use
+        return [
+            Problem(str(record.get(config.prompt_field, "")), str(record.get(config.answer_field, "")), where=where, fields=record)
+            for where, record in _load_records(config, setting)
+        ]
+    return [
+        Problem(
+            _field_text(where, record, config.prompt_field, "task.prompt_field"),
+            _field_text(where, record, config.answer_field, "task.answer_field"),
+            where=where,
+        )
+        for where, record in _load_records(config, setting)
+    ]
+
+
+def _with_prefix(config: TaskConfig, problems: list[Problem]) -> list[Problem]:
+    if not config.prompt_prefix:
+        return problems
+    return [Problem(config.prompt_prefix + p.prompt, p.answer, p.where, p.fields) for p in problems]
+
+
 def load_task(config: TaskConfig) -> Task:
-    """The configured task split into train / held-out; InputError (file, line, fix) for unusable data."""
+    """The configured task split into train / held-out, plus the `task.eval_path` set; InputError (file,
+    line, fix) for unusable data."""
     if config.kind == "addition" or (config.kind == "environment" and config.path is None):
         problems = addition_problems(config.max_operand)
         source, grow = f"the addition task with task.max_operand={config.max_operand}", "raise task.max_operand"
-    elif config.kind == "environment":
-        # every field reaches the environment's reset; prompt and answer (when the record has them) are
-        # what the SFT warm-up and the logs use
-        problems = [
-            Problem(str(record.get(config.prompt_field, "")), str(record.get(config.answer_field, "")), where=where, fields=record)
-            for where, record in _load_records(config)
-        ]
-        source, grow = f"task.path {config.path}", "add problems to the file"
     else:
-        problems = [
-            Problem(
-                _field_text(where, record, config.prompt_field, "task.prompt_field"),
-                _field_text(where, record, config.answer_field, "task.answer_field"),
-                where=where,
-            )
-            for where, record in _load_records(config)
-        ]
-        source, grow = f"task.path {config.path}", "add prompts to the file"
-    if config.prompt_prefix:
-        problems = [Problem(config.prompt_prefix + p.prompt, p.answer, p.where, p.fields) for p in problems]
-    train, held_out = _split(problems, config.eval_size, source=source, grow=grow)
+        problems = _file_problems(config)
+        source, grow = f"task.path {config.path}", "add problems to the file"
+    train, held_out = _split(_with_prefix(config, problems), config.eval_size, source=source, grow=grow)
     return Task(
         name=config.kind,
         train=train,
         eval=held_out,
+        eval_ood=_with_prefix(config, _file_problems(config, "task.eval_path")) if config.eval_path is not None else [],
         reward_kind=config.reward,
         chat_template=config.chat_template,
         system_prompt=config.system_prompt,
@@ -279,7 +294,7 @@ def check_prompt_lengths(
     lengths: dict[str, int] = {}
     longest: tuple[int, str, int, Problem] | None = None  # (tokens, split, index, problem)
     too_long = 0
-    for split, problems in (("train", task.train), ("eval", task.eval)):
+    for split, problems in (("train", task.train), ("eval", task.eval), ("task.eval_path", task.eval_ood)):
         for index, problem in enumerate(problems):
             if problem.prompt not in lengths:
                 lengths[problem.prompt] = len(encode(tokenizer, problem.prompt))

@@ -112,7 +112,12 @@ class TaskConfig(Strict):
     `package.module:function`, a function `fn(completion: str, answer: str, prompt: str) -> float` importable
     by the trainer (rewards run in worker processes, see `parityrl.rewards`)."""
     eval_size: int = Field(256, ge=1)
-    """Held-out prompts used for the success rate (never trained on)."""
+    """Held-out prompts used for the success rate (never trained on): drawn from `task.path`'s problems, so
+    they share its templates and distribution (`eval/success`)."""
+    eval_path: str | None = None
+    """A second evaluation set, read like `task.path` (same kind and fields), evaluated whole beside the held-out
+    split and never trained on: put problems here that training's distribution does not cover (other
+    phrasings, templates, operand ranges) to see what generalises (`eval/ood_*`). None: the held-out split only."""
     prompt_prefix: str = ""
     """Text put in front of every prompt (a shared template prefix; SFT sees it too)."""
     chat_template: Literal["auto", "none"] = "auto"
@@ -147,6 +152,8 @@ class TaskConfig(Strict):
             )
         if self.kind != "environment" and self.environment is not None:
             raise ValueError(f"task.environment is set but task.kind={self.kind}; set task.kind: environment to play episodes with it")
+        if self.eval_path is not None and self.kind not in ("jsonl", "hf_dataset", "environment"):
+            raise ValueError(f"task.eval_path is set but task.kind={self.kind} reads no files; use task.kind: jsonl, hf_dataset or environment")
         if self.environment is not None and not is_environment_spec(self.environment):
             raise ValueError(f"task.environment={self.environment!r} is not an import path: write it as 'package.module:Class'")
         return self

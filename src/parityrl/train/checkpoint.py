@@ -58,6 +58,8 @@ class RunState:
     """Run totals carried across resumes (rollout tokens, RL seconds, engine restarts, ...)."""
     eval_success: float | None = None
     """Last held-out success measured."""
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    """The last evaluation's `eval/*` metrics (held-out split and `task.eval_path` set)."""
 
 
 def _fsync_tree(directory: Path) -> None:
