@@ -81,3 +81,14 @@ def test_bf16_on_a_cpu_that_emulates_it_is_called_out(monkeypatch):
     assert hardware.slow_bf16_warning("float32") is None
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda cpuinfo=None: True)
     assert hardware.slow_bf16_warning("bfloat16") is None
+
+
+def test_fsdp_ranks_hold_their_share_of_weights_gradients_and_adam():
+    """FSDP2 over 4 ranks: each holds a quarter of the 16 bytes per parameter; DDP ranks hold all of it."""
+    def estimate(*overrides: str):
+        return estimate_trainer_memory(load_config(None, ["pipeline.backend=ray", *overrides]), SMOLLM2, 80)
+
+    whole = estimate("train.world_size=4").weights_grads_optimizer
+    assert whole == 16 * ModelShapeForMemory.of(SMOLLM2).parameters
+    assert estimate("train.world_size=4", "train.fsdp=true").weights_grads_optimizer == whole // 4
+    assert estimate("train.world_size=4", "train.fsdp=true").activations == estimate("train.world_size=4").activations

@@ -269,8 +269,8 @@ def test_rl_steps_on_smollm2_through_vllm(smollm2_fp32, tmp_path):
     assert summary["eval_success_start"] == rows[0]["eval/success"]
     # the trainer's peak stays near what the preflight estimated before the engine started (the estimate is
     # what refuses a config that cannot fit). Measured here: 1.78 GiB against 1.6 (the estimate's constants
-    # are fitted on the 30-layer model in bf16; this is 2 layers in fp32), so 25% over it fails
+    # are fitted on the 30-layer model in bf16; this is 2 layers in fp32): more than 25% off either way fails
     estimate_gib = float(re.search(r"trainer memory \(estimate\): ([0-9.]+) GiB", done.stdout + done.stderr).group(1))
     peak_gib = max(r["perf/trainer_peak_rss_gb"] for r in rows[1:]) * 1e9 / 2**30  # logged in GB
     print(f"\nSmolLM2 (2 layers) trainer peak {peak_gib:.2f} GiB, preflight estimate {estimate_gib:.1f} GiB")
-    assert 0 < peak_gib <= 1.25 * estimate_gib, (peak_gib, estimate_gib)
+    assert 0.75 * estimate_gib <= peak_gib <= 1.25 * estimate_gib, (peak_gib, estimate_gib)

@@ -109,7 +109,8 @@ class TrainerMemory:
 
 
 def estimate_trainer_memory(config: RunConfig, hf_config: dict, longest_prompt: int) -> TrainerMemory:
-    """Peak trainer memory of `config` on the model of `hf_config`, with prompts of up to `longest_prompt` tokens."""
+    """Peak trainer memory of `config` on the model of `hf_config`, with prompts of up to `longest_prompt` tokens:
+    of the trainer process, or with `pipeline.backend: ray` of rank 0 (it also makes the publication copy)."""
     from parityrl.batch import ModelShape, completions_per_row
     from parityrl.scoring import SCORE_CHUNK_ELEMENTS
 
@@ -128,9 +129,12 @@ def estimate_trainer_memory(config: RunConfig, hf_config: dict, longest_prompt: 
     inputs_kept = shape.layers * tokens * shape.hidden * FLOAT_BYTES
     activations = inputs_kept + 2 * full_layer if uses_activation_checkpointing(config, hf_config) else shape.layers * full_layer
     parameters = shape.parameters
+    # FSDP2 (`train.fsdp`) keeps 1/world_size of the fp32 weights, gradients and AdamW state on each rank; a
+    # layer's full weights exist only while it computes (one layer's worth, inside the activations' margin)
+    shards = config.train.world_size if config.train.fsdp else 1
     return TrainerMemory(
         runtime=RUNTIME_BYTES,
-        weights_grads_optimizer=16 * parameters,
+        weights_grads_optimizer=16 * parameters // shards,
         # the copy a publication makes, and the shared-memory buffer the engine loads it from (mapped here
         # too), both in the engine's dtype (`policy.export_state_dict`)
         publication_copy=2 * (2 if config.model.dtype == "bfloat16" else FLOAT_BYTES) * parameters,
