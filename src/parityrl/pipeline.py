@@ -155,7 +155,7 @@ class RLRun:
             # longer than the first prompt (an estimate: the environment's messages are not known before it runs)
             turns = config.task.max_turns
             longest_prompt = min(limits.max_tokens, turns * (longest_prompt + config.sampling.max_new_tokens)) - config.sampling.max_new_tokens
-        check_memory(config, hf_config, longest_prompt, console)
+        self.summary["trainer_memory_estimate_gib"] = round(check_memory(config, hf_config, longest_prompt, console) / 2**30, 3)
         if (warning := slow_bf16_warning(config.model.dtype)) is not None:
             self.warn(warning)
         if self.resume:
@@ -544,8 +544,9 @@ class RLRun:
             self.warn(f"unlinked {len(unlinked)} shared-memory queue(s) the stopped run's engine left in /dev/shm")
 
 
-def check_memory(config: RunConfig, hf_config: dict, longest_prompt: int, console: Console) -> None:
-    """Refuse, before the engine starts, a trainer that would not fit beside a local engine (`parityrl.memory`)."""
+def check_memory(config: RunConfig, hf_config: dict, longest_prompt: int, console: Console) -> int:
+    """Refuse, before the engine starts, a trainer that would not fit beside a local engine (`parityrl.memory`);
+    returns the estimate (bytes), which summary.json keeps beside the measured peaks."""
     import psutil
 
     estimate = estimate_trainer_memory(config, hf_config, longest_prompt)
@@ -553,6 +554,7 @@ def check_memory(config: RunConfig, hf_config: dict, longest_prompt: int, consol
     engine_share = engine_memory(config, hf_config) if config.pipeline.backend == "local" and config.engine.kind == "vllm" else 0
     console.print(f"[bold]trainer memory (estimate)[/bold]: {estimate.total / 2**30:.1f} GiB ({estimate.describe()})")
     check_trainer_fits(estimate, psutil.virtual_memory().available - engine_share, config)
+    return estimate.total
 
 
 async def timed(awaitable) -> float:
