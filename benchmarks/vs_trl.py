@@ -647,6 +647,7 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     m = run_trl(regime, args.work_dir, model_dir, threads, args.trl_attn, args.trl_micro_batch, side, not args.no_eval, repeat)
                 runs[side].append(m)
+                write_payload(args, argv, env, results, {"name": regime["name"], "runs": runs})
                 print(f"[vs_trl] {regime['name']}: {side}: step {m['median_step_wall_s']:.1f} s (trainer work {m['median_trainer_work_s']:.1f} s), "
                       f"RL {m['rl_seconds']:.1f} s, whole {m['whole_s']:.1f} s, all processes {m.get('process_tree_peak_rss_gib')} GiB", flush=True)
         measured = {side: over_repeats(side_runs) for side, side_runs in runs.items()}
@@ -659,6 +660,13 @@ def main(argv: list[str] | None = None) -> None:
         })
     env["loadavg_at_end"] = list(os.getloadavg())
     print_report(results)
+    write_payload(args, argv, env, results)
+    print(f"[vs_trl] wrote {args.out}")
+
+
+def write_payload(args: argparse.Namespace, argv: list[str] | None, env: dict[str, Any], results: list[dict[str, Any]], partial: dict | None = None) -> None:
+    """The results file; `partial` (the regime under way: the runs so far) is written after every run, so a
+    benchmark stopped midway keeps what it measured."""
     payload = {
         "benchmark": "vs_trl",
         "command": " ".join(["benchmarks/vs_trl.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -667,10 +675,13 @@ def main(argv: list[str] | None = None) -> None:
         "rl_wall_definition": "first step start to the end of the last step; evaluations every eval_every steps count, the final "
         "one does not; parityrl's start evaluation runs beside its first rollouts (counted), TRL's before its first step "
         "(not counted) (parityrl's summary.json rl_seconds; the TRL worker times the same span)",
+        "step_wall_definition": "the time between two step ends on the RL clock; medians leave out the first step",
+        "trainer_work_definition": "score + backward of one step: parityrl perf/forward_s + perf/backward_s; TRL the time in "
+        "training_step less the time in _generate_and_score_completions inside it",
         "regimes": results,
+        **({"unfinished_regime": partial} if partial is not None else {}),
     }
     write_results(args.out, payload)
-    print(f"[vs_trl] wrote {args.out}")
 
 
 def _version(dist: str) -> str | None:

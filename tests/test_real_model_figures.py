@@ -1,0 +1,191 @@
+"""Every real-model figure of README.md and docs/real-model.md is re-derived here from the committed data it
+cites (run directories under docs/smollm2/, benchmark JSON under benchmarks/results/): a figure edited away
+from its data, or data replaced under a figure, fails.
+
+    .venv/bin/python tests/test_real_model_figures.py    # prints every figure line the two pages must hold
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+README, REAL_MODEL = REPO / "README.md", REPO / "docs" / "real-model.md"
+SEEDS = {0: REPO / "docs" / "smollm2" / "seed0", 1: REPO / "docs" / "smollm2" / "seed1"}
+VS_TRL = REPO / "benchmarks" / "results" / "vs_trl_smollm2.json"
+STEP_MEMORY = REPO / "docs" / "smollm2" / "step_memory"
+ATTRIBUTE_FP32 = REPO / "docs" / "smollm2" / "check" / "attribute_fp32.json"
+GB_PER_GIB = 2**30 / 1e9
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def at_steps(run_dir: Path, metric: str) -> list[tuple[int, float]]:
+    """(step, value) of every evaluation that logged `metric`."""
+    return [(r["step"], r[metric]) for r in rows(run_dir) if r.get(metric) is not None]
+
+
+def arrow(run_dir: Path, metric: str, digits: int = 3) -> str:
+    """"0.078 → 0.242 → 0.469": the metric at every evaluation (start, every `eval_every` steps, end)."""
+    return " → ".join(f"{value:.{digits}f}" for _, value in at_steps(run_dir, metric))
+
+
+def per_seed(metric: str, digits: int = 3) -> str:
+    return "; ".join(f"{arrow(run_dir, metric, digits)} (seed {seed})" for seed, run_dir in SEEDS.items())
+
+
+def points(run_dir: Path, metric: str) -> float:
+    """The change of `metric` from the start to the end, in points."""
+    values = at_steps(run_dir, metric)
+    return 100 * (values[-1][1] - values[0][1])
+
+
+def parity_kl_median(run_dir: Path) -> float:
+    return statistics.median(r["parity/kl"] for r in rows(run_dir) if r.get("parity/kl") is not None)
+
+
+def trainer_peak_gib(run_dir: Path) -> float:
+    return max(r["perf/trainer_peak_rss_gb"] for r in rows(run_dir) if r.get("perf/trainer_peak_rss_gb")) * 1e9 / 2**30
+
+
+def learning_lines() -> list[str]:
+    """The learning table of docs/real-model.md (and the README's shorter one)."""
+    s0 = summary(SEEDS[0])
+    return [
+        f"| held-out, the training file's templates (128 problems): success | {per_seed('eval/success')} |",
+        f"| out of distribution (150 problems, `data/math_word_problems_ood.jsonl`): success | {per_seed('eval/ood_success')} |",
+        f"| out of distribution: answered (a `\\boxed{{}}` or an answer line) | {per_seed('eval/ood_answered', 2)} |",
+        f"| out of distribution: correct when answered | {per_seed('eval/ood_correct_given_answered')} |",
+        f"| out of distribution: last number right, whatever the format | {per_seed('eval/ood_last_number_correct')} |",
+        f"| held-out: answered / correct when answered | {per_seed('eval/answered', 2)} / {per_seed('eval/correct_given_answered')} |",
+        "| RL time for 20 steps | " + "; ".join(f"{summary(d)['rl_seconds'] / 60:.0f} min (seed {seed})" for seed, d in SEEDS.items()) + " |",
+        f"| trainer peak (`perf/trainer_peak_rss_gb`), seed 0 | {trainer_peak_gib(SEEDS[0]):.2f} GiB; the preflight estimated "
+        f"{s0['trainer_memory_estimate_gib']:.2f} GiB |",
+        "| `parity/kl` (bf16), median over steps | " + "; ".join(f"{parity_kl_median(d):.1e} (seed {seed})" for seed, d in SEEDS.items()) + " |",
+    ]
+
+
+def readme_lines() -> list[str]:
+    gains = {seed: (points(d, "eval/ood_success"), points(d, "eval/success")) for seed, d in SEEDS.items()}
+    return [
+        "| held-out success, training's templates | " + "; ".join(f"{arrow(d, 'eval/success')} (seed {seed})" for seed, d in SEEDS.items()) + " |",
+        "| success out of distribution | " + "; ".join(f"{arrow(d, 'eval/ood_success')} (seed {seed})" for seed, d in SEEDS.items()) + " |",
+        "| gain, points (held-out / out of distribution) | "
+        + "; ".join(f"{held:+.1f} / {ood:+.1f} (seed {seed})" for seed, (ood, held) in gains.items()) + " |",
+    ]
+
+
+def trl_lines() -> list[str]:
+    """The TRL table of docs/real-model.md and the README's sentence."""
+    result = json.loads(VS_TRL.read_text())["regimes"][0]
+    sides, comparisons = result["sides"], result["comparisons"]
+    p = sides["parityrl"]
+
+    def side_row(label: str, key: str, fmt: str) -> str:
+        cells = [format(sides[name][key], fmt) for name in ("parityrl", "trl", "trl-no-gc")]
+        ratios = [format(comparisons[name][RATIO_OF[key]], ".2f") for name in ("trl", "trl-no-gc")]
+        return f"| {label} | {' | '.join(cells)} | {' | '.join(ratios)} |"
+
+    return [
+        side_row("all processes, peak RSS (GiB)", "process_tree_peak_rss_gib", ".2f"),
+        side_row("trainer process alone, peak RSS (GiB)", "trainer_peak_rss_gib", ".2f"),
+        side_row("step wall, median (s)", "median_step_wall_s", ".0f"),
+        side_row("trainer's own work per step: score + backward (s)", "median_trainer_work_s", ".1f"),
+        f"({len(p['repeats'])} repeats of {p['steps']} steps per side, medians)",
+    ]
+
+
+RATIO_OF = {
+    "process_tree_peak_rss_gib": "process_tree_peak_rss_ratio",
+    "trainer_peak_rss_gib": "trainer_peak_rss_ratio",
+    "median_step_wall_s": "median_step_wall_ratio",
+    "median_trainer_work_s": "trainer_work_ratio",
+}
+
+
+def trl_sentence() -> str:
+    result = json.loads(VS_TRL.read_text())["regimes"][0]
+    default, no_gc = result["comparisons"]["trl"], result["comparisons"]["trl-no-gc"]
+    return (
+        f"all processes {default['process_tree_peak_rss_ratio']:.2f}× TRL's memory with its defaults "
+        f"({no_gc['process_tree_peak_rss_ratio']:.2f}× with its gradient checkpointing off), "
+        f"step wall {default['median_step_wall_ratio']:.2f}× ({no_gc['median_step_wall_ratio']:.2f}×)"
+    )
+
+
+def step_memory_lines() -> list[str]:
+    """The step table of docs/real-model.md: medians over the steps after the first of `benchmarks/step_memory.py`'s runs."""
+    lines = []
+    for tokens in (64, 256, 1024):
+        measured = [json.loads(line) for line in (STEP_MEMORY / f"metrics-{tokens}.jsonl").read_text().splitlines()]
+        steps = [r for r in measured if r["step"] > 1 and "perf/forward_s" in r]
+
+        def median(key: str, steps: list[dict] = steps) -> float:
+            return statistics.median(r[key] for r in steps)
+
+        lengths = [r["rl/completion_len"] for r in measured if "rl/completion_len" in r]
+        peak_gb = max(r["perf/trainer_peak_rss_gb"] for r in measured if "perf/trainer_peak_rss_gb" in r)
+        lines.append(
+            f"| {tokens} ({statistics.mean(lengths):.0f}) | {peak_gb:.1f} GB | {median('perf/batch_wait_s'):.0f} s | "
+            f"{median('perf/forward_s'):.0f} s | {median('perf/backward_s'):.0f} s | {median('perf/weight_sync_s'):.2f} s |"
+        )
+    return lines
+
+
+def attribute_lines() -> list[str]:
+    measured = json.loads(ATTRIBUTE_FP32.read_text())
+    labels = {
+        "configured": "all four fixes",
+        "fix1 off (raw logprobs)": "fix 1 off (raw logprobs)",
+        "fix3 off (pause aborts + clears caches)": "fix 3 off (pause aborts, clears caches)",
+    }
+    return [
+        f"| {label} | {measured[key]['parity/kl']:.2g} | {measured[key]['parity/abs_diff_max']:.2g} | {measured[key]['parity/tokens']} |"
+        for key, label in labels.items()
+    ]
+
+
+FIGURES: dict[Path, Callable[[], list[str]]] = {
+    README: lambda: [*readme_lines(), trl_sentence()],
+    REAL_MODEL: lambda: [*learning_lines(), *trl_lines(), trl_sentence(), *step_memory_lines(), *attribute_lines()],
+}
+
+
+@pytest.mark.parametrize("page", list(FIGURES), ids=lambda p: p.name)
+def test_every_real_model_figure_is_its_committed_data(page: Path) -> None:
+    text = page.read_text()
+    missing = [line for line in FIGURES[page]() if line not in text]
+    assert not missing, f"{page.name} does not hold these figures as its data gives them:\n" + "\n".join(missing)
+
+
+def test_the_runs_the_figures_come_from_are_the_shipped_config() -> None:
+    """Both seeds ran configs/smollm2_math.yaml as shipped (their seed aside), on the OOD file of the repo."""
+    import yaml
+
+    shipped = yaml.safe_load((REPO / "configs" / "smollm2_math.yaml").read_text())
+    for seed, run_dir in SEEDS.items():
+        ran = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert ran["seed"] == seed and ran["train"]["steps"] == shipped["train"]["steps"]
+        assert {k: ran["task"][k] for k in shipped["task"]} == shipped["task"]
+        assert {k: ran["sampling"][k] for k in shipped["sampling"]} == shipped["sampling"]
+        kept = [json.loads(line) for line in (run_dir / "eval_episodes" / "v000000.jsonl").read_text().splitlines()]
+        ood = [r for r in kept if r["split"] == "ood"]
+        assert len(ood) == 150 and rows(run_dir)[0]["eval/ood_success"] == sum(r["reward"] >= 1 for r in ood) / 150
+
+
+if __name__ == "__main__":
+    for page, lines in FIGURES.items():
+        print(f"--- {page.relative_to(REPO)}")
+        for line in lines():
+            print(line)
