@@ -84,7 +84,9 @@ def main() -> None:
         generate(args.config, args.generate == "eager", args.prompts, args.samples)
         return
     torch.set_num_threads(2)
-    results = {"command": " ".join(["scripts/bf16_floor.py", *sys.argv[1:]]), "config": args.config}
+    from parityrl.hardware import cpu_description
+
+    results = {"command": " ".join(["scripts/bf16_floor.py", *sys.argv[1:]]), "config": args.config, "cpu": cpu_description()}
     with tempfile.TemporaryDirectory() as work:
         for engine in ("compiled", "eager"):
             samples_file = Path(work) / f"{engine}.pkl"

@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from parityrl.hardware import cpu_description  # noqa: E402
 from parityrl.parity.matrix import CASE_BY_NAME, CASES, CONFIG, disagreements, failures, load_results, render, unexpected_failures  # noqa: E402
 
 OUT = REPO / "docs" / "parity_matrix"
@@ -49,15 +50,6 @@ def release_of(venv: Path) -> str:
                           check=True, capture_output=True, text=True, timeout=300).stdout.strip().splitlines()[-1]
 
 
-def machine() -> str:
-    """The CPU the results were measured on (float results depend on its vector extensions)."""
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "unknown CPU")
-    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
-    extensions = [name for name in ("avx512f", "avx512_bf16", "amx_tile") if name in flags] or ["no AVX-512"]
-    return f"{model}, {os.cpu_count()} cores, {' '.join(extensions)}"
-
-
 def run_check(venv: Path, case_name: str, shims_off: str) -> dict:
     case = CASE_BY_NAME[case_name]
     command = [str(venv / "bin" / "parityrl"), "check", CONFIG, "--json", *case.flags]
@@ -70,7 +62,7 @@ def run_check(venv: Path, case_name: str, shims_off: str) -> dict:
     done = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
     shown = [str(Path(command[0]).relative_to(REPO)), *command[1:]]
     result = {"case": case_name, "command": " ".join(shown), "shims_off": shims_off, "elapsed_s": round(time.monotonic() - began, 1),
-              "machine": machine()}  # fmt: skip
+              "machine": cpu_description()}  # fmt: skip
     if done.returncode != 0:  # a release on which the check fails is a row of the matrix, with what it said
         # what it said last, without the warnings that follow any exit (the resource tracker's at shutdown)
         said = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip() and "warn" not in line.lower()]

@@ -32,17 +32,30 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 against 33.8 for fp32 (one thread, 512x576 @ 576x1536, an AMD EPYC without AVX-512)."""
 
 
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
-    """Whether this x86 CPU computes bf16 in hardware (None: cannot tell, e.g. not Linux or not x86)."""
+def _cpuinfo_field(cpuinfo: str | None, name: str) -> str | None:
+    """The first `name : value` of /proc/cpuinfo (or of `cpuinfo`); None when there is none."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return None
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith(name)), None)
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this x86 CPU computes bf16 in hardware (None: cannot tell, e.g. not Linux or not x86)."""
+    flags = _cpuinfo_field(cpuinfo, "flags")
     if flags is None:
         return None
-    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+    return any(flag in flags.split() for flag in NATIVE_BF16_FLAGS)
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """The CPU float results were measured on, with the vector extensions they depend on, e.g. "AMD EPYC 7B13,
+    2 cores, avx512f avx512_bf16"."""
+    flags = set((_cpuinfo_field(cpuinfo, "flags") or "").split())
+    extensions = [name for name in ("avx512f", "avx512_bf16", "amx_tile") if name in flags] or ["no AVX-512"]
+    return f"{_cpuinfo_field(cpuinfo, 'model name') or 'unknown CPU'}, {os.cpu_count()} cores, {' '.join(extensions)}"
 
 
 def slow_bf16_warning(dtype: str) -> str | None:
