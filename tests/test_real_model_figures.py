@@ -125,6 +125,17 @@ def trl_sentence() -> str:
     )
 
 
+def startup_line() -> str:
+    started = {seed: summary(run_dir)["startup_s"] for seed, run_dir in SEEDS.items()}
+    return (
+        "In the two learning runs below (compile cache warm) the command was ready to train after "
+        + " and ".join(f"{s['total']:.0f} s" for s in started.values())
+        + ", the engine's start "
+        + " and ".join(f"{s['engine']:.0f} s" for s in started.values())
+        + " of it (`startup_s` in their summary.json)."
+    )
+
+
 def step_memory_lines() -> list[str]:
     """The step table of docs/real-model.md: medians over the steps after the first of `benchmarks/step_memory.py`'s runs."""
     lines = []
@@ -149,7 +160,9 @@ def attribute_lines() -> list[str]:
     labels = {
         "configured": "all four fixes",
         "fix1 off (raw logprobs)": "fix 1 off (raw logprobs)",
+        "fix2 off (prefix caching + async scheduling at vLLM defaults)": "fix 2 off (prefix caching, async scheduling at vLLM's defaults)",
         "fix3 off (pause aborts + clears caches)": "fix 3 off (pause aborts, clears caches)",
+        "fix4 off (bf16/model-dtype head, both sides)": "fix 4 off / one-sided",
     }
     return [
         f"| {label} | {measured[key]['parity/kl']:.2g} | {measured[key]['parity/abs_diff_max']:.2g} | {measured[key]['parity/tokens']} |"
@@ -159,7 +172,7 @@ def attribute_lines() -> list[str]:
 
 FIGURES: dict[Path, Callable[[], list[str]]] = {
     README: lambda: [*readme_lines(), trl_sentence()],
-    REAL_MODEL: lambda: [*learning_lines(), *trl_lines(), trl_sentence(), *step_memory_lines(), *attribute_lines()],
+    REAL_MODEL: lambda: [*learning_lines(), *trl_lines(), trl_sentence(), startup_line(), *step_memory_lines(), *attribute_lines()],
 }
 
 
