@@ -72,11 +72,11 @@ def test_evaluation_metrics_tell_format_from_arithmetic():
     problems = [Problem("What is 2+3?", "\\boxed{5}")] * 4
     completions = ["2+3 is \\boxed{5}.", "Adding them.\nAnswer: 6", "2 and 3 make\n5", ""]
     results = score_in_process("math_verify", [RewardItem(c, p.answer, p.prompt) for c, p in zip(completions, problems)])
-    records = evaluation_records("held_out", problems, completions, results, "math_verify")
+    records = evaluation_records(problems, completions, results, "math_verify")
     assert [r["answer_form"] for r in records] == ["boxed", "marked", "last_line", ""]
     assert [r["parsed_answer"] for r in records] == ["5", "6", "5", ""]
     assert evaluation_metrics(records, "ood_") == {
         "eval/ood_success": 0.5, "eval/ood_answered": 0.5, "eval/ood_correct_given_answered": 0.5, "eval/ood_last_number_correct": 0.5,
     }  # fmt: skip
-    exact = evaluation_records("held_out", problems, completions, results, "exact")
+    exact = evaluation_records(problems, completions, results, "exact")
     assert evaluation_metrics(exact, "") == {"eval/success": 0.5}  # no answer reading for other rewards

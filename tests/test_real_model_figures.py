@@ -85,6 +85,9 @@ def readme_lines() -> list[str]:
         "| success out of distribution | " + "; ".join(f"{arrow(d, 'eval/ood_success')} (seed {seed})" for seed, d in SEEDS.items()) + " |",
         "| gain, points (held-out / out of distribution) | "
         + "; ".join(f"{held:+.1f} / {ood:+.1f} (seed {seed})" for seed, (ood, held) in gains.items()) + " |",
+        f"| out of distribution: answered / correct when answered | {per_seed('eval/ood_answered', 2)} / {per_seed('eval/ood_correct_given_answered')} |",
+        "| RL time; trainer peak | " + "; ".join(f"{summary(d)['rl_seconds'] / 60:.0f} min, {trainer_peak_gib(d):.2f} GiB (seed {seed})"
+                                              for seed, d in SEEDS.items()) + " |",
     ]
 
 

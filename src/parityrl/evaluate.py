@@ -62,14 +62,14 @@ ANSWERED_FORMS = ("boxed", "marked")
 """`rewards.final_answer` forms that count as answering: a \\boxed{} or a final-answer line, not a bare last line."""
 
 
-def evaluation_records(split: str, problems, completions: list[str], results: list[RewardResult], reward_kind: str) -> list[dict]:
-    """One record per evaluated problem, as `RUN_DIR/eval_episodes/` keeps them: the split, prompt, reference
-    answer, completion, reward (and the reward's error). With the `math_verify` reward also what the reward
+def evaluation_records(problems, completions: list[str], results: list[RewardResult], reward_kind: str) -> list[dict]:
+    """One record per evaluated problem, as `RUN_DIR/eval_episodes/` keeps them (the caller adds its split): the
+    prompt, reference answer, completion, reward (and the reward's error). With the `math_verify` reward also what the reward
     read: the parsed answer, how it was written (`rewards.final_answer`: boxed, marked, last_line) and whether
     the completion's last number is the answer whatever the format (`last_number_correct`)."""
     records = []
     for problem, completion, result in zip(problems, completions, results, strict=True):
-        record = {"split": split, "prompt": problem.prompt, "answer": problem.answer, "completion": completion, "reward": result.value}
+        record = {"prompt": problem.prompt, "answer": problem.answer, "completion": completion, "reward": result.value}
         if result.error is not None:
             record["error"] = result.error
         if reward_kind == "math_verify":

@@ -406,14 +406,13 @@ class RLRun:
         else:
             completions = await engine_greedy_completions(self.engine, self.tokenizer, task, problems, max_new, request_id)
             results = await asyncio.to_thread(self.rewards.score_sync, [RewardItem(c, p.answer, p.prompt) for c, p in zip(completions, problems)])
-            records = evaluation_records("", problems, completions, results, task.reward_kind)
-        eval_metrics, offset = {}, 0
+            records = evaluation_records(problems, completions, results, task.reward_kind)
+        eval_metrics, tagged = {}, []
         for split, split_problems in splits:
-            split_records = records[offset : offset + len(split_problems)]
-            for record in split_records:
-                record["split"] = split
+            split_records = [{"split": split, **record} for record in records[len(tagged) : len(tagged) + len(split_problems)]]
             eval_metrics |= evaluation_metrics(split_records, EVAL_SPLITS[split])
-            offset += len(split_problems)
+            tagged += split_records
+        records = tagged
         await asyncio.to_thread(write_jsonl_atomic, self.run_dir / "eval_episodes" / f"v{version:06d}.jsonl", records)
         return eval_metrics
 
