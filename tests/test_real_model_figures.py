@@ -213,6 +213,9 @@ def test_the_runs_the_figures_come_from_are_the_shipped_config() -> None:
         assert ran["seed"] == seed and ran["train"]["steps"] == shipped["train"]["steps"]
         assert {k: ran["task"][k] for k in shipped["task"]} == shipped["task"]
         assert {k: ran["sampling"][k] for k in shipped["sampling"]} == shipped["sampling"]
+        # the preflight's estimate holds for the full model too (the CI test holds the truncated one to it)
+        estimate_gb = summary(SEEDS[1])["trainer_memory_estimate_gib"] * GB_PER_GIB
+        assert 0.75 * estimate_gb <= trainer_peak_gb(run_dir) <= 1.25 * estimate_gb
         kept = [json.loads(line) for line in (run_dir / "eval_episodes" / "v000000.jsonl").read_text().splitlines()]
         ood = [r for r in kept if r["split"] == "ood"]
         assert len(ood) == 150 and rows(run_dir)[0]["eval/ood_success"] == sum(r["reward"] >= 1 for r in ood) / 150
