@@ -612,6 +612,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trl-attn", default="sdpa", help="attn_implementation of the TRL model (default sdpa, transformers' default)")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK, help="run directories and logs")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    parser.add_argument("--finish-stopped", action="store_true", help="turn --out's unfinished regime (a stopped benchmark) into a result")
     parser.add_argument("--trl-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -621,6 +622,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.trl_worker:
         trl_worker(args.trl_worker, args.worker_out)
+        return
+    if args.finish_stopped:
+        finish_stopped(args)
         return
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     if not sides or set(sides) - {"parityrl", *TRL_SIDES}:
@@ -650,17 +654,36 @@ def main(argv: list[str] | None = None) -> None:
                 write_payload(args, argv, env, results, {"name": regime["name"], "runs": runs})
                 print(f"[vs_trl] {regime['name']}: {side}: step {m['median_step_wall_s']:.1f} s (trainer work {m['median_trainer_work_s']:.1f} s), "
                       f"RL {m['rl_seconds']:.1f} s, whole {m['whole_s']:.1f} s, all processes {m.get('process_tree_peak_rss_gib')} GiB", flush=True)
-        measured = {side: over_repeats(side_runs) for side, side_runs in runs.items()}
-        wga = weights_grads_adam_gib(model_dir)
-        comparisons = {name: compare(measured["parityrl"], side, args.target_success, wga)
-                       for name, side in measured.items() if name != "parityrl" and "parityrl" in measured}  # fmt: skip
-        results.append({
-            "name": regime["name"], "config": str(regime["config"]), "overrides": regime["overrides"], "model_dir": str(model_dir),
-            "repeats": args.repeats, "sides": measured, "comparisons": comparisons,
-        })
+        results.append(regime_result(regime, model_dir, runs, args.target_success))
     env["loadavg_at_end"] = list(os.getloadavg())
     print_report(results)
     write_payload(args, argv, env, results)
+    print(f"[vs_trl] wrote {args.out}")
+
+
+def regime_result(regime: dict[str, Any], model_dir: Path, runs: dict[str, list[dict[str, Any]]], target: float | None) -> dict[str, Any]:
+    """A regime's entry of the results file from its runs (side -> repeats; a side with none is left out)."""
+    measured = {side: over_repeats(side_runs) for side, side_runs in runs.items() if side_runs}
+    wga = weights_grads_adam_gib(model_dir)
+    comparisons = {name: compare(measured["parityrl"], side, target, wga)
+                   for name, side in measured.items() if name != "parityrl" and "parityrl" in measured}  # fmt: skip
+    return {
+        "name": regime["name"], "config": str(regime["config"]), "overrides": regime["overrides"], "model_dir": str(model_dir),
+        "repeats": {side: len(side_runs) for side, side_runs in runs.items()}, "sides": measured, "comparisons": comparisons,
+    }  # fmt: skip
+
+
+def finish_stopped(args: argparse.Namespace) -> None:
+    """`--finish-stopped`: a benchmark stopped midway (`unfinished_regime` in --out) becomes a finished result
+    from the runs it completed, each side with the repeats it got (run with the stopped command's arguments)."""
+    payload = json.loads(args.out.read_text())
+    unfinished = payload.pop("unfinished_regime")
+    regime = next(r for r in build_regimes(args) if r["name"] == unfinished["name"])
+    result = regime_result(regime, prepare_assets(regime), unfinished["runs"], args.target_success)
+    result["stopped_early"] = "the benchmark was stopped before its last runs; `repeats` says what each side got"
+    payload["regimes"].append(result)
+    print_report(payload["regimes"])
+    write_results(args.out, payload)
     print(f"[vs_trl] wrote {args.out}")
 
 
