@@ -123,7 +123,8 @@ def trl_lines() -> list[str]:
         side_row("trainer process alone, peak RSS (GiB)", "trainer_peak_rss_gib", ".2f"),
         side_row("step wall, median (s)", "median_step_wall_s", ".0f"),
         side_row("trainer's own work per step: score + backward (s)", "median_trainer_work_s", ".1f"),
-        f"({len(p['repeats'])} repeats of {p['steps']} steps per side, medians)",
+        f"Runs per side: parityrl {len(p['repeats'])}, TRL with its defaults {len(sides['trl']['repeats'])}, TRL without gradient "
+        f"checkpointing {len(sides['trl-no-gc']['repeats'])}; {p['steps']} steps each; medians. In short",
     ]
 
 
@@ -191,8 +192,8 @@ def attribute_lines() -> list[str]:
 
 
 FIGURES: dict[Path, Callable[[], list[str]]] = {
-    README: lambda: [*readme_lines(), "{} of the {} held-out\nproblems have a training twin with the same numbers".format(*held_out_twins())],
-    REAL_MODEL: lambda: [*learning_lines(), startup_line(), *step_memory_lines(), *attribute_lines()],
+    README: lambda: [*readme_lines(), trl_sentence(), "{} of the {} held-out\nproblems have a training twin with the same numbers".format(*held_out_twins())],
+    REAL_MODEL: lambda: [*learning_lines(), *trl_lines(), trl_sentence(), startup_line(), *step_memory_lines(), *attribute_lines()],
 }
 
 
