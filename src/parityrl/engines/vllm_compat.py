@@ -249,25 +249,21 @@ def make_extension_loadable(library: Path, symbol: str = IOSTREAM_ANCHOR) -> lis
     if target is None:
         return []
     (version_index,) = struct.unpack_from("<H", data, versym[4] + 2 * target)
-    changed = []
-    if version_index & 0x7FFF > _VER_NDX_GLOBAL:
-        need = next(n for n in needs if n[2] == version_index & 0x7FFF)
-        users = [i for i in range(symbols) if struct.unpack_from("<H", data, versym[4] + 2 * i)[0] & 0x7FFF == need[2]]
-        if users != [target]:
-            raise ValueError(f"{library}: {len(users)} symbols need {need[3]}, not only {symbol}; it cannot be loosened")
-        struct.pack_into("<H", data, versym[4] + 2 * target, _VER_NDX_GLOBAL)
-        struct.pack_into("<H", data, need[0], need[1] | _VER_FLG_WEAK)
-        changed += [f"{symbol}: version {need[3]} cleared", f"need of {need[3]} marked weak"]
+    if version_index & 0x7FFF <= _VER_NDX_GLOBAL:
+        return []  # unversioned: the library loads as it is (later releases name the symbol this way)
+    need = next(n for n in needs if n[2] == version_index & 0x7FFF)
+    users = [i for i in range(symbols) if struct.unpack_from("<H", data, versym[4] + 2 * i)[0] & 0x7FFF == need[2]]
+    if users != [target]:
+        raise ValueError(f"{library}: {len(users)} symbols need {need[3]}, not only {symbol}; it cannot be loosened")
+    struct.pack_into("<H", data, versym[4] + 2 * target, _VER_NDX_GLOBAL)
+    struct.pack_into("<H", data, need[0], need[1] | _VER_FLG_WEAK)
     info_at = dynsym[4] + 24 * target + 4
-    if data[info_at] >> 4 != _STB_WEAK:
-        data[info_at] = (_STB_WEAK << 4) | (data[info_at] & 0xF)
-        changed.append(f"{symbol}: weak")
-    if changed:
-        temporary = library.with_name(library.name + ".parityrl-tmp")
-        temporary.write_bytes(data)
-        temporary.chmod(library.stat().st_mode)
-        os.replace(temporary, library)
-    return changed
+    data[info_at] = (_STB_WEAK << 4) | (data[info_at] & 0xF)
+    temporary = library.with_name(library.name + ".parityrl-tmp")
+    temporary.write_bytes(data)
+    temporary.chmod(library.stat().st_mode)
+    os.replace(temporary, library)
+    return [f"{symbol}: version {need[3]} cleared, weak", f"need of {need[3]} marked weak"]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["make-extension-loadable"]:
