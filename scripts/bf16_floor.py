@@ -8,10 +8,13 @@ time, each in a child process). Each sample's processed logprobs are then recomp
 
   a_fp32_master_autocast  the trainer as it trains: fp32 master weights, bf16 autocast (residual fp32)
   b_bf16_weights          the HF model stored in bf16 (its residual stream bf16, as vLLM runs it)
-  c_fp32                  fp32 weights and fp32 compute: the exact model for these weights
+  c_fp32                  the checkpoint's own (fp32) weights in fp32 compute
+  d_bf16_weights_fp32     the engine's weights (the checkpoint rounded to bf16 as vLLM loads it), upcast,
+                          in fp32 compute: the exact model the engine holds
 
-c's distance from the engine is the engine's own bf16 arithmetic: no trainer that does not reproduce
-vLLM's kernels bit for bit can get closer (`parityrl check` reports it as parity_fp32/kl).
+d's distance from the engine is the engine's own bf16 arithmetic: no trainer that does not reproduce
+vLLM's kernels bit for bit can get closer. c adds the rounding of the weights to it (`parityrl check`
+reports c as parity_fp32/kl); a - d is what the trainer's own bf16 rounding adds.
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = [("a_fp32_master_autocast", "float32", "bfloat16"), ("b_bf16_weights", "bfloat16", "bfloat16"), ("c_fp32", "float32", "float32")]
+VARIANTS = [
+    # (name, dtype the weights are loaded in, compute dtype): fp32 compute upcasts the loaded weights
+    ("a_fp32_master_autocast", "float32", "bfloat16"),
+    ("b_bf16_weights", "bfloat16", "bfloat16"),
+    ("c_fp32", "float32", "float32"),
+    ("d_bf16_weights_fp32", "bfloat16", "float32"),
+]
 
 
 def generate(config_path: str, eager: bool, prompts: int, out: Path) -> None:
@@ -67,6 +76,8 @@ def score(config_path: str, samples_file: Path) -> dict:
     rows = {"tokens": sum(len(s.completion_token_ids) for s in samples)}
     for name, weights_dtype, compute_dtype in VARIANTS:
         model = load_policy(data["model_dir"], weights_dtype, config.model.lm_head_fp32).eval()
+        if compute_dtype == "float32":
+            model = model.float()
         recomputed = [lp for i in range(0, len(samples), 8) for lp in trainer_logprobs(model, samples[i : i + 8], sampling, compute_dtype)]
         rows[name] = compare(samples, recomputed).summary("parity")
     return rows

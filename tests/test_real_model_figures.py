@@ -20,6 +20,7 @@ SEEDS = {0: REPO / "docs" / "smollm2" / "seed0", 1: REPO / "docs" / "smollm2" / 
 VS_TRL = REPO / "benchmarks" / "results" / "vs_trl_smollm2.json"
 STEP_MEMORY = REPO / "docs" / "smollm2" / "step_memory"
 ATTRIBUTE_FP32 = REPO / "docs" / "smollm2" / "check" / "attribute_fp32.json"
+BF16_FLOOR = REPO / "docs" / "smollm2" / "bf16_floor.json"
 GB_PER_GIB = 2**30 / 1e9
 
 
@@ -191,9 +192,24 @@ def attribute_lines() -> list[str]:
     ]
 
 
+def bf16_floor_lines() -> list[str]:
+    """The bf16 floor table: per engine build, `parity/kl` of each trainer against the same engine samples, and
+    the share of the trainer's mismatch that is the engine's own arithmetic (the exact model of the engine's
+    weights over the trainer as it trains)."""
+    measured = json.loads(BF16_FLOOR.read_text())
+    lines = [f"`{measured['command']}` on {measured['cpu']}"]
+    for build in ("compiled", "eager"):
+        kl = {name: measured[build][name]["parity/kl"] for name in ("a_fp32_master_autocast", "b_bf16_weights", "c_fp32", "d_bf16_weights_fp32")}
+        lines.append(
+            f"| {build} | {measured[build]['tokens']} | {kl['a_fp32_master_autocast']:.1e} | {kl['b_bf16_weights']:.1e} "
+            f"| {kl['c_fp32']:.1e} | {kl['d_bf16_weights_fp32']:.1e} | {kl['d_bf16_weights_fp32'] / kl['a_fp32_master_autocast']:.0%} |"
+        )
+    return lines
+
+
 FIGURES: dict[Path, Callable[[], list[str]]] = {
     README: lambda: [*readme_lines(), trl_sentence(), "{} of the {} held-out\nproblems have a training twin with the same numbers".format(*held_out_twins())],
-    REAL_MODEL: lambda: [*learning_lines(), *trl_lines(), trl_sentence(), startup_line(), *step_memory_lines(), *attribute_lines()],
+    REAL_MODEL: lambda: [*learning_lines(), *trl_lines(), trl_sentence(), startup_line(), *step_memory_lines(), *attribute_lines(), *bf16_floor_lines()],
 }
 
 

@@ -197,6 +197,14 @@ def _quiet_single_process():
         yield
 
 
+def _single_process_flag(function) -> dict:
+    """`no_dist` where this torch has it (torch 2.6, vLLM 0.8.5's, has not: there it assumes one process itself
+    when torch.distributed is not initialised)."""
+    import inspect
+
+    return {"no_dist": not _distributed()} if "no_dist" in inspect.signature(function).parameters else {}
+
+
 def _rank() -> int:
     import torch.distributed as dist
 
@@ -247,7 +255,7 @@ def _write_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, 
 
     optimizer_state = {"optimizer": get_optimizer_state_dict(optimizer_module, optimizer)}
     with _quiet_single_process():
-        dcp.save(optimizer_state, checkpoint_id=str(directory / OPTIMIZER_DIR), no_dist=not _distributed())
+        dcp.save(optimizer_state, checkpoint_id=str(directory / OPTIMIZER_DIR), **_single_process_flag(dcp.save))
     _write_weights(directory, model, writer)
     if not writer:
         return
@@ -345,5 +353,5 @@ def _load_optimizer(directory: Path, optimizer: torch.optim.Optimizer, module: t
     # this rank's layout of the state (allocated if the optimizer has not stepped yet), filled from the files
     state = {"optimizer": get_optimizer_state_dict(module, optimizer)}
     with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(directory), no_dist=not _distributed())
+        dcp.load(state, checkpoint_id=str(directory), **_single_process_flag(dcp.load))
     set_optimizer_state_dict(module, optimizer, state["optimizer"])
