@@ -138,7 +138,7 @@ def test_measured_table_summarises_each_run_robustly(tmp_path: Path) -> None:
     assert measured["reference"]["pipeline/kv_staleness_kl"] == {"mean": None, "min": None, "max": None}
 
 
-@pytest.mark.parametrize("folder", ["docs/ablation", "docs/ablation/demo-bf16", "docs/fix3"])
+@pytest.mark.parametrize("folder", ["docs/ablation", "docs/ablation/demo-bf16", "docs/ablation/v0", "docs/fix3"])
 def test_the_committed_ablation_verdict_is_what_its_committed_runs_give(folder: str, tmp_path: Path) -> None:
     """docs/*/verdict.json is written by `compare`, never by hand: re-deriving it from the committed
     runs with the current statistic gives the same outside/inside calls, ratios and means (the

@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     )),
     ("resources: memory estimate, assets, the engine protocol", ("memory", "assets", "engines.base", "parity.lint")),
     ("engines and the trainer", ("engines.reference", "engines.supervisor", "engines.vllm", "train.trainer")),
+    ("the V0 engine (vLLM V1's engine with what V0 changes)", ("engines.vllm_v0",)),
     ("compositions: engine choice, trainer ranks, rollouts", ("engines", "train.distributed", "rollouts")),
     ("engine replicas (made by the engine choice) and the parity check", ("engines.ray_replicas", "parity.check")),
     ("the cluster", ("cluster",)),

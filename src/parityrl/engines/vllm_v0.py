@@ -54,7 +54,6 @@ class VLLMV0Engine(VLLMEngine):
         self._step_lock: asyncio.Lock | None = None
         self._step_version = 0
         self._live_requests: set[str] = set()
-        self._aborted_requests: set[str] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -192,7 +191,6 @@ class VLLMV0Engine(VLLMEngine):
                 yield output
         finally:
             self._live_requests.discard(request_id)
-            self._aborted_requests.discard(request_id)
 
     def _output_version(self, output: Any) -> int:
         return int(getattr(output, "parityrl_version", self.version))
@@ -215,7 +213,6 @@ class VLLMV0Engine(VLLMEngine):
                 paused_at = time.perf_counter()
                 if self.config.update_mode == "abort":
                     for request_id in list(self._live_requests):
-                        self._aborted_requests.add(request_id)
                         # ends the stream now (no exception: the sample keeps its tokens, finish "abort");
                         # the engine drops the request at its next step, before it computes another token
                         self.engine._request_tracker.abort_request(request_id)
