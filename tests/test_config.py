@@ -41,6 +41,24 @@ def test_one_sided_fp32_head_is_refused_unless_forced():
     assert not config.engine.lm_head_fp32 and config.model.lm_head_fp32
 
 
+def test_a_head_the_engine_cannot_run_in_fp32_is_refused_when_it_starts():
+    """A release without fp32 heads (V0 0.8.5, 0.18.1) reports the model dtype in force: `train` stops there
+    rather than train against a one-sided head (SmolLM2 on V0: parity/kl 0.013)."""
+    from parityrl.errors import UserError
+    from parityrl.pipeline import refuse_unmatched_head
+
+    bf16 = load_config(None, ["model.dtype=bfloat16"])
+    with pytest.raises(UserError, match=r"runs the lm_head in bfloat16 \(0.8.5 cannot.*engine.lm_head_fp32=false and model.lm_head_fp32=false"):
+        refuse_unmatched_head(bf16, {"head_dtype": "bfloat16", "vllm_version": "0.8.5"})
+    refuse_unmatched_head(bf16, {"head_dtype": "float32"})  # as asked
+    refuse_unmatched_head(bf16, {"engine": "reference"})  # the torch engine reports no head_dtype: its head is the trainer's code
+    both_bf16 = load_config(None, ["model.dtype=bfloat16", "model.lm_head_fp32=false", "engine.lm_head_fp32=false"])
+    refuse_unmatched_head(both_bf16, {"head_dtype": "bfloat16"})
+    forced = load_config(None, ["model.dtype=bfloat16", "engine.force_one_sided_head=true"])
+    refuse_unmatched_head(forced, {"head_dtype": "bfloat16"})  # an ablation asks for it
+    refuse_unmatched_head(load_config(None, []), {"head_dtype": "float32"})  # fp32 model: fp32 either way
+
+
 def test_every_field_is_documented():
     undocumented = [key for key, _, doc in describe_fields(RunConfig) if not doc]
     assert undocumented == []
