@@ -43,7 +43,7 @@ def test_one_sided_fp32_head_is_refused_unless_forced():
 
 def test_a_head_the_engine_cannot_run_in_fp32_is_refused_when_it_starts():
     """A release without fp32 heads (V0 0.8.5, 0.18.1) reports the model dtype in force: `train` stops there
-    rather than train against a one-sided head (SmolLM2 on V0: parity/kl 0.013)."""
+    rather than train against a one-sided head."""
     from parityrl.errors import UserError
     from parityrl.pipeline import refuse_unmatched_head
 

@@ -76,8 +76,8 @@ async def run_training(
 def refuse_unmatched_head(config: RunConfig, settings: dict) -> None:
     """The head dtype the engine runs, against the trainer's: the one-sided fp32 head `RunConfig` refuses in
     the config, found in force. A release without fp32 heads (vLLM 0.18.1, V0 0.8.5) runs a bf16 model's head
-    in bf16 whatever is asked: with the trainer's head in fp32, SmolLM2's `parity/kl` was 0.013 per token on
-    V0, against 3-5e-4 with both heads in fp32 on 0.32."""
+    in bf16 whatever is asked; a head in fp32 on one side only worsens the mismatch (on the showcase, fp32 on
+    the engine only: `parity/kl` 4.7x that of both in fp32, docs/parity-toolkit.md)."""
     in_force = settings.get("head_dtype")
     trainer = "float32" if config.model.lm_head_fp32 else config.model.dtype
     if in_force is None or in_force == trainer or config.engine.force_one_sided_head:
