@@ -233,13 +233,8 @@ class VLLMEngine:
             model=str(self.model_dir),
             dtype=self.model_dtype,
             seed=self.seed,
-            logprobs_mode=cfg.logprobs_mode,
-            enable_prefix_caching=cfg.prefix_caching != "off",
-            async_scheduling=cfg.async_scheduling,
-            hf_overrides={"head_dtype": "float32" if cfg.lm_head_fp32 else "model"},
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             max_num_seqs=cfg.max_num_seqs,
-            worker_extension_cls=EXTENSION_PATH,
             disable_log_stats=True,
         )
         if cfg.block_size is not None:
@@ -250,9 +245,22 @@ class VLLMEngine:
         if chunked is not None:
             # off: vLLM raises max_num_batched_tokens to max_model_len itself, so every prompt fits one step
             args["enable_chunked_prefill"] = chunked
+        args.update(self._core_engine_args())
+        args.update(self.extra_engine_args)
+        return args
+
+    def _core_engine_args(self) -> dict[str, Any]:
+        """The engine arguments of the fixes, as V1 takes them."""
+        cfg = self.config
+        args: dict[str, Any] = dict(
+            logprobs_mode=cfg.logprobs_mode,
+            enable_prefix_caching=cfg.prefix_caching != "off",
+            async_scheduling=cfg.async_scheduling,
+            hf_overrides={"head_dtype": "float32" if cfg.lm_head_fp32 else "model"},
+            worker_extension_cls=EXTENSION_PATH,
+        )
         if on_cpu():
             args["kv_cache_memory_bytes"] = int(cfg.kv_cache_space_gib * GiB)
-        args.update(self.extra_engine_args)
         return args
 
     def chunked_prefill(self) -> bool | None:

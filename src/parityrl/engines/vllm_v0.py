@@ -63,27 +63,10 @@ class VLLMV0Engine(VLLMEngine):
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "all"
             self.env["VLLM_CPU_OMP_THREADS_BIND"] = "all"
 
-    def _build_engine_args(self) -> dict[str, Any]:
-        cfg = self.config
-        args: dict[str, Any] = dict(
-            model=str(self.model_dir),
-            dtype=self.model_dtype,
-            seed=self.seed,
-            enable_prefix_caching=cfg.prefix_caching == "on",
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            max_num_seqs=cfg.max_num_seqs,
-            disable_log_stats=True,
-            disable_log_requests=True,
-        )
-        if cfg.block_size is not None:
-            args["block_size"] = cfg.block_size
-        if cfg.enforce_eager:
-            args["enforce_eager"] = True
-        chunked = self.chunked_prefill()
-        if chunked is not None:
-            args["enable_chunked_prefill"] = chunked
-        args.update(self.extra_engine_args)
-        return args
+    def _core_engine_args(self) -> dict[str, Any]:
+        """V0 takes none of V1's fix arguments: its logprobs are processed, its head in the model dtype, and
+        it has no salt, so prefix caching is on only where asked for unsalted (`on`)."""
+        return {"enable_prefix_caching": self.config.prefix_caching == "on", "disable_log_requests": True}
 
     async def start(self) -> None:
         if self.engine is not None:
