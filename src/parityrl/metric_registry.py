@@ -210,6 +210,10 @@ METRICS: tuple[Metric, ...] = (
            "the engine has no block cache, or the context cannot hold it and a continuation)", "check"),
     Metric("post_update/cached_prompt_frac", "prompt tokens of the post-update requests vLLM served from its prefix cache (under "
            "`versioned` only blocks of v+1, shared by a group's samples)", "check"),
+    Metric("parity/same_samples_frac", "`check --attribute`: fraction of the static samples whose tokens are the same in every "
+           "row (the same prompts and seeds; a setting that moves the logits, such as the head's dtype, changes a few)", "check"),
+    *_check_comparison("parity_common", "`check --attribute`: the static samples whose tokens are the same in every row, so each "
+                       "row's mismatch is measured on the same tokens", {"kl": "kl, same tokens"}),
     *_check_comparison("parity_fp32", "the static samples of a bf16 run, vs the trainer computing the same weights in fp32: the "
                        "engine's own rounding, the floor under `parity/kl` for any bf16 trainer", {"kl": "kl vs fp32"}),
 )

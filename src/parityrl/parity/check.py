@@ -129,12 +129,14 @@ async def run_check(
     perturb_scale: float = 0.05,
     full_vocab: bool = False,
     engine: RolloutEngine | None = None,
+    kept: dict | None = None,
 ) -> dict:
     """All measurements for one configuration; returns metric-name → value.
 
     `engine`: a started engine on `config`'s model and engine settings to measure instead of starting
     one (a notebook's, or the test suite's shared one). It is left running, back on the model's own
-    weights (a new version) when the inflight measurement perturbed them."""
+    weights (a new version) when the inflight measurement perturbed them. `kept`: receives the static
+    samples and the trainer's logprobs of them (`samples`, `recomputed`), for `common_samples`."""
     task = load_task(config.task)
     model_dir = prepare_model(config, task)
     tokenizer = load_tokenizer(model_dir)
@@ -161,7 +163,10 @@ async def run_check(
             result |= per_turn_parity(samples, trainer_logprobs(model_v0, samples, trainer_sampling, dtype))
         else:
             samples = await generate_all(engine, prompts, sampling, "static", top_logprobs)
-        result |= compare(samples, trainer_logprobs(model_v0, samples, trainer_sampling, dtype), sampled_tokens).summary("parity")
+        recomputed = trainer_logprobs(model_v0, samples, trainer_sampling, dtype)
+        result |= compare(samples, recomputed, sampled_tokens).summary("parity")
+        if kept is not None:
+            kept |= {"samples": samples, "recomputed": recomputed}
         if dtype != "float32":  # how far the engine's low-precision arithmetic alone sits from the exact model
             result |= compare(samples, trainer_logprobs(model_v0, samples, trainer_sampling, "float32")).summary("parity_fp32")
         if full_vocab:
@@ -321,10 +326,32 @@ async def _wait_for_progress(engine: RolloutEngine, generation: asyncio.Task, to
 
 def run_check_matrix(config: RunConfig, attribute: bool, num_prompts: int, inflight: bool, full_vocab: bool = False) -> dict[str, dict]:
     """The configured settings, and with `attribute` each fix off in turn (one engine at a time)."""
-    rows = {"configured": asyncio.run(run_check(config, num_prompts, inflight, full_vocab=full_vocab))}
+    kept: dict[str, dict] = {"configured": {}}
+    rows = {"configured": asyncio.run(run_check(config, num_prompts, inflight, full_vocab=full_vocab, kept=kept["configured"]))}
     if attribute:
         base = config.model_dump(mode="json")
         for name, overrides in FIX_OFF.items():
             variant = RunConfig.model_validate(deep_merge(base, parse_overrides(overrides)))
-            rows[name] = asyncio.run(run_check(variant, num_prompts, inflight, full_vocab=full_vocab))
+            kept[name] = {}
+            rows[name] = asyncio.run(run_check(variant, num_prompts, inflight, full_vocab=full_vocab, kept=kept[name]))
+        for name, measured in common_samples(kept).items():
+            rows[name] |= measured
     return rows
+
+
+def common_samples(kept: dict[str, dict]) -> dict[str, dict]:
+    """Each row's mismatch on the static samples whose tokens are the same in every row. The rows sample the
+    same prompts with the same seeds, but a setting that moves the logits (the head's dtype) changes a few
+    samples: comparing rows on their own samples would mix that change into a row's ratio."""
+    tokens = {name: [tuple(s.completion_token_ids) for s in rows["samples"]] for name, rows in kept.items() if rows}
+    counts = {len(lists) for lists in tokens.values()}
+    if len(counts) != 1:
+        return {}
+    (count,) = counts
+    common = [i for i in range(count) if len({lists[i] for lists in tokens.values()}) == 1]
+    measured = {}
+    for name in tokens:
+        samples, recomputed = kept[name]["samples"], kept[name]["recomputed"]
+        mismatch = compare([samples[i] for i in common], [recomputed[i] for i in common], sampled_tokens) if common else None
+        measured[name] = {"parity/same_samples_frac": len(common) / count if count else 0.0} | (mismatch.summary("parity_common") if mismatch else {})
+    return measured
