@@ -21,6 +21,7 @@ VS_TRL = REPO / "benchmarks" / "results" / "vs_trl_smollm2.json"
 STEP_MEMORY = REPO / "docs" / "smollm2" / "step_memory"
 ATTRIBUTE_FP32 = REPO / "docs" / "smollm2" / "check" / "attribute_fp32.json"
 BF16_FLOOR = REPO / "docs" / "smollm2" / "bf16_floor.json"
+ATTRIBUTE_BF16 = REPO / "docs" / "smollm2" / "check" / "attribute_bf16.json"
 GB_PER_GIB = 2**30 / 1e9
 
 
@@ -177,15 +178,20 @@ def step_memory_lines() -> list[str]:
     return lines
 
 
+ATTRIBUTE_LABELS = {
+    "configured": "all four fixes",
+    "fix1 off (raw logprobs)": "fix 1 off (raw logprobs)",
+    "fix2 off (prefix caching + async scheduling at vLLM defaults)": "fix 2 off (prefix caching, async scheduling at vLLM's defaults)",
+    "fix3 off (pause aborts + clears caches)": "fix 3 off (pause aborts, clears caches)",
+    "fix4 off (bf16/model-dtype head, both sides)": "fix 4 off (bf16 head on both sides)",
+    "fix4 one-sided (fp32 head on engine only)": "fp32 head on the engine only",
+}
+
+
 def attribute_lines() -> list[str]:
     measured = json.loads(ATTRIBUTE_FP32.read_text())
-    labels = {
-        "configured": "all four fixes",
-        "fix1 off (raw logprobs)": "fix 1 off (raw logprobs)",
-        "fix2 off (prefix caching + async scheduling at vLLM defaults)": "fix 2 off (prefix caching, async scheduling at vLLM's defaults)",
-        "fix3 off (pause aborts + clears caches)": "fix 3 off (pause aborts, clears caches)",
-        "fix4 off (bf16/model-dtype head, both sides)": "fix 4 off / one-sided",
-    }
+    labels = {key: label for key, label in ATTRIBUTE_LABELS.items() if "one-sided" not in key}
+    labels["fix4 off (bf16/model-dtype head, both sides)"] = "fix 4 off / one-sided"
     return [
         f"| {label} | {measured[key]['parity/kl']:.2g} | {measured[key]['parity/abs_diff_max']:.2g} | {measured[key]['parity/tokens']} |"
         for key, label in labels.items()
@@ -207,9 +213,29 @@ def bf16_floor_lines() -> list[str]:
     return lines
 
 
+def attribute_bf16_lines() -> list[str]:
+    """SmolLM2 in bf16, `check --attribute`: each row's mismatch on the tokens every row drew, as a multiple of the
+    configured row's; fix 2 by `post_update/kl`, fix 3 by the share of in-flight requests aborted."""
+    measured = json.loads(ATTRIBUTE_BF16.read_text())
+    rows = measured["check"]
+    base = rows["configured"]
+    lines = [f"`{measured['command']}` on {measured['cpu']}"]
+    for key, label in ATTRIBUTE_LABELS.items():
+        row = rows[key]
+        lines.append(
+            f"| {label} | {row['parity/kl']:.2g} | {row['parity_common/kl']:.2g} ({row['parity_common/kl'] / base['parity_common/kl']:.1f}×) "
+            f"| {row['parity/same_samples_frac']:.0%} | {row['post_update/kl']:.2g} ({row['post_update/kl'] / base['post_update/kl']:.1f}×) "
+            f"| {row['inflight/aborted_frac']:.0%} |"
+        )
+    return lines
+
+
 FIGURES: dict[Path, Callable[[], list[str]]] = {
     README: lambda: [*readme_lines(), trl_sentence(), "{} of the {} held-out\nproblems have a training twin with the same numbers".format(*held_out_twins())],
-    REAL_MODEL: lambda: [*learning_lines(), *trl_lines(), trl_sentence(), startup_line(), *step_memory_lines(), *attribute_lines(), *bf16_floor_lines()],
+    REAL_MODEL: lambda: [
+        *learning_lines(), *trl_lines(), trl_sentence(), startup_line(), *step_memory_lines(), *attribute_lines(),
+        *bf16_floor_lines(), *attribute_bf16_lines(),
+    ],
 }
 
 
