@@ -91,8 +91,6 @@ class VLLMV0Engine(VLLMEngine):
         self._worker_report = self._report()
         self.start_s = time.perf_counter() - began
         self._update_lock = asyncio.Lock()
-        self._version_settled = asyncio.Event()
-        self._version_settled.set()
 
     def _hook_engine_loop(self) -> None:
         """Run every engine step under `_step_lock` and stamp its outputs with the version it ran under."""

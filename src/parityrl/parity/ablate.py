@@ -180,13 +180,13 @@ def check_runs(spec: AblationSpec, config_path: Path | None, runs: list[Ablation
             raise ConfigError(f"{spec.source}, configuration {run.name}: {error.message}") from None
 
 
-def interpreter_for(run: AblationRun) -> Path:
-    """The Python that runs `run`: this one, or where the run names a vLLM release, that release's virtualenv
-    beside this one (`.venv-vllm-RELEASE`, as `scripts/setup.sh --vllm RELEASE` makes it)."""
-    release = next((o.partition("=")[2] for o in reversed(run.overrides) if o.startswith(RELEASE_KEY + "=")), "null")
-    if release in ("null", ""):
+def interpreter_for(run: AblationRun, config_path: Path | None = None) -> Path:
+    """The Python that runs `run`: this one, or where its config names a vLLM release (its overrides on
+    `config_path`), that release's virtualenv beside this one (`.venv-vllm-RELEASE`, as
+    `scripts/setup.sh --vllm RELEASE` makes it)."""
+    release = load_config(config_path, run.overrides).engine.vllm_release
+    if release is None:
         return Path(sys.executable)
-    release = str(yaml.safe_load(release))
     python = Path(sys.prefix).parent / f".venv-vllm-{release}" / "bin" / "python"
     if not python.is_file():
         raise ConfigError(
@@ -211,7 +211,7 @@ def run_ablation(
             progress.update(bar, info=f"{run.name} seed {run.seed}")
             run_dir = run.run_dir(out_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            command = [str(interpreter_for(run)), "-m", "parityrl.cli", "train"]
+            command = [str(interpreter_for(run, config_path)), "-m", "parityrl.cli", "train"]
             if (run_dir / "config.yaml").is_file():  # interrupted earlier: continue from its checkpoint
                 command += ["--resume", str(run_dir)]
             else:
