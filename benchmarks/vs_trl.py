@@ -1,6 +1,7 @@
 """parityrl against TRL's GRPOTrainer on the same model, task, batch and objective, in one invocation.
 
-    .venv/bin/pip install -e ".[cpu,test,bench]"          # TRL is in the optional `bench` extra
+    .venv/bin/pip install -e ".[bench]"          # TRL is in the optional `bench` extra (not `[cpu,bench]`:
+                                                     # that reinstalls torchvision, which breaks transformers)
     .venv/bin/python benchmarks/vs_trl.py                   # both regimes below, both systems
     .venv/bin/python benchmarks/vs_trl.py --quick           # smoke run: a few steps per regime
 
@@ -633,7 +634,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             import trl  # noqa: F401
         except ImportError:
-            raise SystemExit('TRL is not installed: .venv/bin/pip install -e ".[cpu,test,bench]"') from None
+            raise SystemExit('TRL is not installed: .venv/bin/pip install -e ".[bench]"') from None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = args.trl_threads or cores
     env = environment(trl=_version("trl"), accelerate=_version("accelerate"))
