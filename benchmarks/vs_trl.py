@@ -201,12 +201,38 @@ def run_parityrl(regime: dict[str, Any], work: Path, repeat: int = 0) -> dict[st
             "note": "plus the vLLM frontend process and task.reward_workers reward processes",
         },
         "summary": {k: summary.get(k) for k in ("rollout_tokens", "rollout_tok_s", "rollout_busy_tok_s", "engine_restarts", "skipped_steps")},
+        "step_split": step_split(step_rows),
         "engine_idle_frac_end": next((r["perf/engine_idle_frac"] for r in reversed(rows) if "perf/engine_idle_frac" in r), None),
         "weight_sync_s_mean": _mean([r["perf/weight_sync_s"] for r in rows if "perf/weight_sync_s" in r]),
         "checkpoint_every": config.train.checkpoint_every,
         "loadavg_before": before,
         "loadavg_after": after,
         "run_dir": str(run_dir),
+    }
+
+
+def step_split(step_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where parityrl's RL wall goes, step by step (steps 2..N; the first holds start-up): seconds summed over
+    the steps and the median step's part. `forward`/`backward`: the trainer's passes (perf/forward_s,
+    perf/backward_s); `trainer_rest`: the rest of `Trainer.step` (packing, metrics, gradient clipping, the
+    optimiser, the parity probe); `batch_wait`: waiting for the engine's batch (perf/batch_wait_s);
+    `loop_rest`: the rest of the step's wall (rewards, advantages, publication, logging; the evaluation
+    and checkpoint of every eval_every-th step)."""
+    rows = step_rows[1:]
+    walls = [b["time_s"] - a["time_s"] for a, b in zip(step_rows, rows)]
+    parts: dict[str, list[float]] = {"forward": [], "backward": [], "trainer_rest": [], "batch_wait": [], "loop_rest": []}
+    for row, wall in zip(rows, walls):
+        forward, backward = row.get("perf/forward_s", 0.0), row.get("perf/backward_s", 0.0)
+        step, wait = row.get("train/step_s", 0.0), row.get("perf/batch_wait_s") or 0.0
+        for name, value in (("forward", forward), ("backward", backward), ("trainer_rest", step - forward - backward),
+                            ("batch_wait", wait), ("loop_rest", wall - step - wait)):
+            parts[name].append(value)
+    return {
+        "steps": len(rows),
+        "wall_s": sum(walls),
+        "sum_s": {name: sum(values) for name, values in parts.items()},
+        "median_s": {name: _median(values) for name, values in parts.items()},
+        "engine_idle_frac_median": _median([r["perf/engine_idle_frac"] for r in rows if "perf/engine_idle_frac" in r]),
     }
 
 

@@ -175,6 +175,11 @@ def completions_per_row(prompt_len: int, completion_len: float, count: int, shap
     return min(range(1, count + 1), key=cost_per_completion)
 
 
+def _padded(values: list, length: int, fill: object) -> list:
+    """`values` as a list of `length` entries, `fill` after them."""
+    return [*values, *([fill] * (length - len(values)))]
+
+
 def pack_samples(samples: list[Sample], pad_id: int, shape: ModelShape | None = None) -> PackedBatch:
     """Lay `samples` out in shared-prompt rows (`PackedBatch`); samples keep their order in every [B, ...]
     tensor. `shape`: the model's (`ModelShape.of(model)`), to decide how many completions share a row."""
@@ -187,49 +192,46 @@ def pack_samples(samples: list[Sample], pad_id: int, shape: ModelShape | None = 
         per_row = completions_per_row(len(prompt), mean_completion, len(members), shape)
         rows += [(prompt, members[i : i + per_row]) for i in range(0, len(members), per_row)]
     width = max(len(prompt) + sum(len(samples[i].completion_token_ids) for i in members) for prompt, members in rows)
-    batch = len(samples)
     max_prompt = max(len(s.prompt_token_ids) for s in samples)
     max_completion = max(1, max(len(s.completion_token_ids) for s in samples))
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    segment_ids = torch.full((len(rows), width), -1, dtype=torch.long)
-    sample_row = torch.zeros(batch, dtype=torch.long)
-    logit_index = torch.zeros((batch, max_completion), dtype=torch.long)
-    prompt_ids = torch.full((batch, max_prompt), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((batch, max_prompt), dtype=torch.bool)
-    completion_ids = torch.zeros((batch, max_completion), dtype=torch.long)
-    completion_mask = torch.zeros((batch, max_completion), dtype=torch.bool)
-    logprobs_old = torch.zeros((batch, max_completion), dtype=torch.float32)
-    versions = torch.full((batch, max_completion), -1, dtype=torch.long)
-    turn_index = torch.full((batch, max_completion), -1, dtype=torch.long)
-    replica = torch.tensor([-1 if s.replica is None else s.replica for s in samples], dtype=torch.long)
+    # built as Python lists and converted once per field: a tensor per sample and field made packing
+    # ~13 ms of the demo's ~250 ms trainer step
+    row_ids: list[list[int]] = []
+    row_positions: list[list[int]] = []
+    row_segments: list[list[int]] = []
+    sample_row = [0] * len(samples)
+    logit_index = [[0] * max_completion for _ in samples]
     for row, (prompt, members) in enumerate(rows):
         plen = len(prompt)
-        input_ids[row, :plen] = torch.tensor(prompt, dtype=torch.long)
-        position_ids[row, :plen] = torch.arange(plen)
-        segment_ids[row, :plen] = 0
+        ids, positions, segments = list(prompt), list(range(plen)), [0] * plen
         cursor = plen
         for segment, index in enumerate(members, start=1):
-            sample = samples[index]
-            count = len(sample.completion_token_ids)
-            input_ids[row, cursor : cursor + count] = torch.tensor(sample.completion_token_ids, dtype=torch.long)
-            position_ids[row, cursor : cursor + count] = torch.arange(plen, plen + count)
-            segment_ids[row, cursor : cursor + count] = segment
+            completion = samples[index].completion_token_ids
+            count = len(completion)
+            ids += completion
+            positions += range(plen, plen + count)
+            segments += [segment] * count
             sample_row[index] = row
             # token t is predicted at the position before it: the prompt's last token for t = 0
-            logit_index[index, :count] = torch.tensor([plen - 1] + list(range(cursor, cursor + count - 1)), dtype=torch.long)
+            logit_index[index][:count] = [plen - 1, *range(cursor, cursor + count - 1)][:count]
             cursor += count
-    for index, sample in enumerate(samples):
-        count = len(sample.completion_token_ids)
-        prompt_ids[index, : len(sample.prompt_token_ids)] = torch.tensor(sample.prompt_token_ids, dtype=torch.long)
-        prompt_mask[index, : len(sample.prompt_token_ids)] = True
-        completion_ids[index, :count] = torch.tensor(sample.completion_token_ids, dtype=torch.long)
-        completion_mask[index, :count] = True if sample.sampled_mask is None else torch.tensor(sample.sampled_mask, dtype=torch.bool)
-        logprobs_old[index, :count] = torch.tensor(sample.logprobs_old, dtype=torch.float32)
-        versions[index, :count] = torch.tensor(sample.version_per_token, dtype=torch.long)
-        turn_index[index, :count] = torch.tensor(sample.turn_per_token(), dtype=torch.long)
+        row_ids.append(_padded(ids, width, pad_id))
+        row_positions.append(_padded(positions, width, 0))
+        row_segments.append(_padded(segments, width, -1))
+    completion_masks = [[True] * len(s.completion_token_ids) if s.sampled_mask is None else list(s.sampled_mask) for s in samples]
+    input_ids = torch.tensor(row_ids, dtype=torch.long)
+    position_ids = torch.tensor(row_positions, dtype=torch.long)
+    segment_ids = torch.tensor(row_segments, dtype=torch.long)
+    prompt_ids = torch.tensor([_padded(s.prompt_token_ids, max_prompt, pad_id) for s in samples], dtype=torch.long)
+    prompt_mask = torch.tensor([_padded([True] * len(s.prompt_token_ids), max_prompt, False) for s in samples], dtype=torch.bool)
+    completion_ids = torch.tensor([_padded(s.completion_token_ids, max_completion, 0) for s in samples], dtype=torch.long)
+    completion_mask = torch.tensor([_padded(m, max_completion, False) for m in completion_masks], dtype=torch.bool)
+    logprobs_old = torch.tensor([_padded(s.logprobs_old, max_completion, 0.0) for s in samples], dtype=torch.float32)
+    versions = torch.tensor([_padded(s.version_per_token, max_completion, -1) for s in samples], dtype=torch.long)
+    turn_index = torch.tensor([_padded(s.turn_per_token(), max_completion, -1) for s in samples], dtype=torch.long)
+    replica = torch.tensor([-1 if s.replica is None else s.replica for s in samples], dtype=torch.long)
     kv_version = torch.tensor([-1 if s.kv_version is None else s.kv_version for s in samples], dtype=torch.long)
     return PackedBatch(
-        input_ids, position_ids, segment_ids, sample_row, logit_index, prompt_ids, prompt_mask,
+        input_ids, position_ids, segment_ids, torch.tensor(sample_row, dtype=torch.long), torch.tensor(logit_index, dtype=torch.long), prompt_ids, prompt_mask,
         completion_ids, completion_mask, logprobs_old, versions, replica, kv_version, turn_index,
     )

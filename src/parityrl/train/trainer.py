@@ -175,8 +175,10 @@ class Trainer:
 
             # no buffers to sync (rotary tables are recomputed); probe and eval use the bare module
             self.train_model = DistributedDataParallel(self.train_model, broadcast_buffers=False)
+        # fused: one kernel over all parameters, 7.5 -> 2.8 ms per step on the demo model on one CPU core
+        # (the per-tensor loop was ~3% of its step); FSDP2's sharded parameters keep the default
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay
+            self.model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay, fused=not self.fsdp
         )
         self.version = 0
         self._thread_hooks: list = []
@@ -265,7 +267,8 @@ class Trainer:
             with torch.no_grad():
                 self._accumulate(stats, packed, scored, out)
             del scored, out
-            release_free_memory()  # this micro-batch's activations are free: give their pages back (parityrl.memory)
+            if not last:  # this micro-batch's activations are free: give their pages back (parityrl.memory); after
+                release_free_memory()  # the last one, the trim after the optimiser step does it (3 ms each on the demo)
         # the weights are still the published version until optimizer.step: the probe's lag is 0
         waiting = time.perf_counter()
         probe_samples = probe() if callable(probe) else probe
