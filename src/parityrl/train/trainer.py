@@ -267,8 +267,8 @@ class Trainer:
             with torch.no_grad():
                 self._accumulate(stats, packed, scored, out)
             del scored, out
-            if not last:  # this micro-batch's activations are free: give their pages back (parityrl.memory); after
-                release_free_memory()  # the last one, the trim after the optimiser step does it (3 ms each on the demo)
+            if not last:  # this micro-batch's activations are free: give their pages back (parityrl.memory);
+                release_free_memory()  # after the last one, the trim after the optimiser step does it
         # the weights are still the published version until optimizer.step: the probe's lag is 0
         waiting = time.perf_counter()
         probe_samples = probe() if callable(probe) else probe
