@@ -22,7 +22,9 @@ Calibrated on SmolLM2-135M runs on a 2-core CPU (the constants below say what wa
 from __future__ import annotations
 
 import ctypes
+import functools
 from dataclasses import dataclass
+from typing import Any
 
 from parityrl.config import RunConfig
 from parityrl.errors import InputError
@@ -218,8 +220,6 @@ class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-_TRIM = None
-_MALLINFO2 = None
 TRIM_ABOVE_FREE_BYTES = 128 << 20
 """`release_free_memory` trims only when the heap holds at least this much free memory. A trim walks the
 whole heap (~5.7 ms on the demo's trainer), and the next step faults the returned pages in and has the
@@ -229,37 +229,32 @@ resident set stays within this much of the live data. Reading the heap's free by
 ~0.15 ms."""
 
 
-def _heap_free_bytes() -> int | None:
-    """Free bytes glibc's heap holds (`mallinfo2().fordblks`); None where it cannot say."""
-    global _MALLINFO2
-    if _MALLINFO2 is None:
+@functools.cache
+def _malloc_functions() -> tuple[Any, Any]:
+    """glibc's `malloc_trim` and `mallinfo2`, each None where absent (not glibc; `mallinfo2` before 2.33)."""
+    try:
         libc = _libc()
-        _MALLINFO2 = getattr(libc, "mallinfo2", False) if libc is not None else False
-        if _MALLINFO2:
-            _MALLINFO2.restype = _MallInfo2
-    return int(_MALLINFO2().fordblks) if _MALLINFO2 else None
+    except OSError:
+        return None, None
+    if libc is None:
+        return None, None
+    trim, info = getattr(libc, "malloc_trim", None), getattr(libc, "mallinfo2", None)
+    if info is not None:
+        info.restype = _MallInfo2
+    return trim, info
 
 
 def release_free_memory() -> None:
     """Hand the heap's free pages back to the kernel (glibc `malloc_trim`) when it holds at least
-    `TRIM_ABOVE_FREE_BYTES` free; a no-op off glibc.
+    `TRIM_ABOVE_FREE_BYTES` free (`mallinfo2`; always where that cannot be read); a no-op off glibc.
 
     glibc keeps what a freed tensor occupied inside its heap, and a micro-batch's tensors free in an
     order that leaves gaps later requests do not fit: after two SmolLM2 steps the heap held 1.6 GB of
     live data and 3.4 GB free, all of it resident. Trimming between micro-batches keeps the RSS near the
     live data, at the price of the kernel zeroing those pages again when they are reused."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            libc = _libc()
-            _TRIM = libc.malloc_trim if libc is not None else False
-        except (OSError, AttributeError):
-            _TRIM = False
-    if not _TRIM:
-        return
-    free = _heap_free_bytes()
-    if free is None or free >= TRIM_ABOVE_FREE_BYTES:
-        _TRIM(0)
+    trim, info = _malloc_functions()
+    if trim is not None and (info is None or info().fordblks >= TRIM_ABOVE_FREE_BYTES):
+        trim(0)
 
 
 def process_rss_gb() -> tuple[float, float]:

@@ -250,7 +250,8 @@ class VLLMEngine:
         return args
 
     def _core_engine_args(self) -> dict[str, Any]:
-        """The engine arguments of the fixes, as V1 takes them."""
+        """The engine arguments V1 takes and V0 does not (`vllm_v0` replaces them): the fixes' settings, the
+        worker extension, and on CPU the KV cache size."""
         cfg = self.config
         args: dict[str, Any] = dict(
             logprobs_mode=cfg.logprobs_mode,
