@@ -19,6 +19,7 @@ README, REAL_MODEL = REPO / "README.md", REPO / "docs" / "real-model.md"
 SEEDS = {0: REPO / "docs" / "smollm2" / "seed0", 1: REPO / "docs" / "smollm2" / "seed1"}
 VS_TRL = REPO / "benchmarks" / "results" / "vs_trl_smollm2.json"
 STEP_MEMORY = REPO / "docs" / "smollm2" / "step_memory"
+MICRO_BATCH_TOKENS = REPO / "benchmarks" / "results" / "micro_batch_tokens.json"
 ATTRIBUTE_FP32 = REPO / "docs" / "smollm2" / "check" / "attribute_fp32.json"
 BF16_FLOOR = REPO / "docs" / "smollm2" / "bf16_floor.json"
 ATTRIBUTE_BF16 = REPO / "docs" / "smollm2" / "check" / "attribute_bf16.json"
@@ -178,6 +179,20 @@ def step_memory_lines() -> list[str]:
     return lines
 
 
+def micro_batch_lines() -> list[str]:
+    """The micro-batch budget table of docs/real-model.md: each value's last step (AdamW's state exists) of
+    `benchmarks/micro_batch_tokens.py`."""
+    measured = json.loads(MICRO_BATCH_TOKENS.read_text())
+    lines = []
+    for value in measured["values"]:
+        last = value["steps"][-1]
+        lines.append(
+            f"| {value['micro_batch_tokens']} | {last['micro_batches']} | {last['peak_gb']:.2f} GB | {last['forward_s']:.0f} s "
+            f"| {last['backward_s']:.0f} s | {last['step_s']:.0f} s |"
+        )
+    return lines
+
+
 ATTRIBUTE_LABELS = {
     "configured": "all four fixes",
     "fix1 off (raw logprobs)": "fix 1 off (raw logprobs)",
@@ -233,7 +248,7 @@ def attribute_bf16_lines() -> list[str]:
 FIGURES: dict[Path, Callable[[], list[str]]] = {
     README: lambda: [*readme_lines(), trl_sentence(), "{} of the {} held-out\nproblems have a training twin with the same numbers".format(*held_out_twins())],
     REAL_MODEL: lambda: [
-        *learning_lines(), *trl_lines(), trl_sentence(), startup_line(), *step_memory_lines(), *attribute_lines(),
+        *learning_lines(), *trl_lines(), trl_sentence(), startup_line(), *step_memory_lines(), *micro_batch_lines(), *attribute_lines(),
         *bf16_floor_lines(), *attribute_bf16_lines(),
     ],
 }
@@ -256,6 +271,9 @@ def test_the_runs_the_figures_come_from_are_the_shipped_config() -> None:
         assert ran["seed"] == seed and ran["train"]["steps"] == shipped["train"]["steps"]
         assert {k: ran["task"][k] for k in shipped["task"]} == shipped["task"]
         assert {k: ran["sampling"][k] for k in shipped["sampling"]} == shipped["sampling"]
+        assert {k: ran["train"][k] for k in shipped["train"]} == shipped["train"]
+        # #30's goal for the shipped config: the trainer within 6 GB over its 20 steps
+        assert trainer_peak_gb(run_dir) <= 6.0
         # the preflight's estimate holds for the full model too (the CI test holds the truncated one to it)
         estimate_gb = summary(SEEDS[1])["trainer_memory_estimate_gib"] * GB_PER_GIB
         assert 0.75 * estimate_gb <= trainer_peak_gb(run_dir) <= 1.25 * estimate_gb

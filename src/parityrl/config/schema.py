@@ -330,7 +330,8 @@ class TrainConfig(Strict):
     activation memory grows with. A sequence longer than this is a micro-batch of its own. The preflight
     memory estimate (`parityrl.memory`) uses it; lower it when the estimate says the trainer will not fit.
     Measured on SmolLM2-135M, 64 completions of up to 256 tokens, 2 threads: 512 peaks at 5.1 GB and steps
-    in 217 s, 1024 at 7.0 GB in 200 s (trainer alone)."""
+    in 217 s, 1024 at 7.0 GB in 200 s (trainer alone). `benchmarks/micro_batch_tokens.py` sweeps it on a config's
+    trainer alone; `configs/smollm2_math.yaml` takes 384, its knee of peak memory against step time."""
     activation_checkpointing: bool | Literal["auto"] = "auto"
     """Keep only each decoder layer's input for the backward pass and recompute the layer in backward
     (~1.3x a step's compute for a fraction of its memory). `auto`: on when one micro-batch's activations
