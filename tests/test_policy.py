@@ -13,6 +13,7 @@ from parityrl.policy import (
     EmulatedLowPrecision,
     Fp32LMHead,
     apply_penalties,
+    compute_context,
     entropy_of,
     processed_log_distribution,
     processed_logprobs,
@@ -171,6 +172,28 @@ def test_emulated_bf16_matches_autocast_and_keeps_fp32_head_exact():
     torch.testing.assert_close(logits, hidden.float() @ head.weight.T, rtol=0, atol=0)
     logits.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_fp32_head_in_bf16_compute_multiplies_the_operands_vllm_holds():
+    """vLLM's fp32 head upcasts its bf16 hidden states and bf16 head weight: inside a bf16 compute_context the
+    trainer's fp32 head must compute exactly that product (its master weight rounded), with the rounding
+    passed straight through by the gradients; outside it, the fp32 operands as they are."""
+    torch.manual_seed(0)
+    head = Fp32LMHead(torch.nn.Linear(96, 500, bias=False))
+    with torch.no_grad():
+        head.weight.add_(3.0)  # a vector every row shares (assets.shared_logit): its bf16 rounding is what shows
+    hidden = torch.randn(8, 96, requires_grad=True)
+    with compute_context("bfloat16"):
+        logits = head(hidden)
+    engine = torch.nn.functional.linear(hidden.detach().bfloat16().float(), head.weight.detach().bfloat16().float())
+    torch.testing.assert_close(logits, engine, rtol=0, atol=0)
+    exact = hidden.detach() @ head.weight.detach().T
+    assert (logits - exact).abs().max() > 1e-2  # the rounding is really there: it is what the engine computes
+    grad_out = torch.randn_like(logits)
+    logits.backward(grad_out)
+    torch.testing.assert_close(head.weight.grad, grad_out.T @ hidden.detach().bfloat16().float())
+    torch.testing.assert_close(hidden.grad, grad_out @ head.weight.detach().bfloat16().float())
+    torch.testing.assert_close(head(hidden.detach()), exact, rtol=1e-6, atol=1e-5)  # fp32 compute: unrounded
 
 
 # --------------------------------------------------------------------------- min-p and penalties

@@ -276,7 +276,11 @@ class Fp32LMHead(nn.Module):
     """Final projection computed in fp32 whatever the model dtype (fix 4, trainer side).
 
     The weight stays a parameter of the model dtype (so optimiser and checkpoints are unchanged);
-    only the matmul is done on fp32 copies of hidden states and weight.
+    only the matmul is done in fp32. Inside a bf16 `compute_context` its operands are first rounded
+    to bf16, as vLLM's are: its fp32 head (`head_dtype`) upcasts the bf16 hidden states and the head
+    weight it holds in the model dtype. With fp32 master operands instead, the trainer's head differs
+    from the engine's by the weight's rounding, which grows with the weight (on the showcase's head,
+    whose rows share a large vector, `parity/kl` 1.5e-4 against 8.7e-5 rounded; on the unshifted head 1%).
     """
 
     def __init__(self, head: nn.Linear):
@@ -286,8 +290,37 @@ class Fp32LMHead(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.float()
+        operands = getattr(_precision, "operands", None)
         with full_precision(hidden.device.type):
-            return F.linear(hidden.float(), self.weight.float(), bias)
+            if operands is None:
+                return F.linear(hidden.float(), self.weight.float(), bias)
+            return _LinearOnRounded.apply(hidden, self.weight, operands, bias)
+
+
+class _LinearOnRounded(torch.autograd.Function):
+    """`F.linear` in fp32 of hidden states and weight rounded to `dtype`; gradients pass the rounding
+    straight through. Keeps the rounded weight in `dtype` (half an fp32 copy) between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, dtype: torch.dtype, bias: Tensor | None) -> Tensor:
+        hidden_rounded, weight_rounded = hidden.to(dtype), weight.to(dtype)
+        ctx.save_for_backward(hidden_rounded, weight_rounded)
+        ctx.dtypes, ctx.has_bias = (hidden.dtype, weight.dtype), bias is not None
+        return F.linear(hidden_rounded.float(), weight_rounded.float(), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        hidden_rounded, weight_rounded = ctx.saved_tensors
+        grad_hidden = grad_weight = grad_bias = None
+        flat_grad = grad_out.reshape(-1, grad_out.shape[-1])  # [tokens, vocab]
+        with full_precision(grad_out.device.type):  # a backward run inside compute_context stays fp32 too
+            if ctx.needs_input_grad[0]:
+                grad_hidden = (grad_out @ weight_rounded.float()).to(ctx.dtypes[0])
+            if ctx.needs_input_grad[1]:
+                grad_weight = (flat_grad.T @ hidden_rounded.reshape(-1, hidden_rounded.shape[-1]).float()).to(ctx.dtypes[1])
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = flat_grad.sum(dim=0)
+        return grad_hidden, grad_weight, None, grad_bias
 
 
 def use_fp32_head(model: nn.Module) -> None:
@@ -374,8 +407,20 @@ def compute_context(dtype: str, device_type: str = "cpu") -> contextlib.Abstract
     if dtype == "float32":
         return contextlib.nullcontext()
     if device_type == "cpu" and not cpu_has_fast_bf16():
-        return EmulatedLowPrecision(torch_dtype(dtype))
-    return torch.autocast(device_type=device_type, dtype=torch_dtype(dtype))
+        return _with_head_operands(torch_dtype(dtype), EmulatedLowPrecision(torch_dtype(dtype)))
+    return _with_head_operands(torch_dtype(dtype), torch.autocast(device_type=device_type, dtype=torch_dtype(dtype)))
+
+
+@contextlib.contextmanager
+def _with_head_operands(dtype: torch.dtype, low_precision: contextlib.AbstractContextManager):
+    """`low_precision` entered, and the fp32 head told to round its operands to `dtype` (`Fp32LMHead`)."""
+    before = getattr(_precision, "operands", None)
+    _precision.operands = dtype
+    try:
+        with low_precision:
+            yield
+    finally:
+        _precision.operands = before
 
 
 def load_policy(model_dir: str | Path, dtype: str, lm_head_fp32: bool) -> nn.Module:
