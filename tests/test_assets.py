@@ -121,3 +121,30 @@ def test_progress_goes_to_stderr_so_stdout_holds_only_results(capsys):
         progress.update(bar, completed=2, info="loss 0.1")
     captured = capsys.readouterr()
     assert captured.out == "" and "SFT warm-up" in captured.err
+
+
+def test_shared_logit_lifts_every_logit_alike_and_leaves_the_policy(tmp_path):
+    """`assets.shared_logit` moves where the logits sit (what bf16 rounds them at) and nothing else: the
+    log-softmax of the model with it equals the one without, and the logits sit higher by about the value."""
+    import json
+
+    from parityrl.assets import asset_key, prepare_model
+    from parityrl.assets import sft_batch
+    from parityrl.policy import load_policy, load_tokenizer, sequence_logits
+
+    small = [f"assets.cache_dir={tmp_path}", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1",
+             "model.num_heads=2", "model.vocab_size=1024", "assets.sft.steps=2", "assets.sft.batch_size=4", "assets.sft.target_success=null"]
+    plain_config, shifted_config = load_config(None, small), load_config(None, small + ["assets.shared_logit=20"])
+    assert asset_key(plain_config) != asset_key(shifted_config)
+    plain_dir, shifted_dir = (prepare_model(c, load_task(c.task)) for c in (plain_config, shifted_config))
+    task = load_task(plain_config.task)
+    tokenizer = load_tokenizer(plain_dir)
+    ids, mask, _ = sft_batch(tokenizer, task.train[:16], tokenizer.eos_token_id, tokenizer.pad_token_id)
+    with torch.no_grad():
+        plain, shifted = (sequence_logits(load_policy(d, "float32", True), ids, mask) for d in (plain_dir, shifted_dir))
+    torch.testing.assert_close(shifted.log_softmax(-1), plain.log_softmax(-1), rtol=0, atol=2e-4)
+    lift = (shifted - plain).mean(-1)  # [problems, positions]: one value per position, the same for every row
+    assert ((shifted - plain) - lift[..., None]).abs().max() < 2e-4
+    assert 15 < lift[mask.bool()].mean() < 25  # 20 on average over the positions of training problems
+    summary = json.loads((shifted_dir / "parityrl_assets.json").read_text())["shared_logit"]
+    assert summary["mean"] == 20 and summary["median_top_logit_after"] > summary["median_top_logit_before"] + 10

@@ -208,6 +208,48 @@ def sft_warmup(config: RunConfig, task: Task, model_dir: Path) -> dict:
     }
 
 
+SHARED_LOGIT_PROBE = 256
+"""Training problems whose positions (prompt and answer) fix the shared logit's direction and scale."""
+
+
+@torch.no_grad()
+def add_shared_logit(config: RunConfig, task: Task, model_dir: Path) -> dict:
+    """Add `assets.shared_logit` to every logit alike: the head gains the same vector in every row.
+
+    The vector is `scale × u`, u the unit mean of the final hidden states (after the final norm) over
+    every position of SHARED_LOGIT_PROBE training problems, scale chosen so that `u · h` times it averages
+    `shared_logit` there. At each position every row gains the same `scale × (u · h)`, which softmax
+    cancels exactly; the head's gradient has no component along a shift shared by all rows, so
+    training keeps it. Returns what was done, for the asset's summary."""
+    model = load_policy(model_dir, "float32", lm_head_fp32=False).eval()
+    if getattr(model.config, "tie_word_embeddings", False):
+        raise InputError(
+            "assets.shared_logit needs an untied head: with tie_word_embeddings the head's rows are the input embeddings, "
+            "and a vector added to them changes what every token means; set assets.shared_logit: 0 or build an untied model"
+        )
+    tokenizer = load_tokenizer(model_dir)
+    input_ids, attention, _ = sft_batch(
+        tokenizer, task.train[:SHARED_LOGIT_PROBE], tokenizer.eos_token_id, tokenizer.pad_token_id,
+        chat_template=task.chat_template, system_prompt=task.system_prompt,
+    )
+    position_ids = (attention.cumsum(dim=-1) - 1).clamp(min=0)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).last_hidden_state
+    hidden_per_position = hidden[attention.bool()]  # [positions, hidden]
+    direction = hidden_per_position.mean(dim=0)
+    direction = direction / direction.norm()
+    along = hidden_per_position @ direction  # [positions]
+    head = model.get_output_embeddings().weight  # [vocab, hidden]
+    top_before = (hidden_per_position @ head.T).max(dim=-1).values.median().item()
+    scale = config.assets.shared_logit / along.mean().item()
+    head += scale * direction
+    top_after = (hidden_per_position @ head.T).max(dim=-1).values.median().item()
+    model.save_pretrained(str(model_dir), safe_serialization=True)
+    return {"shared_logit": {
+        "mean": config.assets.shared_logit, "min": scale * along.min().item(), "max": scale * along.max().item(),
+        "median_top_logit_before": round(top_before, 3), "median_top_logit_after": round(top_after, 3),
+    }}
+
+
 def _task_fields_that_shape_the_asset(config: RunConfig) -> dict:
     """The task settings SFT sees. The reward pool's timeout/workers never change the model, and the
     prompt-template fields count only when set, so caches built before they existed stay valid."""
@@ -244,7 +286,8 @@ def asset_key(config: RunConfig) -> str:
                 exclude={"path", "pretrained", "lm_head_fp32", "dtype"} | ({"vocab_size"} if config.model.vocab_size == MODEL_VOCAB else set())
             ),
             "task": _task_fields_that_shape_the_asset(config),
-            "assets": config.assets.model_dump(exclude={"cache_dir", "init_from"}),
+            # shared_logit counts only when set: caches built before the field existed stay valid
+            "assets": config.assets.model_dump(exclude={"cache_dir", "init_from"} | ({"shared_logit"} if not config.assets.shared_logit else set())),
             # the base asset's own key, not the file's name: a moved or edited base file is seen as such
             **({"init_from": asset_key(base)} if (base := base_config(config)) is not None else {}),
             # 2: spaces are tokens (version 1 assets were warmed up on text whose spaces the loader dropped)
@@ -284,6 +327,8 @@ def prepare_model(config: RunConfig, task: Task) -> Path:
         summary["init_from"] = {"config": config.assets.init_from, "asset": base_dir.name}
     if config.assets.sft.steps > 0:
         summary |= sft_warmup(config, task, building)
+    if config.assets.shared_logit:
+        summary |= add_shared_logit(config, task, building)
     (building / "parityrl_assets.json").write_text(json.dumps(summary, indent=2))
     if final_dir.exists():  # another process won the race; keep its copy
         shutil.rmtree(building)

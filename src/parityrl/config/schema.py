@@ -91,6 +91,14 @@ class AssetsConfig(Strict):
     like a fresh model's), and `sft` then runs on top. A large-vocabulary variant of a task reuses the
     cheap warm-up of the small one (configs/showcase.yaml starts from configs/demo.yaml). Every model
     size but `vocab_size` must match that config's."""
+    shared_logit: float = Field(0.0, ge=0)
+    """Added to every logit of the built model alike, on average over the warm-up's positions, after the
+    warm-up: the same vector joins every row of the head (along the mean final hidden state; untied
+    heads only). Softmax ignores a shift that all rows share, so the policy is unchanged in exact
+    arithmetic; what changes is where its logits sit, and bf16 rounds a logit in steps of 2^-8 of its
+    magnitude. A trained LM's logits carry such a shift (SmolLM2-135M's median top logit is ~24, where
+    a bf16 step is 0.125; the tiny model's ~9): configs/showcase.yaml sets 16 so fix 4 acts at a real
+    LM's rounding. 0: none."""
 
 
 class TaskConfig(Strict):

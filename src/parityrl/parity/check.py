@@ -37,6 +37,7 @@ from parityrl.engines.base import RolloutEngine
 from parityrl.engines.reference import score_with_kv_switch
 from parityrl.episodes import ChatCodec, EpisodeLimits, play_group
 from parityrl.errors import UserError
+from parityrl.hardware import cpu_description
 from parityrl.policy import compute_context, export_state_dict, load_policy, load_tokenizer
 from parityrl.reward_pool import EnvironmentPool
 from parityrl.scoring import DistributionMismatch, Mismatch, listed_logprobs, score
@@ -155,7 +156,8 @@ async def run_check(
         await engine.start()
     elif engine.settings().get("logprobs_mode", config.engine.logprobs_mode) != config.engine.logprobs_mode:
         raise UserError(f"check: the engine given reports {engine.settings()['logprobs_mode']}, the config asks for {config.engine.logprobs_mode}.")
-    result: dict = {"settings": engine.settings()}
+    # float results depend on the CPU's vector units (bf16 above all): the row says which it ran on
+    result: dict = {"settings": engine.settings() | {"cpu": cpu_description()}}
     try:
         if episodes is not None:  # whole episodes with the environment; the inflight part on their first prompts
             samples = await play_all(engine, episodes, task.eval[:num_prompts], sampling, "static")
