@@ -128,8 +128,7 @@ def test_shared_logit_lifts_every_logit_alike_and_leaves_the_policy(tmp_path):
     log-softmax of the model with it equals the one without, and the logits sit higher by about the value."""
     import json
 
-    from parityrl.assets import asset_key, prepare_model
-    from parityrl.assets import sft_batch
+    from parityrl.assets import asset_key, prepare_model, sft_batch
     from parityrl.policy import load_policy, load_tokenizer, sequence_logits
 
     small = [f"assets.cache_dir={tmp_path}", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1",

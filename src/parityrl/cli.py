@@ -260,6 +260,11 @@ def _print_check_table(config: RunConfig, rows: dict[str, dict]) -> None:
     legend += [f"×: {ratio_column.name} as a ratio to the first row"] + [f"{m.check_title}: {m.name}, {m.meaning}" for m in columns]
     for line in legend:
         console.print(line, style="dim", markup=False, highlight=False)
+    if len(rows) > 1:  # --attribute: what each fix does here, judged on the mismatch it exists for
+        from parityrl.parity.check import fix_effects
+
+        for effect in fix_effects(rows):
+            console.print(effect.describe(), style="green" if effect.shows else "yellow", markup=False, highlight=False)
     # what the installed vLLM release cannot do (`engines.vllm_compat`), once
     for finding in dict.fromkeys(f for row in rows.values() for f in row.get("settings", {}).get("release_findings", [])):
         console.print(f"finding: {finding}", style="yellow", markup=False, highlight=False)

@@ -25,6 +25,7 @@ fp32 trainer sits closer to the bf16 engine than the bf16 trainer does: docs/rea
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -43,17 +44,75 @@ from parityrl.reward_pool import EnvironmentPool
 from parityrl.scoring import DistributionMismatch, Mismatch, listed_logprobs, score
 from parityrl.tasks import load_task, task_prompt_ids
 
-# each fix switched off alone (what `--attribute` measures)
-FIX_OFF: dict[str, list[str]] = {
-    "fix1 off (raw logprobs)": ["engine.logprobs_mode=raw_logprobs"],
-    "fix2 off (prefix caching + async scheduling at vLLM defaults)": [
-        "engine.prefix_caching=on",
-        "engine.async_scheduling=null",
-    ],
-    "fix3 off (pause aborts + clears caches)": ["engine.update_mode=abort"],
-    "fix4 off (bf16/model-dtype head, both sides)": ["engine.lm_head_fp32=false", "model.lm_head_fp32=false"],
-    "fix4 one-sided (fp32 head on engine only)": ["model.lm_head_fp32=false", "engine.force_one_sided_head=true"],
+
+@dataclass(frozen=True)
+class FixOff:
+    """One row of `--attribute`: a fix switched off alone, and the measurement that shows what it is for."""
+
+    overrides: tuple[str, ...]
+    judged_on: tuple[str, ...]
+    """The metric this fix exists to keep down, first one the row has: on the static samples every row drew
+    (`parity_common/*`) where the fix acts on every token, so that a ratio is not a change of samples."""
+
+
+STATIC = ("parity_common/kl", "parity/kl")
+FIX_OFF: dict[str, FixOff] = {
+    "fix1 off (raw logprobs)": FixOff(("engine.logprobs_mode=raw_logprobs",), STATIC),
+    "fix2 off (prefix caching + async scheduling at vLLM defaults)": FixOff(
+        ("engine.prefix_caching=on", "engine.async_scheduling=null"), ("post_update/kl",)
+    ),
+    "fix3 off (pause aborts + clears caches)": FixOff(("engine.update_mode=abort",), ("inflight/aborted_frac",)),
+    "fix4 off (bf16/model-dtype head, both sides)": FixOff(("engine.lm_head_fp32=false", "model.lm_head_fp32=false"), STATIC),
+    "fix4 one-sided (fp32 head on engine only)": FixOff(("model.lm_head_fp32=false", "engine.force_one_sided_head=true"), STATIC),
 }
+
+SHOWN_AT = 3.0
+"""A fix shows where switching it off multiplies the mismatch it is judged on by at least this much (fix 3:
+where it aborts requests that the configured row keeps). At 2x, 225 tokens let sampling alone show fix 4
+on the showcase at 2.4x, which 900 tokens put at 1.4x."""
+
+
+@dataclass(frozen=True)
+class FixEffect:
+    """What switching one fix off did, measured against the configured row."""
+
+    row: str
+    metric: str | None
+    configured: float | None
+    off: float | None
+    ratio: float | None
+    shows: bool | None
+    """None: not measured (`--no-inflight` leaves fixes 2 and 3 nothing to act on)."""
+
+    def describe(self) -> str:
+        label = self.row.split(" (")[0]
+        if self.shows is None:
+            return f"{label}: not measured (no {' or '.join(FIX_OFF[self.row].judged_on)} in this check)"
+        amount = f"{self.ratio:.3g}×" if self.ratio is not None else f"{self.configured:.3g} → {self.off:.3g}"
+        verdict = f"shows (≥ {SHOWN_AT:g}×)" if self.ratio is not None else "shows"
+        if not self.shows:
+            verdict = f"does not show (< {SHOWN_AT:g}×)" if self.ratio is not None else "does not show"
+        return f"{label}: {self.metric} {amount}: {verdict}"
+
+
+def fix_effects(rows: dict[str, dict]) -> list[FixEffect]:
+    """Each `--attribute` row of `rows` (a `check --json` output) judged against the configured row."""
+    base = rows["configured"]
+    effects = []
+    for name, fix in FIX_OFF.items():
+        if name not in rows:
+            continue
+        metric = next((m for m in fix.judged_on if base.get(m) is not None and rows[name].get(m) is not None), None)
+        if metric is None:
+            effects.append(FixEffect(name, None, None, None, None, None))
+            continue
+        configured, off = float(base[metric]), float(rows[name][metric])
+        if metric == "inflight/aborted_frac":
+            effects.append(FixEffect(name, metric, configured, off, None, off > 0 and configured == 0))
+        else:
+            ratio = off / configured if configured > 0 else float("inf")
+            effects.append(FixEffect(name, metric, configured, off, ratio, ratio >= SHOWN_AT))
+    return effects
 
 
 @torch.no_grad()
@@ -332,8 +391,8 @@ def run_check_matrix(config: RunConfig, attribute: bool, num_prompts: int, infli
     rows = {"configured": asyncio.run(run_check(config, num_prompts, inflight, full_vocab=full_vocab, kept=kept["configured"]))}
     if attribute:
         base = config.model_dump(mode="json")
-        for name, overrides in FIX_OFF.items():
-            variant = RunConfig.model_validate(deep_merge(base, parse_overrides(overrides)))
+        for name, fix in FIX_OFF.items():
+            variant = RunConfig.model_validate(deep_merge(base, parse_overrides(list(fix.overrides))))
             kept[name] = {}
             rows[name] = asyncio.run(run_check(variant, num_prompts, inflight, full_vocab=full_vocab, kept=kept[name]))
         for name, measured in common_samples(kept).items():
