@@ -194,6 +194,16 @@ def test_fp32_head_in_bf16_compute_multiplies_the_operands_vllm_holds():
     torch.testing.assert_close(head.weight.grad, grad_out.T @ hidden.detach().bfloat16().float())
     torch.testing.assert_close(hidden.grad, grad_out @ head.weight.detach().bfloat16().float())
     torch.testing.assert_close(head(hidden.detach()), exact, rtol=1e-6, atol=1e-5)  # fp32 compute: unrounded
+    # the rounded weight is kept between calls: every change of the weight must make it anew
+    optimizer = torch.optim.AdamW(head.parameters(), lr=0.5, fused=True)  # in place, as the trainer steps it
+    changes = {"fused AdamW step": optimizer.step, "load_state_dict": lambda: head.load_state_dict({"weight": head.weight.detach() * 1.5})}
+    for change, apply in changes.items():
+        with torch.no_grad(), compute_context("bfloat16"):
+            head(hidden.detach())  # the rounding of the weight before the change is now kept
+            apply()
+            now = head(hidden.detach())
+        engine = torch.nn.functional.linear(hidden.detach().bfloat16().float(), head.weight.detach().bfloat16().float())
+        assert torch.equal(now, engine), change
 
 
 # --------------------------------------------------------------------------- min-p and penalties

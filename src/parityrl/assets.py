@@ -213,40 +213,51 @@ SHARED_LOGIT_PROBE = 256
 
 
 @torch.no_grad()
-def add_shared_logit(config: RunConfig, task: Task, model_dir: Path) -> dict:
-    """Add `assets.shared_logit` to every logit alike: the head gains the same vector in every row.
-
-    The vector is `scale × u`, u the unit mean of the final hidden states (after the final norm) over
-    every position of SHARED_LOGIT_PROBE training problems, scale chosen so that `u · h` times it averages
-    `shared_logit` there. At each position every row gains the same `scale × (u · h)`, which softmax
-    cancels exactly; the head's gradient has no component along a shift shared by all rows, so
-    training keeps it. Returns what was done, for the asset's summary."""
-    model = load_policy(model_dir, "float32", lm_head_fp32=False).eval()
-    if getattr(model.config, "tie_word_embeddings", False):
-        raise InputError(
-            "assets.shared_logit needs an untied head: with tie_word_embeddings the head's rows are the input embeddings, "
-            "and a vector added to them changes what every token means; set assets.shared_logit: 0 or build an untied model"
-        )
-    tokenizer = load_tokenizer(model_dir)
+def final_hidden_states(model, tokenizer, task: Task) -> torch.Tensor:
+    """[positions, hidden]: the final hidden states (after the final norm) at every position of the first
+    SHARED_LOGIT_PROBE training problems, prompt and answer."""
     input_ids, attention, _ = sft_batch(
         tokenizer, task.train[:SHARED_LOGIT_PROBE], tokenizer.eos_token_id, tokenizer.pad_token_id,
         chat_template=task.chat_template, system_prompt=task.system_prompt,
     )
     position_ids = (attention.cumsum(dim=-1) - 1).clamp(min=0)
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).last_hidden_state
-    hidden_per_position = hidden[attention.bool()]  # [positions, hidden]
+    return hidden[attention.bool()]
+
+
+@torch.no_grad()
+def median_top_logit(model_dir: Path, task: Task) -> float:
+    """The median over `final_hidden_states`' positions of the largest logit: where bf16 rounds the logits."""
+    model = load_policy(model_dir, "float32", lm_head_fp32=False).eval()
+    hidden_per_position = final_hidden_states(model, load_tokenizer(model_dir), task)
+    return (hidden_per_position @ model.get_output_embeddings().weight.T).max(dim=-1).values.median().item()
+
+
+@torch.no_grad()
+def add_shared_logit(config: RunConfig, task: Task, model_dir: Path) -> dict:
+    """Add `assets.shared_logit` to every logit alike: the head gains the same vector in every row.
+
+    The vector is `scale × u`, u the unit mean of `final_hidden_states`, scale chosen so that `u · h` times
+    it averages `shared_logit` over those positions. At each position every row gains the same
+    `scale × (u · h)`, which softmax cancels exactly; the head's gradient has no component along a shift
+    shared by all rows, so training keeps it. Returns what was done, for the asset's summary."""
+    model = load_policy(model_dir, "float32", lm_head_fp32=False).eval()
+    if getattr(model.config, "tie_word_embeddings", False):
+        raise InputError(
+            "assets.shared_logit needs an untied head: with tie_word_embeddings the head's rows are the input embeddings, "
+            "and a vector added to them changes what every token means; set assets.shared_logit: 0 or build an untied model"
+        )
+    hidden_per_position = final_hidden_states(model, load_tokenizer(model_dir), task)  # [positions, hidden]
     direction = hidden_per_position.mean(dim=0)
     direction = direction / direction.norm()
     along = hidden_per_position @ direction  # [positions]
-    head = model.get_output_embeddings().weight  # [vocab, hidden]
-    top_before = (hidden_per_position @ head.T).max(dim=-1).values.median().item()
+    top_before = median_top_logit(model_dir, task)
     scale = config.assets.shared_logit / along.mean().item()
-    head += scale * direction
-    top_after = (hidden_per_position @ head.T).max(dim=-1).values.median().item()
+    model.get_output_embeddings().weight.add_(scale * direction)  # [vocab, hidden] += [hidden], every row alike
     model.save_pretrained(str(model_dir), safe_serialization=True)
     return {"shared_logit": {
         "mean": config.assets.shared_logit, "min": scale * along.min().item(), "max": scale * along.max().item(),
-        "median_top_logit_before": round(top_before, 3), "median_top_logit_after": round(top_after, 3),
+        "median_top_logit_before": round(top_before, 3), "median_top_logit_after": round(median_top_logit(model_dir, task), 3),
     }}
 
 
