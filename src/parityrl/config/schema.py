@@ -97,8 +97,9 @@ class AssetsConfig(Strict):
     heads only). Softmax ignores a shift that all rows share, so the policy is unchanged in exact
     arithmetic; what changes is where its logits sit, and bf16 rounds a logit in steps of 2^-8 of its
     magnitude. A trained LM's logits carry such a shift (SmolLM2-135M's median top logit is ~24, where
-    a bf16 step is 0.125; the tiny model's ~9): configs/showcase.yaml sets 16 so fix 4 acts at a real
-    LM's rounding. 0: none."""
+    a bf16 step is 0.125; the tiny model's ~9): configs/showcase.yaml sets 32 (median top logit 43, steps
+    of 0.25) so that fix 4 acts on a logit's rounding as it does on a real LM's (docs/parity-toolkit.md).
+    0: none."""
 
 
 class TaskConfig(Strict):

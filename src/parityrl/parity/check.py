@@ -55,15 +55,15 @@ class FixOff:
     (`parity_common/*`) where the fix acts on every token, so that a ratio is not a change of samples."""
 
 
-STATIC = ("parity_common/kl", "parity/kl")
+STATIC_PARITY = ("parity_common/kl", "parity/kl")
 FIX_OFF: dict[str, FixOff] = {
-    "fix1 off (raw logprobs)": FixOff(("engine.logprobs_mode=raw_logprobs",), STATIC),
+    "fix1 off (raw logprobs)": FixOff(("engine.logprobs_mode=raw_logprobs",), STATIC_PARITY),
     "fix2 off (prefix caching + async scheduling at vLLM defaults)": FixOff(
         ("engine.prefix_caching=on", "engine.async_scheduling=null"), ("post_update/kl",)
     ),
     "fix3 off (pause aborts + clears caches)": FixOff(("engine.update_mode=abort",), ("inflight/aborted_frac",)),
-    "fix4 off (bf16/model-dtype head, both sides)": FixOff(("engine.lm_head_fp32=false", "model.lm_head_fp32=false"), STATIC),
-    "fix4 one-sided (fp32 head on engine only)": FixOff(("model.lm_head_fp32=false", "engine.force_one_sided_head=true"), STATIC),
+    "fix4 off (bf16/model-dtype head, both sides)": FixOff(("engine.lm_head_fp32=false", "model.lm_head_fp32=false"), STATIC_PARITY),
+    "fix4 one-sided (fp32 head on engine only)": FixOff(("model.lm_head_fp32=false", "engine.force_one_sided_head=true"), STATIC_PARITY),
 }
 
 SHOWN_AT = 3.0
