@@ -12,7 +12,8 @@ can check against the code:
   decoder layer keeps its input (H floats per token) and one layer at a time is recomputed in full
   during backward; without it every layer keeps everything. The eager attention keeps its
   [heads, L, L] probabilities per packed row;
-- the chunked head (`scoring.SCORE_CHUNK_ELEMENTS` entries, a handful of fp32 copies);
+- the chunked head (`scoring.SCORE_CHUNK_ELEMENTS` entries, a handful of fp32 copies) and, with a bf16
+  model and the fp32 head, the head weight rounded to bf16 that it keeps in fp32 (`policy.Fp32LMHead`);
 - the process itself: torch, transformers and vLLM's front end (`RUNTIME_BYTES`, measured);
 - the allocator: activations are scaled by `ALLOCATOR_FACTOR`, measured on a real run.
 
@@ -142,7 +143,8 @@ def estimate_trainer_memory(config: RunConfig, hf_config: dict, longest_prompt: 
         # too), both in the engine's dtype (`policy.export_state_dict`)
         publication_copy=2 * (2 if config.model.dtype == "bfloat16" else FLOAT_BYTES) * parameters,
         activations=int(ALLOCATOR_FACTOR * activations),
-        head_chunks=HEAD_CHUNK_COPIES * SCORE_CHUNK_ELEMENTS * FLOAT_BYTES,
+        head_chunks=HEAD_CHUNK_COPIES * SCORE_CHUNK_ELEMENTS * FLOAT_BYTES
+        + (shape.vocab * shape.hidden * FLOAT_BYTES if config.model.dtype == "bfloat16" and config.model.lm_head_fp32 else 0),
     )
 
 
