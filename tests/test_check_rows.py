@@ -123,13 +123,20 @@ def shared_logit_lines() -> list[str]:
     return lines
 
 
+def smollm2_fix4_line() -> str:
+    """The same comparison on SmolLM2 itself (`benchmarks/shared_logit.py --config configs/smollm2_math.yaml`)."""
+    (row,) = json.loads(SHARED_LOGIT.with_name("shared_logit_smollm2.json").read_text())["rows"]
+    return (f"median top logit {row['median_top_logit']:.0f}, {row['common_tokens']} tokens: configured {row['configured_kl']:.1e}, "
+            f"fix 4 off {row['fix4_off_kl']:.1e}, {row['ratio']:.3g}×")
+
+
 def test_the_shared_logit_sweep_in_the_docs_is_the_committed_one():
     text = TOOLKIT.read_text()
-    missing = [line for line in shared_logit_lines() if line not in text]
+    missing = [line for line in [*shared_logit_lines(), smollm2_fix4_line()] if line not in text]
     assert not missing, "docs/parity-toolkit.md does not hold these lines as benchmarks/results/shared_logit.json gives them:\n" + "\n".join(missing)
 
 
 if __name__ == "__main__":  # print the docs' lines from the committed checks
     for path in SHOWCASE_RESULTS:
         print("\n".join(showcase_lines(path)))
-    print("\n".join(shared_logit_lines()))
+    print("\n".join([*shared_logit_lines(), smollm2_fix4_line()]))
