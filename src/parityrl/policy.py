@@ -482,7 +482,8 @@ def export_chunks(
     dtype: the engine's parameter dtype. An engine running bf16 rounds fp32 weights to bf16 as it loads
     them (a copy into its parameters, round-to-nearest-even as `Tensor.to`), so rounding them here gives
     it the same weights in half the copy, shared memory and transfer; the names in `keep_fp32` (the
-    fp32 head of fix 4, where the engine holds it in fp32) stay fp32. A tied head is the input
+    fp32 head of fix 4) stay fp32, though vLLM 0.32 copies them into its head parameter of the model
+    dtype all the same (its fp32 head is an fp32 product of bf16 operands: `Fp32LMHead`). A tied head is the input
     embedding's parameter under a second name: it goes once, as the embedding (engines tie it again).
 
     A model sharded by FSDP (`train.fsdp`) is gathered one tensor at a time, on every rank (a
