@@ -7,8 +7,9 @@ For each value the config's asset is built (or read from the cache: only `shared
 the warm-up is the same) and `parityrl check`'s static measurement runs twice, all fixes on and with
 fix 4 off (the head in bf16 on both sides), one engine at a time. The two are compared on the sampled
 tokens both rows drew (`parity_common/kl`, as `check --attribute` judges fix 4), with the asset's median
-top logit over the positions of training problems (`assets.median_top_logit`). Results go to benchmarks/results/shared_logit.json with the
-environment and the CPU (bf16 kernels differ between CPUs, and the ratio with them).
+top logit over the positions of training problems (`assets.median_top_logit`). Results go to
+benchmarks/results/shared_logit.json with the environment and the CPU (bf16 kernels differ between
+CPUs, and the ratio with them).
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ FIX4_OFF = "fix4 off (bf16/model-dtype head, both sides)"
 def measure(config_path: Path, shared_logit: float, prompts: int) -> dict:
     """Configured vs fix 4 off at one `shared_logit`, on the samples both rows drew."""
     from parityrl.assets import median_top_logit, prepare_model
-    from parityrl.config import RunConfig, deep_merge, load_config, parse_overrides
-    from parityrl.parity.check import FIX_OFF, common_samples, run_check
+    from parityrl.config import load_config
+    from parityrl.parity.check import common_samples, run_check, with_fix_off
     from parityrl.tasks import load_task
 
     configured = load_config(config_path, [f"assets.shared_logit={shared_logit}"])
     task = load_task(configured.task)
     model_dir = prepare_model(configured, task)
-    fix4_off = RunConfig.model_validate(deep_merge(configured.model_dump(mode="json"), parse_overrides(list(FIX_OFF[FIX4_OFF].overrides))))
+    fix4_off = with_fix_off(configured, FIX4_OFF)
     kept: dict[str, dict] = {}
     own: dict[str, float] = {}
     for name, config in (("configured", configured), (FIX4_OFF, fix4_off)):

@@ -61,6 +61,21 @@ def test_each_fix_is_judged_on_the_mismatch_it_exists_for():
     assert {e.row: e.shows for e in fix_effects(no_inflight)}[names[1]] is None
 
 
+def test_each_row_switches_off_its_own_fix_and_nothing_else():
+    from parityrl.config import load_config
+    from parityrl.parity.check import FIX_OFF, with_fix_off
+
+    def fixes(config):
+        engine = config.engine
+        return [engine.logprobs_mode, (engine.prefix_caching, engine.async_scheduling), engine.update_mode, (engine.lm_head_fp32, config.model.lm_head_fp32)]
+
+    configured = fixes(load_config(None, []))
+    for number, name in enumerate(FIX_OFF):
+        off = fixes(with_fix_off(load_config(None, []), name))
+        changed = [i for i, (a, b) in enumerate(zip(configured, off)) if a != b]
+        assert changed == [min(number, 3)], (name, off)
+
+
 SHOWCASE = Path(__file__).resolve().parents[1] / "docs" / "showcase"
 TOOLKIT = SHOWCASE.parent / "parity-toolkit.md"
 

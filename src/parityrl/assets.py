@@ -229,8 +229,12 @@ def final_hidden_states(model, tokenizer, task: Task) -> torch.Tensor:
 def median_top_logit(model_dir: Path, task: Task) -> float:
     """The median over `final_hidden_states`' positions of the largest logit: where bf16 rounds the logits."""
     model = load_policy(model_dir, "float32", lm_head_fp32=False).eval()
-    hidden_per_position = final_hidden_states(model, load_tokenizer(model_dir), task)
-    return (hidden_per_position @ model.get_output_embeddings().weight.T).max(dim=-1).values.median().item()
+    return _median_top_logit(final_hidden_states(model, load_tokenizer(model_dir), task), model.get_output_embeddings().weight)
+
+
+def _median_top_logit(hidden_per_position: torch.Tensor, head_weight: torch.Tensor) -> float:
+    """hidden [positions, hidden], head [vocab, hidden] -> median over positions of the largest logit."""
+    return (hidden_per_position @ head_weight.T).max(dim=-1).values.median().item()
 
 
 @torch.no_grad()
@@ -251,13 +255,14 @@ def add_shared_logit(config: RunConfig, task: Task, model_dir: Path) -> dict:
     direction = hidden_per_position.mean(dim=0)
     direction = direction / direction.norm()
     along = hidden_per_position @ direction  # [positions]
-    top_before = median_top_logit(model_dir, task)
+    head = model.get_output_embeddings().weight  # [vocab, hidden]
+    top_before = _median_top_logit(hidden_per_position, head)
     scale = config.assets.shared_logit / along.mean().item()
-    model.get_output_embeddings().weight.add_(scale * direction)  # [vocab, hidden] += [hidden], every row alike
+    head.add_(scale * direction)  # every row alike
     model.save_pretrained(str(model_dir), safe_serialization=True)
     return {"shared_logit": {
         "mean": config.assets.shared_logit, "min": scale * along.min().item(), "max": scale * along.max().item(),
-        "median_top_logit_before": round(top_before, 3), "median_top_logit_after": round(median_top_logit(model_dir, task), 3),
+        "median_top_logit_before": round(top_before, 3), "median_top_logit_after": round(_median_top_logit(hidden_per_position, head), 3),
     }}
 
 

@@ -290,7 +290,7 @@ class Fp32LMHead(nn.Module):
         super().__init__()
         self.weight = head.weight
         self.bias = head.bias
-        self._rounded: tuple[tuple, Tensor] | None = None  # (weight's storage, version, dtype) -> its rounding, fp32
+        self._rounded: tuple[tuple, Tensor] | None = None  # (`rounded_weight`'s key, the rounding as fp32)
 
     def forward(self, hidden: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.float()
@@ -432,9 +432,10 @@ def compute_context(dtype: str, device_type: str = "cpu") -> contextlib.Abstract
     """
     if dtype == "float32":
         return contextlib.nullcontext()
+    compute = torch_dtype(dtype)
     if device_type == "cpu" and not cpu_has_fast_bf16():
-        return _with_head_operands(torch_dtype(dtype), EmulatedLowPrecision(torch_dtype(dtype)))
-    return _with_head_operands(torch_dtype(dtype), torch.autocast(device_type=device_type, dtype=torch_dtype(dtype)))
+        return _with_head_operands(compute, EmulatedLowPrecision(compute))
+    return _with_head_operands(compute, torch.autocast(device_type=device_type, dtype=compute))
 
 
 @contextlib.contextmanager

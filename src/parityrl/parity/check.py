@@ -89,10 +89,13 @@ class FixEffect:
         if self.shows is None:
             return f"{label}: not measured (no {' or '.join(FIX_OFF[self.row].judged_on)} in this check)"
         amount = f"{self.ratio:.3g}×" if self.ratio is not None else f"{self.configured:.3g} → {self.off:.3g}"
-        verdict = f"shows (≥ {SHOWN_AT:g}×)" if self.ratio is not None else "shows"
-        if not self.shows:
-            verdict = f"does not show (< {SHOWN_AT:g}×)" if self.ratio is not None else "does not show"
-        return f"{label}: {self.metric} {amount}: {verdict}"
+        bar = f" ({'≥' if self.shows else '<'} {SHOWN_AT:g}×)" if self.ratio is not None else ""
+        return f"{label}: {self.metric} {amount}: {'shows' if self.shows else 'does not show'}{bar}"
+
+
+def with_fix_off(config: RunConfig, name: str) -> RunConfig:
+    """`config` with the fix of `FIX_OFF[name]` switched off."""
+    return RunConfig.model_validate(deep_merge(config.model_dump(mode="json"), parse_overrides(list(FIX_OFF[name].overrides))))
 
 
 def fix_effects(rows: dict[str, dict]) -> list[FixEffect]:
@@ -390,11 +393,9 @@ def run_check_matrix(config: RunConfig, attribute: bool, num_prompts: int, infli
     kept: dict[str, dict] = {"configured": {}}
     rows = {"configured": asyncio.run(run_check(config, num_prompts, inflight, full_vocab=full_vocab, kept=kept["configured"]))}
     if attribute:
-        base = config.model_dump(mode="json")
-        for name, fix in FIX_OFF.items():
-            variant = RunConfig.model_validate(deep_merge(base, parse_overrides(list(fix.overrides))))
+        for name in FIX_OFF:
             kept[name] = {}
-            rows[name] = asyncio.run(run_check(variant, num_prompts, inflight, full_vocab=full_vocab, kept=kept[name]))
+            rows[name] = asyncio.run(run_check(with_fix_off(config, name), num_prompts, inflight, full_vocab=full_vocab, kept=kept[name]))
         for name, measured in common_samples(kept).items():
             rows[name] |= measured
     return rows
